@@ -1,0 +1,533 @@
+"""
+The vision side of SpatialBoost: one `ViT` for the DINOv2 / DINOv2-with-registers / DINOv3 / SigLIP / SigLIP2
+families, `load_vit` for their Hugging Face checkpoints and for our own exports, image preprocessing per family,
+and the LLaVA-style `Projector` that maps patch features into the language model's embedding space.
+
+The families differ in a handful of switches (ViTConfig): how positions enter (a learned table interpolated to the
+patch grid, or DINOv3's 2D RoPE), which prefix tokens exist (CLS, registers), layerscale, the MLP (GELU, tanh-GELU,
+SwiGLU) and biases. Everything else is one transformer block, written once.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from attention import Attention, DualChannelAttention, add_dual_channel, rope_2d
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+EXPORT_TYPE = "spatialboost_vit"  # config.json model_type of the encoders this repo writes
+
+
+@dataclass
+class ViTConfig:
+    family: str = "dinov2"  # dinov2 | dinov3 | siglip (SigLIP2 NaFlex loads as siglip with pos_resize="bilinear_aa")
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_dim: int = 1536  # hidden width of the MLP (per branch for gated MLPs)
+    mlp_gated: bool = False  # down(act(gate(x)) * up(x)): DINOv2-giant SwiGLU, DINOv3 gated MLP
+    act: str = "gelu"  # gelu | gelu_tanh | silu
+    patch_size: int = 14
+    image_size: int = 224  # the side images are resized to by default
+    pos_grid: int = 16  # side of the learned position table (0 when positions come from RoPE)
+    pos_resize: str = "bicubic"  # how the table meets other grids: bicubic | bicubic_aa | bilinear_aa
+    rope_theta: float = 0.0  # > 0: DINOv3 2D RoPE on patch tokens
+    cls_token: bool = True
+    n_registers: int = 0
+    layerscale: bool = True
+    qkv_bias: bool = True
+    k_bias: bool = True  # DINOv3 has q and v biases but no k bias
+    mlp_bias: bool = True
+    norm_eps: float = 1e-6
+    pool_head: bool = False  # SigLIP's attention-pooling head
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    @property
+    def n_prefix(self):
+        return int(self.cls_token) + self.n_registers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network.
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act]
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.dim, cfg.mlp_dim, bias=cfg.mlp_bias) if cfg.mlp_gated else None
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
+        return self.fc2(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.heads, q_bias=cfg.qkv_bias, k_bias=cfg.qkv_bias and cfg.k_bias,
+                              v_bias=cfg.qkv_bias, o_bias=True)
+        self.ls1 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layerscale else None
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.ls2 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layerscale else None
+
+    def forward(self, x, rope=None):
+        h = self.attn(self.norm1(x), rope)
+        x = x + (h * self.ls1 if self.ls1 is not None else h)
+        h = self.mlp(self.norm2(x))
+        return x + (h * self.ls2 if self.ls2 is not None else h)
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's head: a learned probe attends over all tokens, then a residual MLP. (B, T, D) -> (B, D)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.dim, cfg.dim))  # q, k, v stacked, as nn.MultiheadAttention
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.dim))
+        self.out_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        split = lambda t: t.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, hd)
+        q = split(F.linear(self.probe.expand(B, -1, -1), wq, bq))
+        y = F.scaled_dot_product_attention(q, split(F.linear(x, wk, bk)), split(F.linear(x, wv, bv)))
+        y = self.out_proj(y.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
+        return (y + self.mlp(self.norm(y)))[:, 0]
+
+
+class ViT(nn.Module):
+    """pixels (B, 3, H, W), already normalized -> tokens (B, T, D) after the final norm, in the family's order:
+    DINO [CLS, registers..., patches], SigLIP [patches]. H and W must be multiples of the patch size."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.cls_token else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, D)) if cfg.n_registers else None
+        # replaces masked patches in masked-image-modelling objectives (DINO checkpoints carry it)
+        self.mask_token = nn.Parameter(torch.zeros(1, D)) if cfg.family in ("dinov2", "dinov3") else None
+        # learned table over [CLS (DINOv2 only), patch grid]; DINOv3 uses RoPE and has none
+        n_pos = cfg.pos_grid**2 + (cfg.family == "dinov2")
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D)) if cfg.pos_grid else None
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.head = AttentionPool(cfg) if cfg.pool_head else None
+        self.grad_checkpointing = False  # recompute block activations in backward: memory for compute
+        self.apply(_init_weights)
+        for p in (self.cls_token, self.register_tokens, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        if self.head is not None:
+            nn.init.trunc_normal_(self.head.probe, std=0.02)
+            nn.init.xavier_uniform_(self.head.in_proj_weight)
+
+    @property
+    def dim(self):
+        return self.cfg.dim
+
+    def grid(self, height, width):
+        p = self.cfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+        return height // p, width // p
+
+    def embed(self, pixels, masked=None):
+        """pixels (B, 3, H, W) -> tokens before the first block (B, T, D); masked (B, h*w) bool -> mask_token."""
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
+        B = pixels.shape[0]
+        h, w = self.grid(*pixels.shape[2:])
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        if masked is not None:
+            x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
+        if self.cfg.family == "dinov2":  # positions cover [CLS, patches]; registers are added after, position-free
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self._positions(h, w)
+            if self.register_tokens is not None:
+                x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+            return x
+        if self.pos_embed is not None:
+            x = x + self._positions(h, w)
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.register_tokens) if t is not None]
+        return torch.cat(prefix + [x], dim=1) if prefix else x
+
+    def _positions(self, h, w):
+        """The learned table resized to an h x w grid, as each family's reference does it."""
+        table, g = self.pos_embed, self.cfg.pos_grid
+        n_cls = table.shape[1] - g * g
+        if h == w == g:
+            return table
+        grid = table[:, n_cls:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+        mode = self.cfg.pos_resize
+        grid = F.interpolate(grid, size=(h, w), mode=mode.removesuffix("_aa"), align_corners=False,
+                             antialias=mode.endswith("_aa"))
+        grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([table[:, :n_cls], grid], dim=1)
+
+    def _rope(self, h, w, device):
+        if not self.cfg.rope_theta:
+            return None
+        return rope_2d(h, w, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device=device)
+
+    def blocks_forward(self, x, rope=None, keep=()):
+        """Run the blocks; return the last hidden state and the (un-normed) outputs of the blocks in `keep`."""
+        kept = []
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+            if i in keep:
+                kept.append(x)
+        return x, kept
+
+    def forward(self, pixels, masked=None):
+        x = self.embed(pixels, masked)
+        x, _ = self.blocks_forward(x, self._rope(*self.grid(*pixels.shape[2:]), pixels.device))
+        return self.norm(x)  # (B, T, D)
+
+    def pool(self, tokens):
+        """One vector per image: SigLIP's attention-pooling head when present, else the CLS token. (B, D)"""
+        if self.head is not None:
+            return self.head(tokens)
+        if self.cls_token is None:
+            return tokens.mean(1)
+        return tokens[:, 0]
+
+    def features(self, pixels, layers=(-1,)):
+        """What the probes read, every tensor after the final norm (as DINOv2's get_intermediate_layers(norm=True)):
+        cls (B, D) or None, registers (B, R, D), patches (B, h, w, D) of the last block, pooled (B, D), and for each
+        requested block index (negative counts from the end) `layers` (B, h, w, D) and `layers_cls` (B, D) or None."""
+        h, w = self.grid(*pixels.shape[2:])
+        idx = [i % len(self.blocks) for i in layers]
+        x, kept = self.blocks_forward(self.embed(pixels), self._rope(h, w, pixels.device), keep=set(idx))
+        by_index = dict(zip(sorted(set(idx)), kept))
+        n, B = self.cfg.n_prefix, pixels.shape[0]
+        split = lambda t: (t[:, 0] if self.cfg.cls_token else None, t[:, n:].reshape(B, h, w, -1))
+        tokens = self.norm(x)
+        cls, patches = split(tokens)
+        out = {"cls": cls, "registers": tokens[:, int(self.cfg.cls_token):n], "patches": patches,
+               "pooled": self.pool(tokens), "layers": [], "layers_cls": []}
+        for i in idx:
+            c, p = split(self.norm(by_index[i]))
+            out["layers"].append(p)
+            out["layers_cls"].append(c)
+        return out
+
+
+def _init_weights(m):
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing: images -> normalized pixels at the encoder's resolution.
+
+
+def preprocess(images, cfg: ViTConfig, size: int | None = None, crop: bool = False):
+    """PIL images, uint8 arrays (H, W, 3) or a uint8 tensor (B, 3, H, W) -> float (B, 3, S, S), normalized.
+
+    The default squashes the whole image to S x S: every pixel stays in view, so the normalized (u/W, v/H)
+    coordinates our spatial questions use still point at the same content. `crop=True` is the classification
+    policy of the DINOv2 processor (resize the short side to S·256/224, centre crop S).
+    """
+    size = size or cfg.image_size
+    if isinstance(images, torch.Tensor):
+        batch = [images] if images.dim() == 4 else [images[None]]
+    else:
+        items = images if isinstance(images, (list, tuple)) else [images]
+        batch = [_to_uint8_chw(im) for im in items]
+    out = []
+    for x in batch:  # images of different sizes are resized one by one; a stacked batch in one call
+        if x.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images, got {x.dtype}")
+        if x.shape[1] != 3:
+            raise ValueError(f"expected 3 colour channels, got an image of shape {tuple(x.shape)}")
+        x = x.float()
+        if crop:
+            H, W = x.shape[-2:]
+            s = round(size * 256 / 224)
+            new = (s, max(s, round(W * s / H))) if H <= W else (max(s, round(H * s / W)), s)
+            x = F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False)
+            top, left = (new[0] - size) // 2, (new[1] - size) // 2
+            x = x[..., top:top + size, left:left + size]
+        elif tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(x.clamp(0, 255))
+    x = torch.cat(out) / 255.0
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _to_uint8_chw(image):
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got an array of shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {arr.dtype}")
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None]  # (1, 3, H, W); a copy: PIL arrays are read-only
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The projector.
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's Linear -> GELU -> Linear from the encoder's width to the LLM's, optionally merging each
+    merge x merge block of patches into one token first (pixel shuffle), so a 32x32 grid costs 256 LLM tokens.
+    patches (B, h, w, D) -> (B, N, llm_dim)."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, merge: int = 1):
+        super().__init__()
+        self.merge = merge
+        self.fc1 = nn.Linear(vision_dim * merge * merge, llm_dim)
+        self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def n_tokens(self, h, w):
+        return math.ceil(h / self.merge) * math.ceil(w / self.merge)
+
+    def forward(self, patches):
+        m = self.merge
+        if m > 1:
+            h, w = patches.shape[1:3]
+            patches = F.pad(patches, (0, 0, 0, -w % m, 0, -h % m))  # odd grids: pad with zero patches
+            x = rearrange(patches, "b (h m1) (w m2) d -> b (h w) (m1 m2 d)", m1=m, m2=m)
+        else:
+            x = patches.flatten(1, 2)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and saving.
+
+
+def read_safetensors(path: Path) -> dict:
+    """All tensors of an HF-layout dir: model.safetensors, shards named by model.safetensors.index.json, or the one
+    *.safetensors file present."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{path}: expected model.safetensors, an index.json with shards, or exactly one "
+                                    f"*.safetensors file; found {files or 'none'}")
+    state = {}
+    for name in files:
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:
+    """Translate an HF config.json into (ViTConfig, key renames); the renames map checkpoint names to ours."""
+    kind = cfg.get("model_type")
+    if kind in ("siglip", "siglip2") and "vision_config" in cfg:  # full image-text checkpoints: the vision tower
+        return _hf_config({**cfg["vision_config"], "model_type": kind + "_vision_model"}, path)
+    L = r"(\d+)"
+    if kind in ("dinov2", "dinov2_with_registers"):
+        D = cfg["hidden_size"]
+        gated = cfg.get("use_swiglu_ffn", False)
+        hidden = int(D * cfg.get("mlp_ratio", 4))
+        if gated:  # DINOv2's SwiGLU keeps 2/3 of the width, rounded up to a multiple of 8
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        vc = ViTConfig(family="dinov2", dim=D, depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
+                       mlp_dim=hidden, mlp_gated=gated, act="silu" if gated else _act(cfg.get("hidden_act", "gelu"), path),
+                       patch_size=cfg.get("patch_size", 14), pos_grid=cfg.get("image_size", 518) // cfg.get("patch_size", 14),
+                       pos_resize="bicubic_aa" if kind == "dinov2_with_registers" else "bicubic",
+                       n_registers=cfg.get("num_register_tokens", 0), qkv_bias=cfg.get("qkv_bias", True),
+                       norm_eps=cfg.get("layer_norm_eps", 1e-6))
+        pre = rf"encoder\.layer\.{L}\."
+        renames = [(r"embeddings\.cls_token", "cls_token"), (r"embeddings\.mask_token", "mask_token"),
+                   (r"embeddings\.register_tokens", "register_tokens"), (r"embeddings\.position_embeddings", "pos_embed"),
+                   (r"embeddings\.patch_embeddings\.projection\.", "patch_embed."),
+                   (pre + r"attention\.attention\.query\.", r"blocks.\1.attn.q_proj."),
+                   (pre + r"attention\.attention\.key\.", r"blocks.\1.attn.k_proj."),
+                   (pre + r"attention\.attention\.value\.", r"blocks.\1.attn.v_proj."),
+                   (pre + r"attention\.output\.dense\.", r"blocks.\1.attn.o_proj."),
+                   (pre + r"layer_scale1\.lambda1", r"blocks.\1.ls1"), (pre + r"layer_scale2\.lambda1", r"blocks.\1.ls2"),
+                   (pre + r"norm([12])\.", r"blocks.\1.norm\2."), (pre + r"mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
+                   (pre + r"mlp\.weights_in\.", r"blocks.\1.mlp.weights_in."),  # split into gate/fc1 after renaming
+                   (pre + r"mlp\.weights_out\.", r"blocks.\1.mlp.fc2."), (r"layernorm\.", "norm.")]
+        return vc, renames
+    if kind == "dinov3_vit":
+        D, ps = cfg["hidden_size"], cfg.get("patch_size", 16)
+        vc = ViTConfig(family="dinov3", dim=D, depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
+                       mlp_dim=cfg["intermediate_size"], mlp_gated=cfg.get("use_gated_mlp", False),
+                       act=_act(cfg.get("hidden_act", "gelu"), path), patch_size=ps, image_size=cfg.get("image_size", 224),
+                       pos_grid=0, rope_theta=cfg.get("rope_theta", 100.0), n_registers=cfg.get("num_register_tokens", 0),
+                       qkv_bias=cfg.get("query_bias", True), k_bias=cfg.get("key_bias", False),
+                       mlp_bias=cfg.get("mlp_bias", True), norm_eps=cfg.get("layer_norm_eps", 1e-5))
+        if cfg.get("query_bias", True) != cfg.get("value_bias", True) or not cfg.get("proj_bias", True):
+            raise ValueError(f"{path}: DINOv3 with query_bias != value_bias or without proj_bias is not supported")
+        pre = rf"layer\.{L}\."
+        renames = [(r"embeddings\.cls_token", "cls_token"), (r"embeddings\.register_tokens", "register_tokens"),
+                   (r"embeddings\.mask_token", "mask_token"), (r"embeddings\.patch_embeddings\.", "patch_embed."),
+                   (pre + r"attention\.", r"blocks.\1.attn."),
+                   (pre + r"layer_scale1\.lambda1", r"blocks.\1.ls1"), (pre + r"layer_scale2\.lambda1", r"blocks.\1.ls2"),
+                   (pre + r"norm([12])\.", r"blocks.\1.norm\2."), (pre + r"mlp\.up_proj\.", r"blocks.\1.mlp.fc1."),
+                   (pre + r"mlp\.gate_proj\.", r"blocks.\1.mlp.gate."), (pre + r"mlp\.down_proj\.", r"blocks.\1.mlp.fc2."),
+                   (r"norm\.", "norm.")]
+        return vc, renames
+    if kind in ("siglip_vision_model", "siglip2_vision_model"):
+        D, ps = cfg["hidden_size"], cfg.get("patch_size", 16)
+        naflex = kind == "siglip2_vision_model"
+        grid = math.isqrt(cfg.get("num_patches", 256)) if naflex else cfg.get("image_size", 224) // ps
+        vc = ViTConfig(family="siglip", dim=D, depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
+                       mlp_dim=cfg["intermediate_size"], act=_act(cfg.get("hidden_act", "gelu_pytorch_tanh"), path),
+                       patch_size=ps, image_size=grid * ps, pos_grid=grid,
+                       pos_resize="bilinear_aa" if naflex else "bicubic", cls_token=False, layerscale=False,
+                       norm_eps=cfg.get("layer_norm_eps", 1e-6), pool_head=cfg.get("vision_use_head", True),
+                       mean=SIGLIP_MEAN, std=SIGLIP_STD)
+        pre = rf"encoder\.layers\.{L}\."
+        renames = [(r"embeddings\.patch_embedding\.", "patch_embed."), (r"embeddings\.position_embedding\.weight", "pos_embed"),
+                   (pre + r"layer_norm([12])\.", r"blocks.\1.norm\2."), (pre + r"self_attn\.out_proj\.", r"blocks.\1.attn.o_proj."),
+                   (pre + r"self_attn\.", r"blocks.\1.attn."), (pre + r"mlp\.", r"blocks.\1.mlp."),
+                   (r"post_layernorm\.", "norm."), (r"head\.attention\.in_proj_", "head.in_proj_"),
+                   (r"head\.attention\.out_proj\.", "head.out_proj."), (r"head\.layernorm\.", "head.norm."),
+                   (r"head\.probe", "head.probe"), (r"head\.mlp\.", "head.mlp.")]
+        return vc, renames
+    raise ValueError(f"{path}/config.json: unknown model_type {kind!r}; supported: dinov2, dinov2_with_registers, "
+                     f"dinov3_vit, siglip_vision_model, siglip2_vision_model, siglip, siglip2, {EXPORT_TYPE}")
+
+
+def _act(name, path):
+    acts = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "silu": "silu", "swish": "silu"}
+    if name not in acts:
+        raise ValueError(f"{path}/config.json: hidden_act {name!r} is not supported ({sorted(acts)})")
+    return acts[name]
+
+
+def _rename_hf(state: dict, renames: list, cfg: ViTConfig, path) -> dict:
+    """Checkpoint tensors -> our names and layouts. Tensors no rule matches are reported, never dropped."""
+    out, unexpected = {}, []
+    for key, t in state.items():
+        k = key.removeprefix("vision_model.")
+        if key.startswith(("text_model.", "logit_scale", "logit_bias")):
+            continue  # the text tower of a full SigLIP checkpoint: not part of the vision encoder
+        for pattern, repl in renames:
+            if re.fullmatch(pattern + r".*", k):
+                out[re.sub("^" + pattern, repl, k)] = t
+                break
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise KeyError(f"{path}: unexpected tensors for a {cfg.family} encoder: {_short(unexpected)}")
+    for k in [k for k in out if ".mlp.weights_in." in k]:  # DINOv2 SwiGLU: [gate; up] stacked in one matrix
+        gate, up = out.pop(k).chunk(2, dim=0)
+        out[k.replace("weights_in", "gate")], out[k.replace("weights_in", "fc1")] = gate, up
+    if "pos_embed" in out and cfg.family == "siglip":
+        out["pos_embed"] = out["pos_embed"][None]  # (N, D) embedding table -> (1, N, D)
+    w = out.get("patch_embed.weight")
+    if w is not None and w.dim() == 2:  # SigLIP2 NaFlex: Linear over patches flattened in (ph, pw, c) order
+        p = cfg.patch_size
+        out["patch_embed.weight"] = w.reshape(w.shape[0], p, p, 3).permute(0, 3, 1, 2)
+    if "mask_token" in out:
+        out["mask_token"] = out["mask_token"].reshape(1, -1)
+    return out
+
+
+def _short(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_state(module: nn.Module, state: dict, source) -> None:
+    """Every parameter of `module` filled by `state` with the right shape, and every tensor of `state` used; else a
+    KeyError naming the missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = [f"{k}: file {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}"
+           for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_short(unexpected)}")
+    if bad:
+        problems.append("shape mismatches: " + "; ".join(bad[:8]))
+    if problems:
+        raise KeyError(f"{source}: " + " | ".join(problems))
+
+
+def load_vit(path, dtype: torch.dtype | None = None) -> ViT:
+    """An encoder from an HF-layout dir (config.json + safetensors) of a supported family, or from a dir written by
+    `save_vit` (a stage-3 export included). Strict: every tensor used, every parameter filled."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    cfg_json = json.loads((path / "config.json").read_text())
+    state = read_safetensors(path)
+    dual = False
+    if cfg_json.get("model_type") == EXPORT_TYPE:
+        names = {f.name for f in fields(ViTConfig)}
+        vc = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_json["vit"].items() if k in names})
+        dual = cfg_json.get("dual_channel", False)
+    else:
+        vc, renames = _hf_config(cfg_json, path)
+        state = _rename_hf(state, renames, vc, path)
+    if vc.pos_grid and "pos_embed" in state:  # the table's size, not config.image_size, fixes the grid
+        vc.pos_grid = math.isqrt(state["pos_embed"].shape[1] - (vc.family == "dinov2"))
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        vit = ViT(vc)
+        if dual:
+            add_dual_channel(vit)  # also sets requires_grad to what stage 3 trains
+    check_state(vit, state, path)
+    vit.load_state_dict(state, strict=True, assign=True)
+    return vit.to(dtype).eval() if dtype is not None else vit.eval()
+
+
+def save_vit(vit: ViT, path) -> None:
+    """Write an encoder as config.json + model.safetensors in our own names; `load_vit` reads it back exactly.
+    Written to a temporary directory first and renamed, so a crash never leaves a half-written export."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    dual = any(isinstance(m, DualChannelAttention) for m in vit.modules())
+    meta = {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg), "dual_channel": dual}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+    state = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    if path.exists():  # swap directories, then drop the old one
+        old = path.with_name(path.name + ".old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
