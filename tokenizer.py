@@ -1,0 +1,523 @@
+"""
+The tokenizer: a checkpoint's own byte-level BPE vocabulary run by tiktoken, and chat rendering with the loss mask.
+
+Every source becomes the same object. tokenizer.json (HF) is read directly; a GGUF file's tokenizer metadata is
+first turned into the equivalent tokenizer.json (`gguf_tokenizer_files`), so `llm.gguf_to_hf` writes exactly what
+we run; a cached `.tiktoken` file (plus a `.json` sidecar) skips all parsing; `Tokenizer.byte_level()` is 256 bytes
+plus specials for the tiny preset.
+
+How a HF byte-level BPE maps onto tiktoken:
+- HF merges the adjacent pair with the lowest merge index; tiktoken merges the adjacent pair whose concatenation has
+  the lowest rank. Ranking every token by the index of the merge that creates it makes the two agree on vocabularies
+  trained by BPE. When token ids grow with the merge index (every family we load) the rank is the id; otherwise
+  ranks are renumbered and mapped back to ids.
+- HF's pre-tokenizer becomes tiktoken's one split regex: ByteLevel -> GPT-2's regex; Split(regex) + ByteLevel ->
+  that regex (Qwen2, Llama-3); Digits + ByteLevel (SmolLM2) -> GPT-2's regex with digits split off first and the
+  whitespace look-ahead widened so that a run of spaces before a digit stays whole, as it does in HF.
+- Bytes that have no token: HF drops them (or emits unk_token); tiktoken would raise a Rust PanicException (a
+  BaseException). Text containing such bytes takes a slower path that does what HF does.
+Added tokens (special or not) are split out of the text before the regex, as HF does.
+"""
+
+import base64
+import json
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import regex
+import tiktoken
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def digits_pattern(individual_digits: bool) -> str:
+    """Sequence[Digits, ByteLevel(use_regex=True)] as one regex: digits first, then GPT-2's alternatives. Digits
+    split the text before GPT-2's regex sees it, so ` ?\\p{N}+` can never fire and whitespace before a digit ends
+    its piece: `\\s+(?!\\S)` becomes `\\s+(?![^\\s\\p{N}])`."""
+    digits = r"\p{N}" if individual_digits else r"\p{N}+"
+    return digits + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+
+def byte_chars() -> list[str]:
+    """GPT-2's reversible byte -> printable character table, in which byte-level BPE vocabularies are written."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
+
+def _write_atomic(path: Path, data: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(data, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _token_content(x):
+    """tokenizer_config.json names tokens either as a string or as an AddedToken dict."""
+    return x.get("content") if isinstance(x, dict) else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """encode/decode with the checkpoint's own vocabulary, special-token ids, and `render` for chat training data.
+
+    Ids: `bos_id`, `eos_id`, `pad_id`, `eot_id` (end of turn: <|im_end|> or <|eot_id|>), `image_id` (None until
+    `add_image_token()`), `stop_ids` (what generation stops on). Any of bos/pad may be None.
+    """
+
+    def __init__(self, ranks: dict[bytes, int], specials: dict[str, int], pattern: str, *,
+                 rank_to_id: list[int] | None = None, extra: dict[int, bytes] | None = None,
+                 special_ids: set[int] | None = None, normalizer: str | None = None, unk_id: int | None = None,
+                 fuse_unk: bool = False, bos_id=None, eos_id=None, pad_id=None, chat_style: str = "chatml",
+                 system_prompt: str | None = None, name: str = "bpe"):
+        """ranks: token bytes -> tiktoken rank (the id itself unless `rank_to_id` maps ranks to ids); specials:
+        added tokens' text -> id; extra: id -> bytes of tokens BPE cannot produce (kept for decode)."""
+        self.ranks, self.specials, self.pattern, self.name = ranks, dict(specials), pattern, name
+        self.rank_to_id = None if rank_to_id is None else list(rank_to_id)
+        self.extra = dict(extra or {})
+        self.special_ids = set(specials.values()) if special_ids is None else set(special_ids)
+        if normalizer not in (None, "NFC"):
+            raise ValueError(f"normalizer {normalizer!r} is not supported (supported: None, 'NFC')")
+        self.normalizer, self.unk_id, self.fuse_unk = normalizer, unk_id, fuse_unk
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        if chat_style not in ("chatml", "llama3"):
+            raise ValueError(f"chat_style {chat_style!r} is not supported (supported: 'chatml', 'llama3')")
+        self.chat_style, self.system_prompt = chat_style, system_prompt
+        self.image_id = specials.get("<image>")
+        # Bytes without a single-byte token: their presence sends encode down the slow path.
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
+        self._missing_re = re.compile(b"([" + b"".join(re.escape(bytes([b])) for b in self.missing) + b"]+)") if (
+            self.missing) else None
+        self._build()
+
+    def _build(self):
+        """(Re)build the tiktoken Encoding and the decode table; called again when a special token is added."""
+        if self.rank_to_id is None:
+            special_ranks = dict(self.specials)
+            self._to_id = None
+        else:  # specials get ranks after every mergeable token
+            n = len(self.rank_to_id)
+            special_ranks = {s: n + k for k, s in enumerate(self.specials)}
+            self._to_id = np.array(self.rank_to_id + list(self.specials.values()), dtype=np.int64)
+        self._enc = tiktoken.Encoding(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                      special_tokens=special_ranks)
+        self._pat = regex.compile(self.pattern)
+        by_len = sorted(self.specials, key=len, reverse=True)  # longest first, like HF's added-token matcher
+        self._special_re = regex.compile("(" + "|".join(map(regex.escape, by_len)) + ")") if by_len else None
+        to_id = self.rank_to_id
+        table = {r if to_id is None else to_id[r]: b for b, r in self.ranks.items()}  # id -> bytes
+        table.update(self.extra)
+        table.update({i: s.encode("utf-8") for s, i in self.specials.items()})
+        self.n_vocab = max(table) + 1
+        self._bytes = [table.get(i, b"") for i in range(self.n_vocab)]  # id -> bytes, for decode
+
+    # --- encode / decode ----------------------------------------------------------------------------------------
+
+    def encode(self, text: str, specials: bool = True) -> list[int]:
+        """Token ids of `text`, as the checkpoint's HF tokenizer gives them without add_special_tokens (no BOS).
+        specials=True recognizes added-token strings such as "<|im_end|>" in the text (HF's default);
+        specials=False encodes them as plain text."""
+        if self.normalizer == "NFC":
+            text = unicodedata.normalize("NFC", text)
+        allowed = self._enc.special_tokens_set if specials else set()
+        if self.missing:
+            try:
+                raw = text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: replaced, as tiktoken itself does
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                raw = text.encode("utf-8")
+            if len(raw.translate(None, self.missing)) != len(raw):
+                return self._encode_missing(text, allowed)
+        return self._ids(self._enc.encode(text, allowed_special=allowed, disallowed_special=()))
+
+    def _ids(self, ranks: list[int]) -> list[int]:
+        return ranks if self._to_id is None else self._to_id[ranks].tolist()
+
+    def _encode_missing(self, text: str, allowed) -> list[int]:
+        """Slow path for text with bytes the vocabulary lacks: per regex piece, drop them (HF without unk_token,
+        whose BPE then merges across the gap) or turn each run into unk (fused) or each byte into unk."""
+        ids = []
+        parts = self._special_re.split(text) if allowed and self._special_re else [text]
+        for k, part in enumerate(parts):
+            if k % 2:  # split() with one group alternates text, special, text, ...
+                ids.append(self.specials[part])
+                continue
+            for piece in self._pat.findall(part):
+                raw = piece.encode("utf-8")
+                if self.unk_id is None:
+                    raw = raw.translate(None, self.missing)
+                    chunks = [raw]
+                else:
+                    chunks = self._missing_re.split(raw)
+                for j, chunk in enumerate(chunks):
+                    if j % 2 == 0 and chunk:  # tiktoken's BPE on one piece of bytes, without the regex split
+                        ids.extend(self._ids(self._enc._encode_single_piece(chunk)))
+                    elif j % 2:
+                        ids.extend([self.unk_id] * (1 if self.fuse_unk else len(chunk)))
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """ids: list of ints or a 1-D tensor. Invalid UTF-8 (a character cut between tokens) becomes U+FFFD, as in
+        HF's ByteLevel decoder."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if skip_special:
+            ids = [i for i in ids if i not in self.special_ids]
+        return b"".join(map(self._bytes.__getitem__, ids)).decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return self.n_vocab
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-turn token of the chat format."""
+        return self.specials.get("<|eot_id|>" if self.chat_style == "llama3" else "<|im_end|>")
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return sorted({i for i in (self.eot_id, self.eos_id) if i is not None})
+
+    def add_special_token(self, token: str) -> int:
+        """Add `token` as a special token with the next free id, once (later calls return the same id). The model's
+        embeddings must then cover `n_vocab` rows: `lm.resize_vocab(tok.n_vocab)`."""
+        if token not in self.specials:
+            self.specials[token] = self.n_vocab
+            self.special_ids.add(self.n_vocab)
+            self._build()
+        return self.specials[token]
+
+    def add_image_token(self, token: str = "<image>") -> int:
+        """Add the image placeholder token (see add_special_token) and make it `image_id`, which render uses."""
+        self.image_id = self.add_special_token(token)
+        return self.image_id
+
+    # --- chat rendering -----------------------------------------------------------------------------------------
+
+    def render(self, conversation: list[dict], n_image_tokens: int = 1, add_generation_prompt: bool = False):
+        """Conversation [{"from": "human"|"gpt"|"system", "value": str}, ...] -> (ids, mask), two lists of ints of
+        equal length. mask[t] = 1 exactly on the tokens the model must produce: each assistant answer and its
+        end-of-turn token (not the newline after it, nor any header). Built piece by piece, so the mask needs no
+        search in the text; the ids equal encoding the rendered string except where a message starts with two or
+        more whitespace characters (the regex then splits that run at the message boundary).
+
+        Formats: ChatML `<|im_start|>{role}\\n{text}<|im_end|>\\n` (SmolLM2, Qwen), or Llama-3
+        `<|begin_of_text|>` + `<|start_header_id|>{role}<|end_header_id|>\\n\\n{text.strip()}<|eot_id|>` when the
+        checkpoint's template uses those headers. System prompt policy: a leading "system" turn is used as given;
+        otherwise `self.system_prompt` (the default the checkpoint's own chat template inserts, e.g. SmolLM2's
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"; None for none) is prepended. Set
+        `tok.system_prompt = None` to train without one. Each "<image>" in a human turn becomes n_image_tokens
+        copies of `image_id`. Message text is encoded with specials=False: a literal "<|im_end|>" in data stays
+        text and cannot break the turn structure. add_generation_prompt appends the assistant header.
+        """
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        ids, mask = [], []
+
+        def emit(tokens, train=False):
+            ids.extend(tokens)
+            mask.extend([int(train)] * len(tokens))
+
+        turns = [(roles.get(t.get("from")), t.get("value")) for t in conversation]
+        for k, (role, text) in enumerate(turns):
+            if role is None or not isinstance(text, str):
+                raise ValueError(f"render: turn {k} {conversation[k]!r} needs 'from' in {sorted(roles)} and a "
+                                 "string 'value'")
+            if role == "system" and k > 0:
+                raise ValueError(f"render: a system turn may only come first (turn {k})")
+            if role != "user" and "<image>" in text:
+                raise ValueError(f"render: '<image>' may only appear in human turns (turn {k} is {role})")
+        if turns and turns[0][0] != "system" and self.system_prompt is not None:
+            turns.insert(0, ("system", self.system_prompt))
+
+        llama3 = self.chat_style == "llama3"
+        names = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>") if llama3 else (
+            "<|im_start|>", "<|im_end|>")
+        absent = [s for s in names if s not in self.specials]
+        if absent:
+            raise ValueError(f"render: the {self.chat_style} chat format needs special tokens {absent}, which this "
+                             f"tokenizer lacks")
+        sp = self.specials
+        if llama3:
+            emit([sp["<|begin_of_text|>"]])
+        for role, text in turns:
+            if llama3:
+                emit([sp["<|start_header_id|>"], *self.encode(role, False), sp["<|end_header_id|>"],
+                      *self.encode("\n\n", False)])
+                text = text.strip()
+            else:
+                emit([sp["<|im_start|>"], *self.encode(role + "\n", False)])
+            if role == "user":
+                pieces = text.split("<image>")
+                if len(pieces) > 1 and self.image_id is None:
+                    raise ValueError("render: the conversation has '<image>' but the tokenizer has no image token; "
+                                     "call tok.add_image_token() first")
+                for j, piece in enumerate(pieces):
+                    if j:
+                        emit([self.image_id] * n_image_tokens)
+                    emit(self.encode(piece, False))
+            else:
+                emit(self.encode(text, False), train=role == "assistant")
+            if llama3:
+                emit([sp["<|eot_id|>"]], train=role == "assistant")
+            else:
+                emit([sp["<|im_end|>"]], train=role == "assistant")
+                emit(self.encode("\n", False))
+        if add_generation_prompt:
+            if llama3:
+                emit([sp["<|start_header_id|>"], *self.encode("assistant", False), sp["<|end_header_id|>"],
+                      *self.encode("\n\n", False)])
+            else:
+                emit([sp["<|im_start|>"], *self.encode("assistant\n", False)])
+        return ids, mask
+
+    # --- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def byte_level(cls, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")) -> "Tokenizer":
+        """256 byte tokens (id = byte value) + specials from id 256, ChatML chat format, no system prompt: the tiny
+        preset's tokenizer. eos and pad are <|endoftext|>."""
+        spec = {s: 256 + k for k, s in enumerate(specials)}
+        eos = spec.get("<|endoftext|>")
+        return cls({bytes([b]): b for b in range(256)}, spec, GPT2_PATTERN, bos_id=None, eos_id=eos, pad_id=eos,
+                   name="byte-level")
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        """From a directory, a tokenizer.json file, a .gguf file or a .tiktoken cache written by `save`. A directory
+        is read from its tokenizer.tiktoken cache when it has one (what `save` wrote, image token included), else
+        from tokenizer.json [+ tokenizer_config.json, chat_template.jinja]."""
+        path = Path(path)
+        if path.suffix == ".gguf":
+            return cls.from_gguf(path)
+        if path.is_dir() and (path / "tokenizer.tiktoken").is_file():
+            path = path / "tokenizer.tiktoken"
+        if path.suffix == ".tiktoken":
+            return cls._load_tiktoken(path)
+        folder, file = (path, path / "tokenizer.json") if path.is_dir() else (path.parent, path)
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json (nor tokenizer.tiktoken) at {file}")
+        tj = json.loads(file.read_text(encoding="utf-8"))
+        cfg_file = folder / "tokenizer_config.json"
+        config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        if (folder / "chat_template.jinja").is_file():  # transformers >= 4.43 saves the template separately
+            config["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls.from_hf(tj, config, source=str(file))
+
+    @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        tj, config = gguf_tokenizer_files(path)
+        return cls.from_hf(tj, config, source=str(path))
+
+    @classmethod
+    def from_hf(cls, tj: dict, config: dict | None = None, source: str = "tokenizer.json") -> "Tokenizer":
+        """From the parsed tokenizer.json and (optionally) tokenizer_config.json; errors name what is unsupported."""
+        config = config or {}
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"{source}: model type {model.get('type')!r} is not supported (supported: BPE)")
+        for key in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                raise ValueError(f"{source}: BPE option {key}={model[key]!r} is not supported")
+        norm = tj.get("normalizer")
+        if norm is not None and norm.get("type") != "NFC":
+            raise ValueError(f"{source}: normalizer {norm.get('type')!r} is not supported (supported: none, NFC)")
+        decoder = tj.get("decoder")
+        if decoder is not None and decoder.get("type") != "ByteLevel":
+            raise ValueError(f"{source}: decoder {decoder.get('type')!r} is not supported (supported: ByteLevel)")
+        pattern = pretokenizer_pattern(tj.get("pre_tokenizer"), source)
+
+        vocab: dict[str, int] = model["vocab"]
+        added = tj.get("added_tokens") or []
+        for t in added:
+            for flag in ("lstrip", "rstrip", "single_word"):
+                if t.get(flag):
+                    raise ValueError(f"{source}: added token {t['content']!r} has {flag}=true, not supported")
+        specials = {t["content"]: t["id"] for t in added}
+        special_ids = {t["id"] for t in added if t.get("special")}
+        byte_of = {c: b for b, c in enumerate(byte_chars())}
+
+        def to_bytes(s: str) -> bytes | None:
+            try:
+                return bytes(byte_of[c] for c in s)
+            except KeyError:  # not a byte-level string: BPE can never produce it
+                return None
+
+        taken = set(specials.values())
+        singles = sorted(i for s, i in vocab.items() if len(s) == 1 and s in byte_of and i not in taken)
+        merged, seen = [], set()
+        for k, m in enumerate(model.get("merges") or []):
+            a, b = m.split(" ") if isinstance(m, str) else m  # "a b" (classic) or ["a", "b"] (tokenizers >= 0.20)
+            if a not in vocab or b not in vocab or a + b not in vocab:
+                missing = [s for s in (a, b, a + b) if s not in vocab]
+                raise ValueError(f"{source}: merge {k} ({a!r}, {b!r}) uses {missing}, not in the vocabulary")
+            i = vocab[a + b]
+            if i not in seen and i not in taken:
+                seen.add(i)
+                merged.append(i)
+        reachable = singles + merged
+        token_of = {i: s for s, i in vocab.items()}
+        if all(x < y for x, y in zip(merged, merged[1:])):
+            ranks, rank_to_id = {to_bytes(token_of[i]): i for i in reachable}, None
+        else:
+            ranks, rank_to_id = {to_bytes(token_of[i]): r for r, i in enumerate(reachable)}, reachable
+        reach = set(reachable)
+        extra = {}
+        for s, i in vocab.items():
+            if i not in reach and i not in taken:
+                b = to_bytes(s)
+                extra[i] = s.encode("utf-8") if b is None else b
+
+        def token_id(key):
+            s = _token_content(config.get(key))
+            return specials.get(s, vocab.get(s)) if s is not None else None
+
+        unk = model.get("unk_token")
+        template = config.get("chat_template") or ""
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), "")
+        llama3 = "<|start_header_id|>" in template or (not template and "<|start_header_id|>" in specials)
+        return cls(ranks, specials, pattern, rank_to_id=rank_to_id, extra=extra, special_ids=special_ids,
+                   normalizer=None if norm is None else "NFC", unk_id=None if unk is None else vocab[unk],
+                   fuse_unk=bool(model.get("fuse_unk")), bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
+                   pad_id=token_id("pad_token"), chat_style="llama3" if llama3 else "chatml",
+                   system_prompt=None if llama3 else default_system_prompt(template), name=Path(source).stem)
+
+    # --- the .tiktoken cache ------------------------------------------------------------------------------------
+
+    def save(self, path):
+        """Write `path` (.tiktoken: the standard `base64(token) rank` lines that tiktoken.load reads) and
+        `path`.json (everything else), atomically. `Tokenizer.load(path)` reads them back without parsing
+        tokenizer.json or GGUF metadata."""
+        path = Path(path)
+        if path.suffix != ".tiktoken":
+            raise ValueError(f"save: {path} should end in .tiktoken")
+        lines = (f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(self.ranks.items(), key=lambda x: x[1]))
+        meta = {"pattern": self.pattern, "specials": self.specials, "special_ids": sorted(self.special_ids),
+                "rank_to_id": self.rank_to_id, "extra": {i: base64.b64encode(b).decode() for i, b in self.extra.items()},
+                "normalizer": self.normalizer, "unk_id": self.unk_id, "fuse_unk": self.fuse_unk,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "chat_style": self.chat_style,
+                "system_prompt": self.system_prompt, "name": self.name}
+        _write_atomic(path, "".join(lines))
+        _write_atomic(Path(str(path) + ".json"), json.dumps(meta, ensure_ascii=False))
+
+    @classmethod
+    def _load_tiktoken(cls, path: Path) -> "Tokenizer":
+        meta_file = Path(str(path) + ".json")
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path}: the sidecar {meta_file.name} written by Tokenizer.save is missing")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        ranks = {}
+        for line in path.read_bytes().splitlines():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        extra = {int(i): base64.b64decode(b) for i, b in meta.pop("extra").items()}
+        return cls(ranks, meta.pop("specials"), meta.pop("pattern"), extra=extra,
+                   special_ids=set(meta.pop("special_ids")), **meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer.json pieces: pre-tokenizer -> regex, the chat template's default system prompt, GGUF metadata -> files.
+
+
+def _byte_level_json(use_regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def _check_byte_level(step: dict, use_regex: bool, source: str):
+    if step.get("add_prefix_space"):
+        raise ValueError(f"{source}: ByteLevel(add_prefix_space=true) is not supported")
+    if step.get("use_regex", True) != use_regex:
+        raise ValueError(f"{source}: ByteLevel(use_regex={step.get('use_regex', True)}) is not supported in this "
+                         f"position (expected use_regex={use_regex})")
+
+
+def pretokenizer_pattern(pre: dict | None, source: str = "tokenizer.json") -> str:
+    """The tiktoken regex equivalent to a tokenizer.json pre_tokenizer, or a ValueError naming it."""
+    kind = pre.get("type") if pre else None
+    steps = pre.get("pretokenizers", []) if kind == "Sequence" else []
+    types = [s.get("type") for s in steps]
+    if kind == "ByteLevel":
+        _check_byte_level(pre, True, source)
+        return GPT2_PATTERN
+    if types == ["Split", "ByteLevel"]:
+        split, level = steps
+        _check_byte_level(level, False, source)
+        if split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in split.get("pattern", {}):
+            raise ValueError(f"{source}: only Split(Regex, behavior=Isolated, invert=false) is supported, got {split}")
+        return split["pattern"]["Regex"]
+    if types == ["Digits", "ByteLevel"]:
+        _check_byte_level(steps[1], True, source)
+        return digits_pattern(bool(steps[0].get("individual_digits")))
+    raise ValueError(f"{source}: pre_tokenizer {json.dumps(pre)[:300]} is not supported (supported: ByteLevel, "
+                     "Sequence[Split(Regex), ByteLevel], Sequence[Digits, ByteLevel])")
+
+
+def default_system_prompt(template: str) -> str | None:
+    """The system prompt a ChatML template inserts when the conversation has none: the first literal
+    `<|im_start|>system\\n...<|im_end|>` without template expressions in it."""
+    for m in re.finditer(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, flags=re.S):
+        text = m.group(1)
+        if not re.search(r"[{}'\"]", text):
+            return text.replace("\\n", "\n")
+    return None
+
+
+# llama.cpp's `tokenizer.ggml.pre` names -> the tokenizer.json pre_tokenizer they stand for
+GGUF_PRETOKENIZERS = {
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                      _byte_level_json(True)]},
+    "gpt-2": _byte_level_json(True),
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+        _byte_level_json(False)]},
+}
+
+
+def gguf_tokenizer_files(path) -> tuple[dict, dict]:
+    """A GGUF file's tokenizer metadata as (tokenizer.json, tokenizer_config.json) dicts."""
+    import gguf  # only needed for GGUF files
+
+    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2', byte-level BPE)")
+    if pre not in GGUF_PRETOKENIZERS:
+        raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported (supported: {sorted(GGUF_PRETOKENIZERS)})")
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    merges = field("tokenizer.ggml.merges")
+    # llama.cpp token types: 1 normal, 3 control (special), 4 user-defined (added, not special)
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": t == 3} for i, t in enumerate(types) if t in (3, 4)]
+    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+          "pre_tokenizer": GGUF_PRETOKENIZERS[pre],
+          "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges}}
+    config = {"add_bos_token": bool(field("tokenizer.ggml.add_bos_token", False)), "add_prefix_space": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": int(field("llama.context_length", 2048)),
+              "tokenizer_class": "GPT2Tokenizer"}
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        i = field(f"tokenizer.ggml.{key}_token_id")
+        if i is not None:
+            config[name] = tokens[i]
+    if field("tokenizer.chat_template") is not None:
+        config["chat_template"] = field("tokenizer.chat_template")
+    return tj, config
