@@ -1,11 +1,17 @@
 """
-Data: the spatial conversations SpatialBoost trains on, and their writer (the checker is datacheck.py).
+Data: the spatial conversations SpatialBoost trains on, and the writer every kind of data goes through (the
+generators of the other kinds are instruct.py and multiview.py, the checker is datacheck.py, and the training
+Dataset / collate live in loader.py, re-exported here as data.ConversationDataset, data.collate, data.LoaderReport).
 
     python data.py spatial --n 1000 --out data/spatial --workers 2        # built-in synthetic rooms (exact geometry)
     python data.py spatial --n 200 --out data/mine --rgbd my_frames/      # real RGB-D frame folders (scenes.py format)
+    python data.py captions --n 1000 --out data/captions                  # stage 1: image + caption
+    python data.py instruct --n 1000 --out data/instruct                  # stage 2: single-view instruction QA
+    python data.py multiview --n 1000 --out data/multiview                # stage 2: two views, VQA
+    python data.py spatial-multiview --n 1000 --out data/spatial-mv       # stage 3: two views, spatial turns
     python data.py check data/spatial                                     # recompute every answer from ground truth
 
-One sample = one image and 12 question/answer pairs built from its 3D ground truth, pixel -> object -> scene:
+One spatial sample = one image and 12 question/answer pairs built from its 3D ground truth, pixel -> object -> scene:
 5 pixel-level (depth at a point, its 3D position, which of two points is closer, the displacement between two
 points), 4 object-level (left/right, in front/behind, above/below, taller/wider/bigger; each answer cites the
 pixel-level points that fell on those objects), 1 scene-level (distance between two objects, centre to centre and
@@ -15,7 +21,8 @@ views.py (X right, Y up, Z forward along the horizontal viewing direction; meter
 bounding-cube centres (or extents for sizes) and call near-ties ties rather than forcing an answer.
 
 A sample's answers are computed from its ground truth exactly as stored (depth in millimetres, rounded K and
-rotation), so `check` can recompute them from the files alone.
+rotation), so `check` can recompute them from the files alone. Every kind is deterministic for a seed whatever
+--workers, resumable (atomic shards), and refuses to mix with other options or another kind in one directory.
 """
 
 import argparse
@@ -320,15 +327,23 @@ def caption_turns(view: View, facts: dict, pick) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 # Writing: one sample per index, seeded from (seed, index), so content never depends on --workers; shards of
 # samples are written atomically and data.jsonl is assembled from them, so a re-run continues where one stopped.
+# Every kind goes through this writer; the generators of the other kinds live in instruct.py ("captions",
+# "instruct") and multiview.py ("multiview", "spatial-multiview").
+
+KINDS = ("spatial", "captions", "instruct", "multiview", "spatial-multiview")
+ORDERED = ("spatial", "spatial-multiview")      # kinds whose turns go pixel -> object -> scene: --order applies
 
 
 @dataclass
-class Config:          # what fixes a dataset's content; saved in spatial.json, a resumed run must match it
+class Config:          # what fixes a dataset's content; saved in <kind>.json, a resumed run must match it
     seed: int = 0
     size: int = 448
-    order: str = "forward"
+    order: str | None = "forward"      # None for kinds without levels
     rgbd: str | None = None
     shard_size: int = 256
+    kind: str = "spatial"
+    band: list | None = None           # multi-view kinds: [lo, hi] of the co-visibility (or feature-distance) band
+    encoder: str | None = None         # multi-view kinds on RGB-D frames without poses: the encoder of that band
 
 
 def _atomic(path: Path, write):
@@ -363,8 +378,29 @@ def save_png(path: Path, array: np.ndarray):
     _atomic(path, lambda tmp: tmp.write_bytes(png_bytes(array)))
 
 
+def save_view(out: Path, stem: str, view: View, image: str, depth: bool = True, semantic: bool = True) -> dict:
+    """Write a view's image and ground truth under out: instance ids (PNG), depth (uint16 millimetres up to 65.535 m,
+    float32 .npy beyond) and semantic ids when asked for. Returns their paths relative to out."""
+    files = dict(image=image, instance=f"gt/{stem}_instance.png")
+    save_png(out / image, view.rgb)
+    save_png(out / files["instance"], view.instance.astype(np.uint8 if view.instance.max() < 256 else np.uint16))
+    if semantic and view.semantic is not None:
+        files["semantic"] = f"gt/{stem}_semantic.png"
+        save_png(out / files["semantic"], view.semantic.astype(np.uint8))
+    if depth and view.depth.max() <= 65.535:
+        files["depth"] = f"gt/{stem}_depth.png"
+        save_png(out / files["depth"], np.round(view.depth * 1000).astype(np.uint16))
+    elif depth:
+        files["depth"] = f"gt/{stem}_depth.npy"
+        _atomic(out / files["depth"], lambda tmp: tmp.write_bytes(npy_bytes(view.depth.astype(np.float32))))
+    return files
+
+
 def make_sample(cfg: Config, index: int, out: Path, frames=()) -> str:
-    """Generate, write the files of, and return the JSON line of sample `index`."""
+    """Generate, write the files of, and return the JSON line of sample `index`. frames: what `prepare` gave (the
+    RGB-D frame folders for spatial data)."""
+    if cfg.kind != "spatial":
+        return _generator(cfg.kind).make_sample(cfg, index, out, frames)
     rng = np.random.default_rng([cfg.seed, index])
     if cfg.rgbd:
         view, inside = views.rgbd_view(scenes.load_rgbd(frames[index % len(frames)]), rng)
@@ -373,18 +409,7 @@ def make_sample(cfg: Config, index: int, out: Path, frames=()) -> str:
     conv, levels, points, turns = conversation(view, inside, rng, cfg.order)
     sid = f"{index:06d}"
     H, W = view.depth.shape
-    files = dict(image=f"images/{sid}.png", instance=f"gt/{sid}_instance.png")
-    save_png(out / files["image"], view.rgb)
-    save_png(out / files["instance"], view.instance.astype(np.uint8 if view.instance.max() < 256 else np.uint16))
-    if view.semantic is not None:
-        files["semantic"] = f"gt/{sid}_semantic.png"
-        save_png(out / files["semantic"], view.semantic.astype(np.uint8))
-    if view.depth.max() <= 65.535:
-        files["depth"] = f"gt/{sid}_depth.png"
-        save_png(out / files["depth"], np.round(view.depth * 1000).astype(np.uint16))
-    else:
-        files["depth"] = f"gt/{sid}_depth.npy"
-        _atomic(out / files["depth"], lambda tmp: tmp.write_bytes(npy_bytes(view.depth.astype(np.float32))))
+    files = save_view(out, sid, view, f"images/{sid}.png")
     counts = np.bincount(view.instance.reshape(-1), minlength=max(o["id"] for o in view.objects) + 1)
     meta = dict(source=view.source, seed=cfg.seed, index=index, size=[H, W], depth=files["depth"],
                 instance=files["instance"], semantic=files.get("semantic"), K=view.K, cam_to_world=view.cam_to_world,
@@ -393,6 +418,21 @@ def make_sample(cfg: Config, index: int, out: Path, frames=()) -> str:
                 min_pixels=views.min_pixels(H, W), objects=[dict(o, pixels=int(counts[o["id"]])) for o in view.objects],
                 points=points, turns=turns)
     return json.dumps(dict(id=f"spatial-{sid}", image=files["image"], conversations=conv, levels=levels, meta=meta))
+
+
+def prepare(cfg: Config):
+    """What every sample needs from the source, computed once and handed to each worker: the RGB-D frame folders
+    (spatial data), or what instruct.prepare / multiview.prepare return (label vocabularies, view pairs)."""
+    frames = rgbd_frames(cfg.rgbd) if cfg.rgbd and "multiview" not in cfg.kind else []
+    if cfg.kind == "spatial":
+        return frames
+    return _generator(cfg.kind).prepare(cfg, frames)
+
+
+def _generator(kind: str):
+    """The module that writes kind (imported here, not at the top: both modules import this file)."""
+    import importlib
+    return importlib.import_module("multiview" if "multiview" in kind else "instruct")
 
 
 _worker = {}
@@ -432,25 +472,44 @@ def rgbd_frames(root) -> list:
 
 
 def generate(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
-             rgbd=None, shard_size: int = 256, progress: bool = True) -> Path:
-    """Write (or finish writing) n samples of `kind` ("spatial") to out; returns the path of its data.jsonl.
-    rgbd: a folder of RGB-D frame folders instead of the synthetic rooms (size then does not apply)."""
-    if kind != "spatial":
-        raise ValueError(f"kind {kind!r}: data.py writes 'spatial' data")
-    cfg = Config(seed, size, order, str(Path(rgbd).resolve()) if rgbd else None, shard_size)
+             rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None) -> Path:
+    """Write (or finish writing) n samples of `kind` (one of KINDS) to out; returns the path of its data.jsonl.
+    rgbd: a folder of RGB-D frame folders instead of the synthetic rooms (size then does not apply; multi-view kinds
+    want scene folders of frames, see multiview.py). order: turn order of the spatial kinds (ignored by the others).
+    band: multi-view kinds' [lo, hi] co-visibility band (default multiview.BAND), or the encoder feature-distance
+    band when `encoder` (an encoder directory for load_vit) pairs RGB-D frames that have no poses."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: data.py writes {', '.join(KINDS)}")
+    if order not in ("forward", "reversed", "shuffled"):
+        raise ValueError(f"order {order!r}: expected forward, reversed or shuffled")
+    multi = "multiview" in kind
+    if (band is not None or encoder) and not multi:
+        raise ValueError(f"band / encoder select view pairs: they apply to the multi-view kinds, not {kind!r}")
+    if encoder and not rgbd:
+        raise ValueError("encoder: the feature-distance band pairs RGB-D frames without poses; give rgbd too")
+    if multi:
+        defaults = _generator(kind)
+        band = [float(b) for b in (band if band is not None else defaults.FEATURE_BAND if encoder else defaults.BAND)]
+        if len(band) != 2 or not 0 <= band[0] < band[1] <= (2 if encoder else 1):
+            raise ValueError(f"band {band}: expected [lo, hi] with 0 <= lo < hi <= {2 if encoder else 1}")
+    cfg = Config(seed, size, order if kind in ORDERED else None, str(Path(rgbd).resolve()) if rgbd else None,
+                 shard_size, kind, band, str(Path(encoder).resolve()) if encoder else None)
     out = Path(out)
     for sub in ("images", "gt", "shards"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    manifest = out / "spatial.json"
+    others = [k for k in KINDS if k != kind and (out / f"{k}.json").exists()]
+    if others:
+        raise SystemExit(f"{out} holds {others[0]} data ({others[0]}.json): write {kind} data to another --out")
+    manifest = out / f"{kind}.json"
     if manifest.exists():
         old = json.loads(manifest.read_text())["config"]
         if old != asdict(cfg):
             raise SystemExit(f"{out} was written with {old}, not {asdict(cfg)}: use the same options or a new --out")
     else:
-        info = dict(kind="spatial", config=asdict(cfg), categories=list(scenes.CATEGORIES),
+        info = dict(kind=kind, config=asdict(cfg), categories=list(scenes.CATEGORIES),
                     frame="answers: X right, Y up (gravity), Z forward (horizontal), meters; pixels (u/W, v/H)")
         _atomic(manifest, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
-    frames = rgbd_frames(cfg.rgbd) if cfg.rgbd else []
+    frames = prepare(cfg)
     fast_malloc()
     plan = [(a, min(a + cfg.shard_size, n)) for a in range(0, n, cfg.shard_size)]
     shard = lambda a, b: out / "shards" / f"{a:06d}-{b:06d}.jsonl"
@@ -471,7 +530,7 @@ def generate(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str 
             if progress and (time.time() - shown > 0.5 or done == len(indices)):
                 shown, rate = time.time(), done / max(time.time() - t0, 1e-9)
                 eta = (len(indices) - done) / max(rate, 1e-9)
-                print(f"\rspatial {n - len(indices) + done}/{n}  {rate:.1f} samples/s  eta {eta:.0f}s ",
+                print(f"\r{kind} {n - len(indices) + done}/{n}  {rate:.1f} samples/s  eta {eta:.0f}s ",
                       end="", file=sys.stderr)
     finally:
         if pool is not None:
@@ -489,37 +548,71 @@ def generate(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str 
     return data
 
 
+def __getattr__(name):
+    """data.ConversationDataset, data.collate and data.LoaderReport, the training side, live in loader.py and are
+    imported on first use: generating data (and its worker processes) never imports torch."""
+    if name in ("ConversationDataset", "collate", "LoaderReport"):
+        import loader
+        return getattr(loader, name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
+
+
+HELP = {"spatial": "single-view spatial conversations, 12 turns pixel -> object -> scene (stage 3)",
+        "captions": "one image and one caption turn, phrasings varied (stage 1, alignment)",
+        "instruct": "single-view instruction QA from the scene graph: counting, colour, existence, attributes, "
+                    "short and long descriptions (stage 2)",
+        "multiview": "two views of a scene in a co-visibility band: common, false-premise and multiple-choice "
+                     "questions (stage 2)",
+        "spatial-multiview": "two views of a scene: the same point across views, camera motion, relations and "
+                             "distances across views, pixel -> object -> scene (stage 3)"}
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="SpatialBoost data. Kinds: spatial (12-turn spatial conversations "
-                                 "per image, from built-in synthetic rooms or RGB-D folders); check (recompute every "
-                                 "answer of a dataset from its ground truth).")
+    ap = argparse.ArgumentParser(description="SpatialBoost data. Kinds: " + "; ".join(f"{k}: {v}" for k, v in
+                                 HELP.items()) + "; check: recompute every answer of a dataset from its ground truth.")
     sub = ap.add_subparsers(dest="kind", required=True)
-    sp = sub.add_parser("spatial", help="write single-view spatial conversations")
-    sp.add_argument("--n", type=int, required=True, help="number of samples")
-    sp.add_argument("--out", required=True, help="dataset directory (re-running continues an interrupted run)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--workers", type=int, default=1, help="processes (results do not depend on it)")
-    source = sp.add_mutually_exclusive_group()
-    source.add_argument("--source", choices=["synthetic"], default="synthetic", help="built-in rooms (the default)")
-    source.add_argument("--rgbd", default=None, help="a folder of RGB-D frame folders (format: scenes.load_rgbd)")
-    sp.add_argument("--size", type=int, default=448, help="synthetic image size (square), pixels")
-    sp.add_argument("--order", choices=["forward", "reversed", "shuffled"], default="forward",
-                    help="turn order: pixel->object->scene->caption, its reverse, or shuffled (the paper's ablation)")
-    sp.add_argument("--shard-size", type=int, default=256, help="samples per atomically written shard")
+    for kind, text in HELP.items():
+        sp = sub.add_parser(kind, help=text, description=text)
+        sp.add_argument("--n", type=int, required=True, help="number of samples")
+        sp.add_argument("--out", required=True, help="dataset directory (re-running continues an interrupted run)")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--workers", type=int, default=1, help="processes (results do not depend on it)")
+        source = sp.add_mutually_exclusive_group()
+        source.add_argument("--source", choices=["synthetic"], default="synthetic", help="built-in rooms (the default)")
+        source.add_argument("--rgbd", default=None, help="a folder of RGB-D frame folders (format: scenes.load_rgbd)"
+                            + ("; for pairs, a folder of scene folders of frames (pose.txt gives the co-visibility "
+                               "band, else --encoder)" if "multiview" in kind else ""))
+        sp.add_argument("--size", type=int, default=448, help="synthetic image size (square), pixels")
+        if kind in ORDERED:
+            sp.add_argument("--order", choices=["forward", "reversed", "shuffled"], default="forward",
+                            help="turn order: pixel->object->scene(->caption), its reverse, or shuffled (the paper's "
+                                 "ablation)")
+        if "multiview" in kind:
+            sp.add_argument("--band", default=None, metavar="LO,HI",
+                            help="co-visibility band: the share of view-1 pixels that view 2 sees unoccluded "
+                                 "(default 0.35,0.65); with --encoder, the feature-distance band (default 0.74,0.94)")
+            sp.add_argument("--encoder", default=None, help="RGB-D frames without pose.txt: pair them by this "
+                            "encoder's feature distance (a directory load_vit reads)")
+        sp.add_argument("--shard-size", type=int, default=256, help="samples per atomically written shard")
     ck = sub.add_parser("check", help="recompute every numeric and yes/no answer of a dataset from its ground truth")
     ck.add_argument("dir")
     ck.add_argument("--limit", type=int, default=None, help="check only the first N samples")
     args = ap.parse_args(argv)
-    if args.kind == "spatial":
-        print(generate("spatial", args.out, args.n, args.seed, args.size, args.order, args.workers, args.rgbd,
-                       args.shard_size))
-    else:
+    if args.kind == "check":
         from datacheck import check       # here, not at the top: datacheck imports this file
         problems, stats = check(args.dir, args.limit)
         for p in problems:
             print(p)
         print(f"checked {stats.pop('samples')} samples; yes/no answers {stats}; {len(problems)} problems")
         sys.exit(1 if problems else 0)
+    band = getattr(args, "band", None)
+    if band is not None:
+        try:
+            band = [float(x) for x in band.split(",")]
+        except ValueError:
+            ap.error(f"--band {band!r}: expected two numbers LO,HI")
+    print(generate(args.kind, args.out, args.n, args.seed, args.size, getattr(args, "order", "forward"), args.workers,
+                   args.rgbd, args.shard_size, band=band, encoder=getattr(args, "encoder", None)))
 
 
 if __name__ == "__main__":

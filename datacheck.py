@@ -10,6 +10,13 @@ compares every decimal in each answer, each verdict ("the <A> is <relation> the 
 <point>"), each yes/no, and the object lists of the captions. For synthetic data it also checks that every
 object pixel lies inside its object's cube (which catches a wrong frame or cube) and that the semantic mask
 agrees with the objects' categories.
+
+The other kinds are checked the same way: captions and instruction QA (counts, colours, yes/no, supports, positions
+in thirds of the image, heights, and the object lists of captions and descriptions) from the instance mask, the
+labels and the objects in meta; multi-view pairs from both views' depth, masks, K and poses, with this file's own
+projection: the co-visibility (and that it lies in the band), which objects each view shows, which premises are
+false, camera motion, point correspondences (seen / hidden / outside), 3D positions in both frames, relations per
+view, distances that must agree, and every multiple-choice letter.
 """
 
 import json
@@ -19,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data import CLOSER_WORDS, LEVEL_COUNTS, PIXEL_KINDS, RELATIONS, TIE_DEPTH, cited, cube_distance, f3, relation
+from data import (CLOSER_WORDS, LEVEL_COUNTS, PIXEL_KINDS, RELATIONS, TIE_CENTRE, TIE_DEPTH, cited, cube_distance,
+                  f3, relation)
 from scenes import CATEGORIES
 from views import load_depth
 
@@ -160,9 +168,369 @@ def _verdict(where, answer, turn, truth_asked, truth_said, said, stats) -> list:
     return bad
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Single-view captions and instruction QA (instruct.py): counts, colours, presence, supports, positions, heights and
+# the object lists of captions, from the instance mask, the labels and the objects in meta.
+
+DIRECTIONS = ("to the left", "to the right", "forward", "backward")
+WORDS = {w: k for k, w in enumerate(("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                                     "ten"))}
+
+
+def _single_facts(meta: dict, inst: np.ndarray) -> dict:
+    labels = {int(i): c for i, c in meta["labels"].items()}
+    counts = np.bincount(inst.reshape(-1), minlength=max([0, *labels, *(o["id"] for o in meta["objects"])]) + 1)
+    objs = {o["id"]: o for o in meta["objects"]}
+    px = lambda i: int(counts[i]) if i < len(counts) else 0
+    visible = [o for o in meta["objects"] if px(o["id"]) >= meta["min_pixels"]]
+    cats = {}
+    for i, c in labels.items():
+        cats.setdefault(c, {"visible": [], "sliver": []})
+        if px(i) >= meta["min_pixels"]:
+            cats[c]["visible"].append(i)
+        elif px(i) > 0:
+            cats[c]["sliver"].append(i)
+    return dict(objs=objs, visible=sorted(visible, key=lambda o: o["cube"][0][0] + o["cube"][1][0]), cats=cats,
+                hidden=[o for o in meta["objects"] if px(o["id"]) < meta["min_pixels"]])
+
+
+def _listed(text: str, order: list, hidden: list, where: str) -> list:
+    """The visible objects all named in text, in order; no hidden object named."""
+    at = lambda o: re.search(rf"\b(a|an|the|A|An|The) {re.escape(o['name'])}\b", text)
+    found = [at(o).start() if at(o) else -1 for o in order]
+    named = [o["name"] for o in hidden if at(o)]
+    if -1 in found or found != sorted(found) or named:
+        return [f"{where}: visible objects missing or out of order, or hidden ones named {named}"]
+    return []
+
+
+def check_single(rec: dict, out: Path, stats: dict) -> list:
+    meta, conv = rec["meta"], rec["conversations"]
+    if len(conv) % 2 or [m["from"] for m in conv] != ["human", "gpt"] * (len(conv) // 2):
+        return ["expected human/gpt pairs"]
+    first = conv[0]["value"]
+    if sum(m["value"].count("<image>") for m in conv) != 1 or not (first.startswith("<image>\n") or
+                                                                 first.endswith("\n<image>")):
+        return ["the first human turn must start (or end) with the one <image>"]
+    inst = np.asarray(Image.open(out / meta["instance"])).astype(np.int64)
+    if list(inst.shape) != meta["size"] or Image.open(out / rec["image"]).size != tuple(meta["size"][::-1]):
+        return [f"image, instance {inst.shape} and meta size {meta['size']} disagree"]
+    f = _single_facts(meta, inst)
+    objs, cats = f["objs"], f["cats"]
+    z = lambda o: (o["cube"][0][2] + o["cube"][1][2]) / 2
+    bad = []
+    for t, turn in enumerate(meta["turns"]):
+        a, kind, where = conv[2 * t + 1]["value"], turn["kind"], f"turn {t} ({turn['kind']})"
+        if kind in ("caption", "long_description"):
+            bad += _listed(a.split(". ")[0], f["visible"], f["hidden"], where)
+            shown = {o["id"] for o in f["visible"]}
+            for x, y in re.findall(r"The ([\w ]+?) stands on the ([\w ]+?)\.", a):
+                ox = next((o for o in f["visible"] if o["name"] == x), None)
+                if ox is None or ox["on"] not in shown or objs[ox["on"]]["name"] != y:
+                    bad.append(f"{where}: the {x} does not stand on the {y}")
+            m = re.search(r"The ([\w ]+?) is nearest to the camera and the ([\w ]+?) farthest", a)
+            if m:
+                near = sorted(f["visible"], key=z)
+                if (m.groups() != (near[0]["name"], near[-1]["name"]) or z(near[1]) - z(near[0]) < TIE_CENTRE or
+                        z(near[-1]) - z(near[-2]) < TIE_CENTRE):
+                    bad.append(f"{where}: nearest / farthest is not {m.groups()} by a clear margin")
+            if kind == "long_description":
+                said = re.findall(r"The ([\w ]+?) is (-?\d+\.\d+) m ahead(?:, on the ([\w ]+?))?\.", a)
+                want = [(o["name"], z(o), objs[o["on"]]["name"] if o["on"] in shown else "") for o in f["visible"]]
+                if [s[0] for s in said] != [w[0] for w in want] or [s[2] for s in said] != [w[2] for w in want]:
+                    bad.append(f"{where}: per-object sentences {[s[0] for s in said]} != {[w[0] for w in want]}")
+                else:
+                    bad += _numbers(" ".join(s[1] for s in said), [(w[1], 2) for w in want], where)
+        elif kind == "count":
+            c = cats.get(turn["category"], {"visible": [], "sliver": []})
+            m = re.match(r"There (?:is|are) (\w+) ", a)
+            colours = sorted(objs[i]["colour"] for i in c["visible"] if i in objs and objs[i]["colour"])
+            if c["sliver"] or not m or WORDS.get(m.group(1), -1) != len(c["visible"]):
+                bad.append(f"{where}: {len(c['visible'])} visible, {len(c['sliver'])} slivers; answer {a!r}")
+            elif sorted(re.findall(r"an? (\w+) one", a)) != (colours if meta["source"] == "synthetic" else []):
+                bad.append(f"{where}: colours in {a!r} are not {colours}")
+        elif kind == "colour":
+            c = cats.get(turn["category"], {"visible": [], "sliver": []})
+            right = len(c["visible"]) == 1 and not c["sliver"]
+            if not right or a != f"The {turn['category']} is {objs[c['visible'][0]]['colour']}.":
+                bad.append(f"{where}: not the one visible {turn['category']}'s colour")
+        elif kind == "exists":
+            c = cats.get(turn["category"], {"visible": [], "sliver": []})
+            if "colour" in turn:
+                hit = [i for i in c["visible"] + c["sliver"] if objs[i]["colour"] == turn["colour"]]
+                truth = "No" if not hit and c["visible"] else None
+            else:
+                truth = "Yes" if c["visible"] else "No" if not c["sliver"] else None
+            stats[str(truth)] = stats.get(str(truth), 0) + 1
+            if truth is None or not a.startswith(truth):
+                bad.append(f"{where}: answer {a[:20]!r}, ground truth {truth}")
+        elif kind == "support":
+            o = objs[turn["object"]]
+            where_on = "the floor" if o["on"] is None else f"the {objs[o['on']]['name']}"
+            if a != f"The {o['name']} stands on {where_on}.":
+                bad.append(f"{where}: the {o['name']} stands on {where_on}")
+        elif kind == "position":
+            H, W = inst.shape
+            rows, cols = np.nonzero(inst == turn["object"])
+            u, v = (cols.mean() + 0.5) / W, (rows.mean() + 0.5) / H
+            col, row = min(int(u * 3), 2), min(int(v * 3), 2)
+            near = min(abs(x - b) for x in (u, v) for b in (1 / 3, 2 / 3))
+            names = ("left", "centre", "right"), ("upper", "middle", "lower")
+            word = ("centre" if (col, row) == (1, 1) else names[0][col] if row == 1 else names[1][row] if col == 1
+                    else f"{names[1][row]} {names[0][col]}")
+            if near < 0.03 or f" in the {word} part of the image" not in a:
+                bad.append(f"{where}: the centroid ({u:.3f}, {v:.3f}) is in the {word} part (margin {near:.3f})")
+        elif kind == "height":
+            o = objs[turn["object"]]
+            bad += _numbers(a, [(o["cube"][1][1] - o["cube"][0][1], 2)], where)
+    return bad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairs of views (multiview.py): co-visibility, object states per view, camera motion and every answer, with this
+# file's own projection (inverse K, world round trip).
+
+
+def _pixels_to(view: dict, depth, other: dict, px: np.ndarray) -> tuple:
+    """px (n, 2) (col, row) of a view -> (camera points (n, 3), points in the other camera (n, 3), (u, v) there)."""
+    d = depth[px[:, 1], px[:, 0]]
+    cam = (np.c_[px + 0.5, np.ones(len(px))] @ np.linalg.inv(np.array(view["K"])).T) * d[:, None]
+    A, B = np.array(view["cam_to_world"]), np.array(other["cam_to_world"])
+    cam_to = (np.c_[cam, np.ones(len(cam))] @ (np.linalg.inv(B) @ A).T)[:, :3]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        proj = cam_to @ np.array(other["K"]).T
+        uv = proj[:, :2] / proj[:, 2:]
+    uv[cam_to[:, 2] <= 1e-6] = np.nan
+    return cam, cam_to, uv
+
+
+def _state(depth_to, uv, z) -> list:
+    """'seen' | 'outside' | 'hidden' | 'unknown' of points at uv (n, 2) with depth z (n,) in the other view."""
+    H, W = depth_to.shape
+    out = []
+    for (u, v), zz in zip(uv, z):
+        if not (0 <= u < W and 0 <= v < H):
+            out.append("outside")
+            continue
+        there = depth_to[int(v), int(u)]
+        out.append("unknown" if there <= 0 else "hidden" if there < zz - 0.03 - 0.03 * zz else "seen")
+    return out
+
+
+def _covis(va, da, vb, db, stride) -> float:
+    H, W = da.shape
+    rows, cols = np.mgrid[stride // 2:H:stride, stride // 2:W:stride].reshape(2, -1)
+    px = np.c_[cols, rows][da[rows, cols] > 0]
+    _, cam_b, uv = _pixels_to(va, da, vb, px)
+    u, v, z = uv[:, 0], uv[:, 1], cam_b[:, 2]
+    with np.errstate(invalid="ignore"):
+        ok = (u >= 0) & (u < W) & (v >= 0) & (v < H)
+    there = np.zeros(len(px))
+    there[ok] = db[v[ok].astype(int), u[ok].astype(int)]
+    return float(np.mean(ok & (there > 0) & (there >= z - 0.03 - 0.03 * z)))
+
+
+def _view_states(view: dict, inst: np.ndarray, synthetic: bool) -> dict:
+    """name -> 'visible' | 'absent' | 'unclear' in one view."""
+    labels = {int(i): c for i, c in view["labels"].items()}
+    px = lambda i: int((inst == i).sum())
+    if synthetic:
+        return {o["name"]: ("visible" if px(o["id"]) >= view["min_pixels"] else "absent" if px(o["id"]) == 0
+                            else "unclear") for o in view["objects"]}
+    named = {o["name"]: o for o in view["objects"] if o["name"] == o["category"]}
+    out = {}
+    for c in set(labels.values()):
+        seen = [i for i, l in labels.items() if l == c and px(i) > 0]
+        ok = len(seen) == 1 and c in named and px(named[c]["id"]) >= view["min_pixels"]
+        out[c] = "visible" if ok else "absent" if not seen else "unclear"
+    return out
+
+
+def _motion(v1: dict, v2: dict) -> tuple:
+    A, B = np.array(v1["cam_to_world"]), np.array(v2["cam_to_world"])
+    rel = np.linalg.inv(A) @ B                                           # camera 2 -> camera 1
+    R1, R2 = np.array(v1["answer_from_camera"]), np.array(v2["answer_from_camera"])
+    t, forward = R1 @ rel[:3, 3], R1 @ rel[:3, :3] @ R2.T @ np.array([0, 0, 1.0])
+    return t, np.degrees(np.arctan2(-forward[0], forward[2]))
+
+
+def _degrees(text: str, yaw: float, where: str) -> list:
+    deg = round(abs(yaw))
+    if deg == 0:
+        ok = "kept its heading" in text or "facing the same way" in text
+    else:
+        m = re.search(r"turned (\d+) degrees to the (left|right)", text)
+        side = "left" if yaw > 0 else "right"
+        ok = bool(m) and abs(int(m.group(1)) - abs(yaw)) <= 0.5 + 1e-6 and m.group(2) == side
+    return [] if ok else [f"{where}: the camera turned {yaw:.2f} degrees (+ = left); answer {text!r}"]
+
+
+def check_pair(rec: dict, out: Path, stats: dict) -> list:
+    meta, conv = rec["meta"], rec["conversations"]
+    V = meta["views"]
+    if len(conv) % 2 or [m["from"] for m in conv] != ["human", "gpt"] * (len(conv) // 2):
+        return ["expected human/gpt pairs"]
+    if (not conv[0]["value"].startswith("<image>\n<image>\n") or sum(m["value"].count("<image>") for m in conv) != 2
+            or rec["image"] != [v["image"] for v in V]):
+        return ["two images, both named in the first human turn ('<image>\\n<image>\\n')"]
+    depth = [load_depth(out / v["depth"]) for v in V]
+    inst = [np.asarray(Image.open(out / v["instance"])).astype(np.int64) for v in V]
+    for v, d, i in zip(V, depth, inst):
+        rgb = Image.open(out / v["image"]).size[::-1]
+        if list(d.shape) != v["size"] or list(i.shape) != v["size"] or list(rgb) != v["size"]:
+            return [f"a view's image, depth {d.shape}, instance {i.shape} and size {v['size']} disagree"]
+    bad, posed = [], all(v["cam_to_world"] is not None for v in V)
+    if posed:
+        covis = [_covis(V[a], depth[a], V[1 - a], depth[1 - a], meta["covis_stride"]) for a in (0, 1)]
+        if meta["covis"] is None or np.abs(np.subtract(covis, meta["covis"])).max() > 0.002:
+            bad.append(f"co-visibility {covis} != meta {meta['covis']}")
+        elif meta["feature_distance"] is None and not meta["band"][0] <= covis[0] <= meta["band"][1]:
+            bad.append(f"co-visibility {covis[0]:.3f} outside the band {meta['band']}")
+    synthetic = meta["source"] == "synthetic"
+    st = [_view_states(v, i, synthetic) for v, i in zip(V, inst)]
+    state = lambda n, k: st[k].get(n, "absent")
+    cube = lambda n, k: next(o["cube"] for o in V[k]["objects"] if o["name"] == n)
+    for n in meta["absent"]:
+        if state(n, 0) != "absent" or state(n, 1) != "absent":
+            bad.append(f"'absent' {n} is {state(n, 0)} / {state(n, 1)} in the views")
+    both = sorted((n for n in st[0] if state(n, 0) == state(n, 1) == "visible"),
+                  key=lambda n: cube(n, 0)[0][0] + cube(n, 0)[1][0])
+    zc = lambda n, k: (cube(n, k)[0][2] + cube(n, k)[1][2]) / 2
+    nearer = lambda n: 2 if abs(zc(n, 0) - zc(n, 1)) < TIE_CENTRE else int(zc(n, 1) < zc(n, 0))
+    t, yaw = _motion(*V) if posed else (None, None)
+    points = [np.array([p["px"]]) for p in meta["points"]]
+    P = lambda k: f"({f3(meta['points'][k]['uv'][0])}, {f3(meta['points'][k]['uv'][1])})"
+    for j, turn in enumerate(meta["turns"]):
+        q, a, tk, where = conv[2 * j]["value"], conv[2 * j + 1]["value"], turn["kind"], f"turn {j} ({turn['kind']})"
+        if tk == "common":
+            ok = a == "No object is clearly visible in both views." if not both else a.startswith("Both views show")
+            named = [n for n in st[0] if re.search(rf"\b(a|an) {re.escape(n)}\b", a)]
+            if not ok or sorted(named) != sorted(both) or sorted(named, key=a.index) != both:
+                bad.append(f"{where}: objects in both views are {both}; answer {a!r}")
+        elif tk in ("closer", "choice_closer") and state(turn["object"], 0) == state(turn["object"], 1) == "visible":
+            n, out_ = turn["object"], nearer(turn["object"])
+            if tk == "closer":
+                if not a.startswith(["View 1", "View 2", "About the same"][out_]):
+                    bad.append(f"{where}: verdict should be {['view 1', 'view 2', 'about the same'][out_]}")
+                bad += _numbers(a, [(zc(n, 0), 2), (zc(n, 1), 2)], where)
+            else:
+                bad += _choice(q, a, ["view 1", "view 2", "about the same in both"][out_], where)
+        elif tk in ("closer", "choice_closer"):
+            bad.append(f"{where}: the {turn['object']} is not visible in both views")
+        elif tk == "motion":
+            words = re.findall(r"(\d+\.\d+) m (?:to the )?(right|left|forward|backward|up|down)", a)
+            signs = {"right": 1, "left": -1, "forward": 1, "backward": -1, "up": 1, "down": -1}
+            got = {w: float(x) * signs[w] for x, w in words}
+            axes = [got.get("right", got.get("left")), got.get("up", got.get("down")),
+                    got.get("forward", got.get("backward"))]
+            if None in axes or any(abs(g - v) > 0.005 + 1e-6 for g, v in zip(axes, t)):
+                bad.append(f"{where}: motion {np.round(t, 3).tolist()} (X, Y, Z); answer {a!r}")
+            bad += _degrees(a, yaw, where)
+        elif tk == "exists":
+            n, k = turn["object"], turn["view"]
+            truth = {"visible": "Yes", "absent": "No"}.get(state(n, k))
+            stats[str(truth)] = stats.get(str(truth), 0) + 1
+            if truth is None or not a.startswith(truth) or (truth == "No" and f"no {n}" not in a):
+                bad.append(f"{where}: the {n} is {state(n, k)} in view {k + 1}; answer {a!r}")
+        elif tk == "premise":
+            n, k = turn["object"], turn["view"]
+            if state(n, 0) != "absent" or state(n, 1) != "absent" or n in a.replace(f"no {n}", ""):
+                bad.append(f"{where}: a false premise about the {n} ({state(n, 0)} / {state(n, 1)}) must be denied")
+            m = re.search(r"only the ([\w ]+?) is there", a)
+            if m and state(m.group(1), k) != "visible":
+                bad.append(f"{where}: the {m.group(1)} is not visible in view {k + 1}")
+        elif tk == "premise_one":
+            n, k = turn["object"], turn["view"]
+            if state(n, k) != "visible" or state(n, 1 - k) != "absent" or not a.startswith(f"Only view {k + 1}"):
+                bad.append(f"{where}: the {n} is {state(n, 0)} / {state(n, 1)}; answer {a!r}")
+        elif tk == "choice_common":
+            right = [o for o in turn["options"] if o[4:] in both]
+            unclear = [o for o in turn["options"] if "unclear" in (state(o[4:], 0), state(o[4:], 1))]
+            if len(right) != 1 or unclear:
+                bad.append(f"{where}: options {turn['options']} need exactly one object seen in both, none unclear")
+            else:
+                bad += _choice(q, a, right[0], where)
+        elif tk == "choice_direction":
+            x, z = abs(t[0]), abs(t[2])
+            if max(x, z) < 0.2 or max(x, z) < 1.5 * min(x, z):
+                bad.append(f"{where}: no dominant direction in {np.round(t, 2).tolist()}")
+            else:
+                word = DIRECTIONS[int(t[0] > 0) if x > z else 2 + int(t[2] < 0)]
+                bad += _choice(q, a, word, where)
+        elif tk == "match":
+            k = turn["point"]
+            s = meta["points"][k]["view"]
+            cam, cam_to, uv = _pixels_to(V[s], depth[s], V[1 - s], points[k])
+            said = _state(depth[1 - s], uv, cam_to[:, 2])[0]
+            H, W = depth[1 - s].shape
+            Q = [(uv[0, 0] / W, 3), (uv[0, 1] / H, 3)]
+            if P(k) not in q:
+                bad.append(f"{where}: the question does not name point {P(k)}")
+            if said == "seen" and a.startswith("It appears at"):
+                bad += _numbers(a, Q + [(cam_to[0, 2], 2), (cam[0, 2], 2)], where)
+            elif said == "hidden" and a.startswith("It is hidden"):
+                bad += _numbers(a, Q + [(cam_to[0, 2], 2), (depth[1 - s][int(uv[0, 1]), int(uv[0, 0])], 2)], where)
+            elif not ((said == "outside" and a.startswith("It is outside")) or (said == "unknown" and "no depth" in a)):
+                bad.append(f"{where}: view {2 - s} {said} the point; answer {a!r}")
+        elif tk == "position_across":
+            k = turn["point"]
+            s = meta["points"][k]["view"]
+            cam, cam_to, _ = _pixels_to(V[s], depth[s], V[1 - s], points[k])
+            R = [np.array(v["answer_from_camera"]) for v in V]
+            bad += _numbers(a, [(x, 2) for x in R[1 - s] @ cam_to[0]] + [(x, 2) for x in R[s] @ cam[0]], where)
+        elif tk == "relation_across":
+            A, B = turn["objects"]
+            spec = RELATIONS[turn["relation"]]
+            said = re.findall(rf"In view (\d) the {re.escape(A)} is ({'|'.join(spec['words'])}) the {re.escape(B)} ", a)
+            expected = []
+            for k in (0, 1):
+                if state(A, k) != "visible" or state(B, k) != "visible":
+                    bad.append(f"{where}: {A} / {B} not visible in view {k + 1}")
+                    break
+                out_, va, vb, _ = relation(turn["relation"], cube(A, k), cube(B, k))
+                expected += [(va, 2), (vb, 2)]
+                if (str(k + 1), spec["words"][out_]) not in said:
+                    bad.append(f"{where}: in view {k + 1} the {A} is {spec['words'][out_]} the {B}")
+            else:
+                bad += _numbers(a, expected, where)
+        elif tk == "camera_motion":
+            bad += _numbers(a, [(x, 2) for x in t] + [(np.linalg.norm(t), 2)], where) + _degrees(a, yaw, where)
+        elif tk == "distance_across":
+            R = [np.array(v["answer_from_camera"]) for v in V]
+            here, there, Q = [], [], []
+            for k in turn["points"]:
+                cam, cam_to, uv = _pixels_to(V[0], depth[0], V[1], points[k])
+                if _state(depth[1], uv, cam_to[:, 2])[0] != "seen":
+                    bad.append(f"{where}: point {P(k)} is not seen in view 2")
+                here.append(R[0] @ cam[0])
+                there.append(R[1] @ cam_to[0])
+                H, W = depth[1].shape
+                Q += [(uv[0, 0] / W, 3), (uv[0, 1] / H, 3)]
+            named = [(v, 3) for k in turn["points"] for v in meta["points"][k]["uv"]] + Q
+            bad += _numbers(q, named, where + " question")
+            d = np.linalg.norm(here[0] - here[1])
+            bad += _numbers(a, [(x, 2) for p in here + there for x in p] + [(d, 2)], where)
+            if abs(np.linalg.norm(there[0] - there[1]) - d) > 1e-3:
+                bad.append(f"{where}: the distance differs between the views' frames")
+        else:
+            bad.append(f"{where}: unknown turn kind")
+    return bad
+
+
+def _choice(q: str, a: str, right: str, where: str) -> list:
+    """A multiple-choice answer 'L. option' must pick the option that is right, as the question lists it."""
+    options = dict(re.findall(r"\n([A-D])\. ([^\n]+)", q))
+    m = re.match(r"([A-D])\. (.+)$", a)
+    if not m or options.get(m.group(1)) != right or m.group(2) != right:
+        return [f"{where}: the right option is {right!r}; answer {a!r}"]
+    return []
+
+
 def check(out, limit: int | None = None) -> tuple:
     """Check every sample of out/data.jsonl -> (problems [str], stats {name: count})."""
     out, problems, stats = Path(out), [], {"samples": 0}
+    checkers = {"spatial": check_sample, "captions": check_single, "instruct": check_single,
+                "multiview": check_pair, "spatial-multiview": check_pair}
     with open(out / "data.jsonl") as f:
         for n, line in enumerate(f):
             if limit is not None and n >= limit:
@@ -170,7 +538,8 @@ def check(out, limit: int | None = None) -> tuple:
             rec = json.loads(line)
             stats["samples"] += 1
             try:
-                problems += [f"{rec['id']}: {p}" for p in check_sample(rec, out, stats)]
-            except (KeyError, OSError, ValueError, IndexError) as e:
+                checker = checkers[rec["meta"].get("kind", "spatial")]
+                problems += [f"{rec['id']}: {p}" for p in checker(rec, out, stats)]
+            except (KeyError, OSError, ValueError, IndexError, StopIteration) as e:
                 problems.append(f"{rec.get('id', f'line {n + 1}')}: unreadable sample ({type(e).__name__}: {e})")
     return problems, stats

@@ -1,0 +1,306 @@
+"""
+Single-view data for stages 1 and 2, asked about a view's scene graph (objects, their colours, supports, cubes and
+masks), written by data.generate and checked by datacheck.py:
+
+    python data.py captions --n 2000 --out data/captions      # stage 1 (alignment): one image, one caption turn
+    python data.py instruct --n 2000 --out data/instruct      # stage 2: instruction QA, 5 turns per image
+
+A caption lists the visible objects left to right (with the room), sometimes followed by what stands on what or
+which object is nearest and farthest; its prompt is one of LLaVA-Pretrain-style requests, the image before or after
+it. Instruction QA asks, per image, 4 of: how many <category> (only when no instance of it is a sliver, so the count
+is unambiguous), what colour is the <category> (exactly one visible), is there a <category> / a <colour> <category>
+(half of them false premises, answered "No"), what an object stands on, where it is in the image (thirds of its
+mask's centroid, never near a border between thirds), how tall it is, plus a short or a long description.
+
+"Visible" means at least views.min_pixels(H, W) pixels of the object's mask; "absent" means not one pixel. Objects
+in between are never asked about. On RGB-D frames the categories are labels.json's labels and colours are unknown
+(no colour questions); a frame's captions.txt replaces the generated caption.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+import scenes
+import views
+from data import TIE_CENTRE, article, f2, listing, save_view
+
+CAPTION_PROMPTS = ["Describe the image concisely.", "Provide a brief description of the given image.",
+                   "Offer a succinct explanation of the picture presented.",
+                   "Summarize the visual content of the image.", "Give a short and clear explanation of the image.",
+                   "Share a concise interpretation of the image.",
+                   "Present a compact description of the photo's key features.",
+                   "Write a short caption for this image.", "What does this picture show? Answer briefly.",
+                   "Render a clear and concise summary of the photo."]
+LONG_PROMPTS = ["Describe the image in detail.", "Give a detailed description of this scene.",
+                "Describe every object in the picture and where it is.", "Explain the layout of this scene in detail."]
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+THIRDS = (("left", "centre", "right"), ("upper", "middle", "lower"))
+THIRD_MARGIN = 0.03     # position questions skip objects whose centroid is this close to a border between thirds
+QA_TURNS = 4            # instruction-QA turns per image, plus one description
+
+
+def plural(word: str) -> str:
+    if word.endswith("f"):
+        return word[:-1] + "ves"
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def centre_x(o) -> float:
+    return (o["cube"][0][0] + o["cube"][1][0]) / 2
+
+
+def facts_of(view: views.View, labels: dict) -> dict:
+    """What the questions need: visible objects left to right, and per category the ids that are visible (>= min
+    pixels) or only slivers (fewer); labels = {instance id: category} of every instance id the frame knows."""
+    H, W = view.instance.shape
+    counts = np.bincount(view.instance.reshape(-1), minlength=max(labels, default=0) + 1)
+    min_px = views.min_pixels(H, W)
+    visible, sliver = {}, {}
+    for i, c in labels.items():
+        if counts[i] >= min_px:
+            visible.setdefault(c, []).append(i)
+        elif counts[i] > 0:
+            sliver.setdefault(c, []).append(i)
+    objects = sorted((o for o in view.objects if counts[o["id"]] >= min_px), key=centre_x)
+    return dict(objects=objects, by_id={o["id"]: o for o in view.objects}, visible=visible, sliver=sliver,
+                synthetic=view.source == "synthetic",
+                names={o["id"]: o["name"] for o in view.objects}, room=view.room, size=(H, W), instance=view.instance)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captions (stage 1) and descriptions (stage 2).
+
+
+def first_sentence(facts: dict, pick) -> str:
+    """The visible objects left to right, with the room when known."""
+    items = listing([article(o["name"]) for o in facts["objects"]])
+    Items, room = items[0].upper() + items[1:], facts["room"]
+    return pick([f"A room with {room}, holding {items}.", f"{Items} in a room with {room}.",
+                 f"An indoor scene with {room}: {items}."] if room else [f"A scene with {items}.", f"{Items}."])
+
+
+def centre_z(o) -> float:
+    return (o["cube"][0][2] + o["cube"][1][2]) / 2
+
+
+def caption(facts: dict, pick) -> tuple:
+    """(text, record): the first sentence, then maybe what stands on what, or the nearest and farthest objects."""
+    objs, text = facts["objects"], first_sentence(facts, pick)
+    shown = {o["id"] for o in objs}
+    on = [o for o in objs if o.get("on") in shown]
+    z = sorted(objs, key=centre_z)
+    extra = pick(["none", "supports", "depth"])
+    if extra == "supports" and on:
+        text += " " + " ".join(f"The {o['name']} stands on the {facts['names'][o['on']]}." for o in on[:2])
+    elif (extra == "depth" and len(z) >= 2 and centre_z(z[1]) - centre_z(z[0]) >= TIE_CENTRE
+          and centre_z(z[-1]) - centre_z(z[-2]) >= TIE_CENTRE):
+        text += f" The {z[0]['name']} is nearest to the camera and the {z[-1]['name']} farthest."
+    else:
+        extra = "none"
+    return text, dict(kind="caption", extra=extra)
+
+
+def long_description(facts: dict, pick) -> tuple:
+    """The first sentence, then each visible object left to right: how far ahead its centre is (Z of the answer
+    frame) and what it stands on."""
+    names, shown = facts["names"], {o["id"] for o in facts["objects"]}
+    parts = [first_sentence(facts, pick)]
+    for o in facts["objects"]:
+        support = f", on the {names[o['on']]}" if o.get("on") in shown else ""
+        parts.append(f"The {o['name']} is {f2(centre_z(o))} m ahead{support}.")
+    return " ".join(parts), dict(kind="long_description")
+
+
+def caption_conversation(facts: dict, user_captions, rng) -> tuple:
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    prompt = pick(CAPTION_PROMPTS)
+    if user_captions:
+        text, rec = pick(list(user_captions)), dict(kind="caption_user")
+    else:
+        text, rec = caption(facts, pick)
+    question = f"<image>\n{prompt}" if rng.random() < 0.8 else f"{prompt}\n<image>"
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": text}], ["caption"], [rec]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Instruction QA (stage 2). Each maker returns (question, answer, record) or None when the image has no subject.
+
+
+def count_turn(facts, vocabulary, rng, pick):
+    known = [c for c in vocabulary if c not in facts["sliver"]]     # slivers would make the count ambiguous
+    if not known:
+        return None
+    seen = [c for c in known if c in facts["visible"]]
+    c = pick(seen) if seen and rng.random() < 0.75 else pick(known)
+    ids = facts["visible"].get(c, [])
+    n = len(ids)
+    q = pick([f"How many {plural(c)} are there in the image?", f"How many {plural(c)} can you see?",
+              f"Count the {plural(c)} in the picture."])
+    word = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+    colours = [facts["by_id"][i]["colour"] for i in ids] if facts["synthetic"] else []
+    if n == 0:
+        a = f"There are no {plural(c)} in the image."
+    elif n == 1:
+        a = f"There is one {c}" + (f", a {colours[0]} one." if colours else ".")
+    else:
+        a = f"There are {word} {plural(c)}" + (f": {listing([f'a {k} one' for k in sorted(colours)])}." if colours
+                                               else ".")
+    return q, a, dict(kind="count", category=c)
+
+
+def colour_turn(facts, vocabulary, rng, pick):
+    single = [c for c, ids in facts["visible"].items() if len(ids) == 1 and c not in facts["sliver"]
+              and facts["by_id"].get(ids[0], {}).get("colour")]
+    if not single:
+        return None
+    c = pick(sorted(single))
+    colour = facts["by_id"][facts["visible"][c][0]]["colour"]
+    q = pick([f"What colour is the {c}?", f"Which colour does the {c} have?", f"What is the colour of the {c}?"])
+    return q, f"The {c} is {colour}.", dict(kind="colour", category=c)
+
+
+def exists_turn(facts, vocabulary, rng, pick):
+    """Half true, half false premises: a category with no pixel in the image, or (synthetic) a colour that no object
+    of a visible category has."""
+    present = sorted(facts["visible"])
+    absent = [c for c in vocabulary if c not in facts["visible"] and c not in facts["sliver"]]
+    r = rng.random()
+    if present and (r < 0.5 or not absent):
+        c = pick(present)
+        q = pick([f"Is there a {c} in the image?", f"Can you see a {c}?", f"Does the picture show a {c}?"])
+        if not facts["synthetic"]:
+            n = len(facts["visible"][c])
+            return q, f"Yes, there is {'one' if n == 1 else NUMBER_WORDS[min(n, 10)]} {c if n == 1 else plural(c)}.", \
+                dict(kind="exists", category=c)
+        names = listing([article(facts["by_id"][i]["name"]) for i in facts["visible"][c]])
+        return q, f"Yes, there is {names}.", dict(kind="exists", category=c)
+    seen = {c: {facts["by_id"][i]["colour"] for i in facts["visible"][c] + facts["sliver"].get(c, [])}
+            for c in present} if facts["synthetic"] else {}
+    swapped = [(c, k) for c in sorted(seen) for k in scenes.COLOURS if k not in seen[c]]
+    if swapped and (r > 0.8 or not absent):
+        c, k = swapped[int(rng.integers(len(swapped)))]
+        others = listing([article(facts["by_id"][i]["name"]) for i in facts["visible"][c]])
+        q = pick([f"Is there a {k} {c} in the image?", f"Can you see a {k} {c}?"])
+        return q, f"No, there is no {k} {c}; there is {others}.", dict(kind="exists", category=c, colour=k)
+    if not absent:
+        return None
+    c = pick(absent)
+    q = pick([f"Is there a {c} in the image?", f"Can you see a {c}?", f"Does the picture show a {c}?"])
+    return q, f"No, there is no {c} in the image.", dict(kind="exists", category=c)
+
+
+def support_turn(facts, vocabulary, rng, pick):
+    objs = facts["objects"] if facts["synthetic"] else []     # RGB-D frames do not say what stands on what
+    if not objs:
+        return None
+    stacked = [o for o in objs if o["on"] is not None]
+    o = pick(stacked) if stacked and rng.random() < 0.6 else pick(objs)
+    where = "the floor" if o["on"] is None else f"the {facts['names'][o['on']]}"
+    q = pick([f"What is the {o['name']} standing on?", f"What is under the {o['name']}?",
+              f"What does the {o['name']} rest on?"])
+    return q, f"The {o['name']} stands on {where}.", dict(kind="support", object=o["id"])
+
+
+def thirds(facts, i):
+    """(column third, row third) of object i's mask centroid, or None near a border between thirds."""
+    H, W = facts["size"]
+    rows, cols = np.nonzero(facts["instance"] == i)
+    u, v = (cols.mean() + 0.5) / W, (rows.mean() + 0.5) / H
+    if min(abs(u - b) for b in (1 / 3, 2 / 3)) < THIRD_MARGIN or min(abs(v - b) for b in (1 / 3, 2 / 3)) < THIRD_MARGIN:
+        return None
+    return min(int(u * 3), 2), min(int(v * 3), 2)
+
+
+def place(col: int, row: int) -> str:
+    if (col, row) == (1, 1):
+        return "centre"
+    return THIRDS[0][col] if row == 1 else THIRDS[1][row] if col == 1 else f"{THIRDS[1][row]} {THIRDS[0][col]}"
+
+
+def position_turn(facts, vocabulary, rng, pick):
+    cells = [(o, thirds(facts, o["id"])) for o in facts["objects"]]
+    cells = [(o, c) for o, c in cells if c is not None]
+    if not cells:
+        return None
+    o, (col, row) = cells[int(rng.integers(len(cells)))]
+    q = pick([f"Where in the image is the {o['name']}?", f"In which part of the picture is the {o['name']}?"])
+    return q, f"The {o['name']} is in the {place(col, row)} part of the image.", dict(kind="position", object=o["id"])
+
+
+def height_turn(facts, vocabulary, rng, pick):
+    if not facts["objects"]:
+        return None
+    o = pick(facts["objects"])
+    h = o["cube"][1][1] - o["cube"][0][1]
+    q = pick([f"How tall is the {o['name']}?", f"What is the height of the {o['name']}?"])
+    return q, f"The {o['name']} is {f2(h)} m tall.", dict(kind="height", object=o["id"])
+
+
+QA = (count_turn, colour_turn, exists_turn, support_turn, position_turn, height_turn)
+
+
+def instruct_conversation(facts: dict, vocabulary: list, rng) -> tuple:
+    """QA_TURNS question/answer turns of different kinds (those the image has subjects for) and a short or long
+    description, in random order."""
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    turns = []
+    for k in rng.permutation(len(QA)):
+        made = QA[k](facts, vocabulary, rng, pick)
+        if made:
+            turns.append(made)
+        if len(turns) == QA_TURNS:
+            break
+    if rng.random() < 0.5:
+        text, rec = caption(facts, pick)
+        turns.append((pick(CAPTION_PROMPTS), text, rec))
+    else:
+        text, rec = long_description(facts, pick)
+        turns.append((pick(LONG_PROMPTS), text, rec))
+    turns = [turns[k] for k in rng.permutation(len(turns))]
+    conv = []
+    for k, (q, a, _) in enumerate(turns):
+        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return conv, [t[2]["kind"] for t in turns], [t[2] for t in turns]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing (called by data.make_sample for kinds "captions" and "instruct").
+
+
+def prepare(cfg, frames: list) -> dict:
+    """The RGB-D frame folders and the label vocabulary over all of them (for "is there a <label>?" questions)."""
+    labels = set()
+    for f in frames:
+        raw = json.loads((Path(f) / "labels.json").read_text())
+        labels |= {v.strip() for v in raw.values() if isinstance(v, str) and v.strip()}
+    return dict(frames=frames, vocabulary=sorted(labels - set(scenes.FLOOR_LABELS)))
+
+
+def make_sample(cfg, index: int, out, source: dict) -> str:
+    rng = np.random.default_rng([cfg.seed, index])
+    if cfg.rgbd:
+        frame = scenes.load_rgbd(source["frames"][index % len(source["frames"])])
+        view, _ = views.rgbd_view(frame, rng)
+        labels = {i: c for i, c in frame["labels"].items() if c.lower() not in scenes.FLOOR_LABELS}
+        vocabulary = source["vocabulary"]
+    else:
+        view, _ = views.synthetic_view(rng, cfg.size)
+        labels = {o["id"]: o["category"] for o in view.objects}
+        vocabulary = list(scenes.OBJECT_CATEGORIES)
+    facts = facts_of(view, labels)
+    if cfg.kind == "captions":
+        conv, levels, turns = caption_conversation(facts, view.captions, rng)
+    else:
+        conv, levels, turns = instruct_conversation(facts, vocabulary, rng)
+    sid = f"{index:06d}"
+    files = save_view(out, sid, view, f"images/{sid}.png", depth=False, semantic=False)
+    H, W = view.instance.shape
+    counts = np.bincount(view.instance.reshape(-1), minlength=max(labels, default=0) + 1)
+    meta = dict(kind=cfg.kind, source=view.source, seed=cfg.seed, index=index, size=[H, W],
+                instance=files["instance"], K=view.K, answer_from_camera=view.answer_from_camera, gravity=view.gravity,
+                room=view.room, min_pixels=views.min_pixels(H, W), labels={str(i): c for i, c in labels.items()},
+                vocabulary=vocabulary, objects=[dict(o, pixels=int(counts[o["id"]])) for o in view.objects],
+                turns=turns)
+    return json.dumps(dict(id=f"{cfg.kind}-{sid}", image=files["image"], conversations=conv, levels=levels, meta=meta))

@@ -1,0 +1,309 @@
+"""
+The training side of the data: a Dataset over a weighted mix of LLaVA-format datasets, the collate that batches or
+packs its samples, and the report of what could not be used. data.py re-exports all three (data.ConversationDataset,
+data.collate, data.LoaderReport).
+
+    ds = ConversationDataset([(Path("data/tiny/spatial"), 1.0), (Path("data/tiny/spatial-multiview"), 1.0)], tok,
+                             vit.cfg, image_size=224, n_image_tokens=64, max_len=1024)
+    loader = DataLoader(ds, batch_sampler=plan, num_workers=2, pin_memory=True,
+                        collate_fn=functools.partial(collate, pad_id=tok.pad_id, pack=False))
+    report = LoaderReport()
+    for batch in loader:
+        report.add(batch)            # ... and at the end of the epoch: print(report.summary()); report.reset()
+
+Sources. A source is a dataset directory (its data.jsonl, else its only *.jsonl or *.json file) or such a file: JSON
+Lines, or one JSON array (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, LLaVA-Instruct's llava_v1_5_mix665k.json load
+as they are). A record needs "conversations", a list of {"from": "human"|"gpt"|"system", "value": str}, and may have
+"image": a path or a list of paths, relative to the file's folder or to its images/ subfolder, with one "<image>"
+per image in the human turns, in order. Records without "image" are text-only samples. JSONL files are indexed by
+byte offset and read line by line (each worker opens its own handle); a JSON array is parsed once, kept as one
+compact blob.
+
+Mixing. Source s with n_s records and weight w_s contributes round(w_s * n_s) samples: whole copies of itself for the
+integer part of the weight, then an evenly spaced subset (records 0, n_s/k, 2 n_s/k, ...) for the rest; a weight
+below 1 only subsamples. The sources are interleaved in proportion (sample k of source s sits at (k + 0.5) / count_s)
+so that every prefix of the mix holds them in the mixing ratio; `limit` keeps such a prefix (a smaller limit is a
+subset of a larger one).
+
+Samples. ds[i] renders the conversation with Tokenizer.render (each "<image>" becomes n_image_tokens image ids; the
+mask is 1 on answers and their end-of-turn tokens), and loads and preprocesses its images for the encoder family
+(model.preprocess: squashed to image_size, not cropped, so normalized coordinates stay valid). Beyond max_len tokens,
+whole trailing turns (a human message and everything up to the next one) are dropped and counted, never part of an
+answer; images whose "<image>" was dropped are not loaded. A malformed line, a missing or unreadable image, a
+sample whose first turn alone exceeds max_len: the item carries `problem` (file:line and what is wrong) and no tokens;
+collate skips it and lists it; LoaderReport counts and prints them. strict=True raises at once instead.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model import preprocess
+
+IMAGE = "<image>"
+HUMAN = ("human", "user")
+ROLES = (*HUMAN, "gpt", "assistant", "system")
+PROBLEMS = (ValueError, KeyError, OSError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class Records:
+    """One source's records, by index: (raw bytes, "file:line N")."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if path.is_dir():
+            found = [path / "data.jsonl"] if (path / "data.jsonl").is_file() else sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".json"))
+            if len(found) != 1:
+                raise FileNotFoundError(f"{path}: expected data.jsonl, or exactly one *.jsonl / *.json file; found "
+                                        f"{[p.name for p in found] or 'none'} (name the file instead)")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such dataset file or directory")
+        self.file, self.root = path, path.parent
+        self.blob, self._fd, self._pid = None, None, None
+        if path.suffix == ".json":
+            items = json.loads(path.read_bytes())
+            if not isinstance(items, list):
+                raise ValueError(f"{path}: a .json source must hold one JSON array of samples (else use .jsonl)")
+            parts = [json.dumps(r, ensure_ascii=False).encode() for r in items]
+            self.blob = b"".join(parts)
+            self.ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
+            self.starts = self.ends - [len(p) for p in parts]
+            self.lines, self.unit = np.arange(1, len(parts) + 1), "record"
+            return
+        newlines, size = [], 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 26):
+                newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
+                size += len(chunk)
+        nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
+        starts, ends = np.concatenate([[0], nl + 1]), np.concatenate([nl, [size]])
+        keep = ends - starts > 0                                  # blank lines are not samples
+        self.starts, self.ends = starts[keep], ends[keep]
+        self.lines, self.unit = np.arange(1, len(starts) + 1)[keep], "line"
+
+    def __len__(self):
+        return len(self.starts)
+
+    def get(self, k: int) -> tuple:
+        a, b = int(self.starts[k]), int(self.ends[k])
+        if self.blob is not None:
+            return self.blob[a:b], f"{self.file}:{self.unit} {self.lines[k]}"
+        if self._pid != os.getpid():                              # a worker process opens its own handle
+            self._fd, self._pid = os.open(self.file, os.O_RDONLY), os.getpid()
+        return os.pread(self._fd, b - a, a), f"{self.file}:{self.unit} {self.lines[k]}"
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_pid")} | dict(_fd=None, _pid=None)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+def check_record(rec) -> tuple:
+    """-> (conversation, image paths), or ValueError saying what is malformed."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("no 'conversations' list (LLaVA format: [{'from': 'human', 'value': ...}, ...])")
+    for j, m in enumerate(conv):
+        if not isinstance(m, dict) or m.get("from") not in ROLES or not isinstance(m.get("value"), str):
+            raise ValueError(f"conversations[{j}] = {json.dumps(m)[:80]}: expected {{'from': one of {ROLES}, "
+                             "'value': a string}")
+    image = rec.get("image")
+    paths = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise ValueError(f"'image' = {json.dumps(image)[:80]}: expected a path or a list of paths")
+    marks = sum(m["value"].count(IMAGE) for m in conv if m["from"] in HUMAN)
+    if marks != len(paths):
+        raise ValueError(f"{marks} '<image>' marks in the human turns for {len(paths)} image(s)")
+    return conv, paths
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """sources: [(dataset dir or file, weight)]. ds[i] -> dict(ids (T,) long, weights (T,) uint8 (render's mask),
+    pixels (k, 3, S, S) float, dropped_turns int, problem None | str, max_len int)."""
+
+    def __init__(self, sources, tok, vit_cfg, image_size: int, n_image_tokens: int, max_len: int,
+                 limit: int | None = None, strict: bool = False):
+        if tok.image_id is None:
+            raise ValueError("the tokenizer has no image token: call tok.add_image_token() before building the dataset")
+        if not sources:
+            raise ValueError("no data sources")
+        self.tok, self.vit_cfg, self.image_size = tok, vit_cfg, image_size
+        self.n_image_tokens, self.max_len, self.strict = n_image_tokens, max_len, strict
+        self.start_id = tok.specials["<|start_header_id|>" if tok.chat_style == "llama3" else "<|im_start|>"]
+        self.records, self.counts, parts, keys = [], [], [], []
+        for s, (path, weight) in enumerate(sources):
+            weight = float(weight)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"source {path}: weight {weight} must be a finite number >= 0")
+            rec = Records(path)
+            n = len(rec)
+            count = round(weight * n)
+            whole, rest = divmod(count, n) if n else (0, 0)
+            idx = np.concatenate([np.tile(np.arange(n), whole), np.arange(rest) * n // max(rest, 1)]).astype(np.int64)
+            self.records.append(rec)
+            self.counts.append(count)
+            parts.append(np.stack([np.full(count, s), idx], 1))
+            keys.append((np.arange(count) + 0.5) / max(count, 1))
+        index, keys = np.concatenate(parts), np.concatenate(keys)
+        self.index = index[np.lexsort((index[:, 0], keys))][:limit]          # by position in the mix, then source
+        if len(self.index) == 0:
+            raise ValueError(f"the data mix is empty: sources {[str(p) for p, _ in sources]} give {self.counts} "
+                             "samples")
+
+    def __len__(self):
+        return len(self.index)
+
+    def describe(self) -> str:
+        return ", ".join(f"{r.file} ({len(r)} records -> {c})" for r, c in zip(self.records, self.counts))
+
+    def __getitem__(self, i: int) -> dict:
+        s, k = (int(x) for x in self.index[i])
+        raw, where = self.records[s].get(k)
+        try:
+            conv, paths = check_record(json.loads(raw))
+            ids, weights, n_images, dropped = self.render(conv)
+            pixels = self.images(self.records[s].root, paths[:n_images])
+        except PROBLEMS as e:
+            message = f"{where}: {e}"
+            if self.strict:
+                raise ValueError(message) from e
+            S = self.image_size
+            return dict(ids=torch.zeros(0, dtype=torch.long), weights=torch.zeros(0, dtype=torch.uint8),
+                        pixels=torch.zeros(0, 3, S, S), dropped_turns=0, problem=message, max_len=self.max_len)
+        return dict(ids=torch.tensor(ids, dtype=torch.long), weights=torch.tensor(weights, dtype=torch.uint8),
+                    pixels=pixels, dropped_turns=dropped, problem=None, max_len=self.max_len)
+
+    def render(self, conv: list) -> tuple:
+        """-> (ids, mask, images kept, turns dropped): whole trailing turns go until max_len holds the rest."""
+        ids, mask = self.tok.render(conv, self.n_image_tokens)
+        humans = [j for j, m in enumerate(conv) if m["from"] in HUMAN]
+        n_images = sum(m["value"].count(IMAGE) for m in conv if m["from"] in HUMAN)
+        if len(ids) <= self.max_len:
+            return ids, mask, n_images, 0
+        starts = np.flatnonzero(np.asarray(ids) == self.start_id)     # one per message (and a system turn render added)
+        offset = len(starts) - len(conv)
+        if offset not in (0, 1):
+            raise ValueError(f"render gave {len(starts)} message starts for {len(conv)} messages")
+        cuts = [int(starts[offset + j]) for j in humans[1:]]          # a prefix may end before any later human turn
+        fits = [c for c in cuts if c <= self.max_len]
+        if not fits:
+            first = cuts[0] if cuts else len(ids)
+            raise ValueError(f"the first turn alone is {first} tokens, more than max_len {self.max_len}")
+        kept = len(fits)                                              # cutting before human turn `kept` keeps
+        end = humans[kept]                                            # turns 0 .. kept-1
+        n_images = sum(m["value"].count(IMAGE) for m in conv[:end] if m["from"] in HUMAN)
+        return ids[:fits[-1]], mask[:fits[-1]], n_images, len(humans) - kept
+
+    def images(self, root: Path, paths: list) -> torch.Tensor:
+        S = self.image_size
+        if not paths:
+            return torch.zeros(0, 3, S, S)
+        arrays = []
+        for p in paths:
+            f = root / p
+            if not f.exists() and (root / "images" / p).exists():       # LLaVA-Pretrain keeps them in images/
+                f = root / "images" / p
+            try:
+                with Image.open(f) as im:
+                    im.draft("RGB", (S, S))       # JPEG: decode at the smallest scale still >= S (much faster)
+                    arrays.append(np.asarray(im.convert("RGB")))
+            except PROBLEMS as e:                 # name the image: PIL's messages often do not
+                raise ValueError(f"image {f}: {type(e).__name__}: {e}") from e
+        return preprocess(arrays, self.vit_cfg, size=S)                 # (k, 3, S, S)
+
+
+def collate(items: list, pad_id: int | None, pack: bool = False, max_len: int | None = None) -> dict:
+    """Samples -> a batch. Without packing: one row per sample, right-padded with pad_id (0 if None; padded positions
+    have weight 0). With packing: samples fill rows greedily in order up to max_len (default: the samples' own), with
+    per-sample positions and a block-diagonal causal mask (those of llm.block_causal), so packed samples cannot see
+    each other.
+    pixels hold every kept sample's images in row order, the order the VLM splices them in. Items with a problem are
+    left out and listed in `problems`. n_supervised counts the positions t >= 1 with weight > 0: exactly the tokens
+    LLM.loss scores. Packed batches also carry `segments` (B, T) (0 = padding), from which block_causal rebuilds
+    positions and mask: a trainer may do that on the GPU instead of moving the (B, 1, T, T) mask."""
+    pad = 0 if pad_id is None else pad_id
+    good = [it for it in items if it["problem"] is None]
+    if pack:
+        limit = max_len or max((it["max_len"] for it in good), default=1)
+        rows, used = [], []
+        for it in good:
+            n = len(it["ids"])
+            if rows and used[-1] + n <= limit:
+                rows[-1].append(it)
+                used[-1] += n
+            else:
+                rows.append([it])
+                used.append(n)
+    else:
+        rows = [[it] for it in good]
+    # numpy for the bookkeeping: small torch ops pay for intra-op thread hand-offs, which on a busy machine cost
+    # more than the work itself
+    B, T = len(rows), max([sum(len(it["ids"]) for it in row) for row in rows], default=1)
+    ids = np.full((B, T), pad, np.int64)
+    weights = np.zeros((B, T), np.float32)
+    segments = np.zeros((B, T), np.int64)                           # 0 = padding, 1.. = the samples of a row
+    for r, row in enumerate(rows):
+        a = 0
+        for j, it in enumerate(row):
+            b = a + len(it["ids"])
+            ids[r, a:b] = it["ids"].numpy()
+            weights[r, a:b] = it["weights"].numpy()
+            weights[r, a] = 0           # a sample's first token is never predicted from the sample before it
+            segments[r, a:b] = j + 1
+            a = b
+    S = items[0]["pixels"].shape[-1] if items else 0
+    pixels = torch.cat([it["pixels"] for row in rows for it in row]) if good else torch.zeros(0, 3, S, S)
+    batch = dict(ids=torch.from_numpy(ids), weights=torch.from_numpy(weights), pixels=pixels,
+                 n_supervised=int(np.count_nonzero(weights[:, 1:])), n_tokens=sum(len(it["ids"]) for it in good),
+                 n_samples=len(good), problems=[it["problem"] for it in items if it["problem"] is not None],
+                 dropped_turns=sum(it["dropped_turns"] for it in items),
+                 n_truncated=sum(it["dropped_turns"] > 0 for it in items))
+    if pack:     # what llm.block_causal(segments) gives, filled block by block: ~15x faster than comparing all pairs
+        positions, mask, tril = np.zeros((B, T), np.int64), np.zeros((B, 1, T, T), bool), np.tri(T, dtype=bool)
+        for r, row in enumerate(rows):
+            lengths = [len(it["ids"]) for it in row]
+            a = 0
+            for n in lengths + [T - sum(lengths)]:          # each sample, then the padding, sees itself causally
+                positions[r, a:a + n] = np.arange(n)
+                mask[r, 0, a:a + n, a:a + n] = tril[:n, :n]
+                a += n
+        batch.update(positions=torch.from_numpy(positions), mask=torch.from_numpy(mask),
+                     segments=torch.from_numpy(segments))
+    return batch
+
+
+@dataclass
+class LoaderReport:
+    """Sums what collate reports over an epoch: report.add(batch) per batch, report.summary() at the end."""
+    samples: int = 0
+    truncated: int = 0
+    dropped_turns: int = 0
+    problems: list = field(default_factory=list)
+
+    def add(self, batch: dict):
+        self.samples += batch["n_samples"]
+        self.truncated += batch.get("n_truncated", 0)
+        self.dropped_turns += batch["dropped_turns"]
+        self.problems += batch["problems"]
+
+    def summary(self, show: int = 5) -> str:
+        text = (f"data: {self.samples} samples used; {self.truncated} truncated to max_len ({self.dropped_turns} "
+                f"trailing turns dropped); {len(self.problems)} unusable")
+        return text + "".join(f"\n  {p}" for p in self.problems[:show]) + (
+            f"\n  ... and {len(self.problems) - show} more" if len(self.problems) > show else "")
+
+    def reset(self):
+        self.samples = self.truncated = self.dropped_turns = 0
+        self.problems = []

@@ -1,0 +1,678 @@
+"""
+Multi-view data: two views of one scene, paired by how much of the first the second sees, and the questions about
+them: stage 2's multi-view VQA (kind "multiview") and stage 3's multi-view spatial turns ("spatial-multiview").
+
+    python data.py multiview --n 2000 --out data/multiview                          # synthetic rooms, 2 cameras each
+    python data.py spatial-multiview --n 500 --out data/smv --rgbd scans/           # scene folders of posed frames
+    python data.py multiview --n 500 --out data/mv --rgbd scans/ --encoder weights/dinov2-s14      # no poses
+
+Pairing. The paper keeps view pairs whose LPIPS distance lies in a band: neither near-duplicates nor unrelated.
+With depth and poses the same idea is geometric: the co-visibility of view 1 in view 2 is the share of view 1's
+pixels (with depth) whose 3D points land inside view 2, in front of it, and not behind a nearer surface there
+(view 2's depth at that pixel is at most 3 cm + 3 % nearer). Pairs are kept when it lies in BAND. It is
+directional (a camera that steps back sees all of the other's pixels, not the other way round); meta stores both
+directions. RGB-D frames without poses fall back on the loaded encoder: 1 - the share of patches that are mutual
+nearest neighbours across the two images, kept within FEATURE_BAND (the 10th-90th percentiles of the pairs inside
+BAND, DINOv2-S/14 on synthetic rooms; it tracks co-visibility only loosely, Spearman ~0.3: a coarse filter against
+near-duplicates and unrelated frames). Such pairs make "multiview" data, without the camera-motion questions.
+
+Objects are matched across views by name: in a synthetic scene a name (colour + category) is unique; on RGB-D frames
+an object is matched by its label when that label occurs once in each view. Per view an object is "visible" (at
+least views.min_pixels pixels), "absent" (not one pixel) or in between, and then never asked about.
+
+Stage 2, "multiview": 6 turns in random order; each turn's level names its group.
+    common       which objects both views show; which view shows an object closer; how the camera moved;
+                 is there a <object> in view k (when it is)
+    adversarial  false premises: objects absent from a view or from both, answered as absent ("Which view shows the
+                 green sofa closer?" -> "Neither view shows it: there is no green sofa in either image.")
+    choice       multiple choice A-D: the object both views show, the closer view, the main direction of motion
+Stage 3, "spatial-multiview": 7 turns pixel -> object -> scene (--order applies).
+    pixel   where a point of one view appears in the other, or that it leaves the field of view or is hidden there
+            (and behind what depth) x 2; a point's 3D position in both views' frames
+    object  a relation (left/right, in front/behind, above/below) in each view, which may flip between views x 2
+    scene   where camera 2 is in view 1's frame and how it turned; two points' 3D distance from both views, which
+            must agree
+Every 3D answer is in a view's answer frame (views.py: X right, Y up, Z forward, meters); pixel coordinates are
+(u/W, v/H) in the view named. Answers are computed from the ground truth as stored, so datacheck.py recomputes them.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import scenes
+import views
+from data import RELATIONS, TIE_CENTRE, article, f2, f3, listing, relation, save_view
+from views import View
+
+BAND = (0.35, 0.65)             # co-visibility of view 1 in view 2
+FEATURE_BAND = (0.74, 0.94)     # feature_distances, for frames without poses (see bench/bench_pairs.py)
+OCCLUSION = (0.03, 0.03)        # a point is hidden when the other view's depth there is nearer by > 3 cm + 3 %
+VQA_TURNS = 6
+SEEN, OUTSIDE, HIDDEN, UNKNOWN = 0, 1, 2, 3     # what the other view shows of a point
+ORDINAL = ("first", "second")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry: moving pixels from one view to the other, co-visibility, camera motion.
+
+
+def transfer(depth: np.ndarray, K, pose, K_to, pose_to, cols, rows):
+    """Pixels (cols, rows) (n,) of a view -> their 3D points in the view's camera frame (n, 3), in the other
+    view's camera frame (n, 3), and their continuous pixel coordinates there (u, v) (n,) each (NaN behind it)."""
+    K, pose, K_to, pose_to = (np.asarray(m, float) for m in (K, pose, K_to, pose_to))
+    d = depth[rows, cols]
+    ray = np.stack([(cols + 0.5 - K[0, 2]) / K[0, 0], (rows + 0.5 - K[1, 2]) / K[1, 1], np.ones(len(d))], 1)
+    cam = ray * d[:, None]
+    world = cam @ pose[:3, :3].T + pose[:3, 3]
+    cam_to = (world - pose_to[:3, 3]) @ pose_to[:3, :3]                 # R^T (p - o), row-wise
+    z = cam_to[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(z > 1e-6, K_to[0, 0] * cam_to[:, 0] / z + K_to[0, 2], np.nan)
+        v = np.where(z > 1e-6, K_to[1, 1] * cam_to[:, 1] / z + K_to[1, 2], np.nan)
+    return cam, cam_to, u, v
+
+
+def visibility(depth_to: np.ndarray, u, v, z) -> np.ndarray:
+    """What the other view (depth_to (H, W)) shows of points at (u, v) with depth z there: SEEN, OUTSIDE (its field
+    of view, or behind it), HIDDEN (its depth at that pixel is nearer by more than OCCLUSION) or UNKNOWN (no depth
+    there). (n,) int8."""
+    H, W = depth_to.shape
+    with np.errstate(invalid="ignore"):
+        inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
+    state = np.full(len(z), OUTSIDE, np.int8)
+    there = depth_to[v[inside].astype(int), u[inside].astype(int)]
+    zi = z[inside]
+    state[inside] = np.where(there <= 0, UNKNOWN, np.where(there < zi - OCCLUSION[0] - OCCLUSION[1] * zi, HIDDEN, SEEN))
+    return state
+
+
+def stride_for(H: int, W: int) -> int:
+    """Co-visibility samples every stride-th pixel: 1 up to 223 px, 4 at 448 px (12.5 K points)."""
+    return max(1, min(H, W) // 112)
+
+
+def covisibility(depth_a, K_a, pose_a, depth_b, K_b, pose_b, stride: int = 1) -> float:
+    """Share of view A's pixels with depth (every stride-th row and column, from stride // 2) that view B sees."""
+    H, W = depth_a.shape
+    rows, cols = np.meshgrid(np.arange(stride // 2, H, stride), np.arange(stride // 2, W, stride), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    keep = depth_a[rows, cols] > 0
+    rows, cols = rows[keep], cols[keep]
+    if len(rows) == 0:
+        return 0.0
+    _, cam_b, u, v = transfer(depth_a, K_a, pose_a, K_b, pose_b, cols, rows)
+    return float(np.mean(visibility(depth_b, u, v, cam_b[:, 2]) == SEEN))
+
+
+def motion(view_a: View, view_b: View):
+    """Camera B's centre in A's answer frame (3,), and how far B is turned from A about the vertical, in degrees
+    (+ = to the left)."""
+    Pa, Pb = np.array(view_a.cam_to_world), np.array(view_b.cam_to_world)
+    Ra, Rb = np.array(view_a.answer_from_camera), np.array(view_b.answer_from_camera)
+    t = Ra @ (Pa[:3, :3].T @ (Pb[:3, 3] - Pa[:3, 3]))
+    forward = Ra @ Pa[:3, :3].T @ Pb[:3, :3] @ Rb.T @ np.array([0, 0, 1.0])      # B's forward in A's answer frame
+    return t, float(np.degrees(np.arctan2(-forward[0], forward[2])))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairs of views.
+
+
+@dataclass
+class Pair:
+    views: list                      # [View, View]
+    insides: list                    # [(H, W) bool] mask interiors, where points are sampled
+    labels: list                     # [{instance id: category}] per view: every instance id the frame knows
+    covis: list | None = None        # [view 1 in view 2, view 2 in view 1]; None without poses
+    feature_distance: float | None = None
+    absent: list = field(default_factory=list)      # names of objects that neither view shows (false premises)
+    frames: list | None = None       # RGB-D frame folders
+
+    @property
+    def posed(self) -> bool:
+        return all(v.cam_to_world is not None for v in self.views)
+
+
+def states(pair: Pair) -> dict:
+    """name -> [(state, object) in view 1, in view 2]; state "visible" (object: its dict, with the cube in that view's
+    answer frame), "absent" or "unclear" (object None)."""
+    out = {}
+    for k, (view, labels) in enumerate(zip(pair.views, pair.labels)):
+        counts = np.bincount(view.instance.reshape(-1), minlength=max(labels, default=0) + 1)
+        min_px = views.min_pixels(*view.instance.shape)
+        if view.source == "synthetic":
+            found = {o["name"]: ("visible" if counts[o["id"]] >= min_px else "absent" if counts[o["id"]] == 0 else
+                                 "unclear", o) for o in view.objects}
+        else:       # a label seen once, lifted under its plain name, is identifiable; twice or more it is not
+            named = {o["name"]: o for o in view.objects if o["name"] == o["category"]}
+            found = {}
+            for c in set(labels.values()):
+                seen = [i for i, l in labels.items() if l == c and counts[i] > 0]
+                ok = len(seen) == 1 and c in named and counts[named[c]["id"]] >= min_px
+                found[c] = ("visible" if ok else "absent" if not seen else "unclear", named.get(c))
+        for name in found:
+            out.setdefault(name, [("absent", None), ("absent", None)])
+        for name, (state, o) in found.items():
+            out[name][k] = (state, o if state == "visible" else None)
+    return out
+
+
+def as_stored(depth: np.ndarray) -> np.ndarray:
+    """Depth exactly as a reader of the stored file gets it (float64 millimetres, or float32 meters beyond 65 m):
+    which pixel a point lands on, and whether it is hidden there, must not depend on float32 rounding."""
+    if depth.max() <= 65.535:
+        return np.round(depth.astype(np.float64) * 1000) / 1000
+    return depth.astype(np.float32).astype(np.float64)
+
+
+def synthetic_view_of(scene: scenes.Scene, camera: scenes.Camera, size: int) -> tuple:
+    """(View, interior mask) of one camera, stored as views.synthetic_view stores its views."""
+    r = scenes.render(scene, camera, size, size)
+    r["depth"] = as_stored(r["depth"])
+    R_cw, origin = camera.cam_to_world[:3, :3], camera.cam_to_world[:3, 3]
+    R = np.round(views.answer_rotation(R_cw[2]), 6)          # R_cw[2] = world up in camera coordinates
+    objects = [dict(id=i + 1, name=o.name, category=o.category, colour=o.colour,
+                    cube=np.round(o.cube(R @ R_cw.T, origin), 4).tolist(), on=o.on)
+               for i, o in enumerate(scene.objects)]
+    room = f"{'an' if scene.floor[0] in 'aeiou' else 'a'} {scene.floor} floor and {scene.wall_colour} walls"
+    view = View(r["rgb"], views.stored(r["depth"]), r["instance"], r["semantic"], np.round(r["K"], 4).tolist(),
+                R.tolist(), np.round(camera.cam_to_world, 6).tolist(), "known", objects, room,
+                camera_height=round(float(origin[2]), 4))
+    return view, views.interior(view.instance, views.erosion(size, size), view.depth)
+
+
+def nearby_camera(rng, scene: scenes.Scene, cam: scenes.Camera) -> scenes.Camera:
+    """A second hand-held camera 0.3-2.2 m from the first, in the object-free near part of the room, looking at a
+    point between where the first looks and one of the objects."""
+    Lx, Ly, _ = scene.room
+    pos, forward = cam.cam_to_world[:3, 3], cam.cam_to_world[:3, 2]
+    centres = np.array([np.mean([p.centre for p in o.parts], 0) for o in scene.objects])
+    new = pos
+    for _ in range(100):
+        step, heading = rng.uniform(0.3, 2.2), rng.uniform(0, 2 * np.pi)
+        new = pos + (step * np.cos(heading), step * np.sin(heading), rng.uniform(-0.3, 0.3))
+        if 0.4 <= new[0] <= Lx - 0.4 and 0.3 <= new[1] <= 0.42 * Ly and 0.9 <= new[2] <= 2.0:
+            break
+    else:
+        new = pos
+    target = 0.5 * (pos + forward * rng.uniform(2.0, 4.0)) + 0.5 * centres[rng.integers(len(centres))]
+    target = target + (*rng.uniform(-0.4, 0.4, 2), 0.0)
+    target[2] = rng.uniform(0.2, 0.8)
+    look = scenes.look_at(np.array(new), target, np.radians(rng.uniform(-3, 3)))
+    return scenes.Camera(look, float(rng.uniform(50, 75)), tuple(0.5 + rng.uniform(-0.02, 0.02, 2)))
+
+
+def both_visible(pair: Pair) -> list:
+    """Names visible in both views, left to right in view 1."""
+    st = states(pair)
+    names = [n for n, (a, b) in st.items() if a[0] == b[0] == "visible"]
+    return sorted(names, key=lambda n: sum(st[n][0][1]["cube"][k][0] for k in (0, 1)))
+
+
+def synthetic_pair(rng, size: int, band=BAND, shared: int = 2, screen: int = 48) -> Pair:
+    """Two views of one random room whose co-visibility (view 1 in view 2) lies in band, each with >= 2 objects to ask
+    about and `shared` objects visible in both. Candidates are screened on depth-only renders at `screen` px."""
+    for _ in range(200):
+        scene = scenes.random_scene(rng)
+        cam_a = scenes.random_camera(rng, scene)
+        low_a = scenes.render(scene, cam_a, screen, screen, shadows=False)
+        full_a = None
+        for _ in range(6):
+            cam_b = nearby_camera(rng, scene, cam_a)
+            low_b = scenes.render(scene, cam_b, screen, screen, shadows=False)
+            c = covisibility(low_a["depth"], low_a["K"], cam_a.cam_to_world, low_b["depth"], low_b["K"],
+                             cam_b.cam_to_world)
+            if not band[0] - 0.08 <= c <= band[1] + 0.08:
+                continue
+            full_a = full_a or synthetic_view_of(scene, cam_a, size)
+            (va, inside_a), (vb, inside_b) = full_a, synthetic_view_of(scene, cam_b, size)
+            s = stride_for(size, size)
+            cov = [covisibility(x.depth, x.K, x.cam_to_world, y.depth, y.K, y.cam_to_world, s)
+                   for x, y in ((va, vb), (vb, va))]
+            labels = {o["id"]: o["category"] for o in va.objects}
+            pair = Pair([va, vb], [inside_a, inside_b], [labels, labels], cov)
+            if (band[0] <= cov[0] <= band[1] and len(views.candidates(va, inside_a)) >= 2
+                    and len(views.candidates(vb, inside_b)) >= 2 and len(both_visible(pair)) >= shared):
+                names = {o.name for o in scene.objects}
+                unused = [f"{c} {k}" for k in scenes.OBJECT_CATEGORIES for c in scenes.COLOURS
+                          if f"{c} {k}" not in names]
+                pair.absent = [unused[i] for i in sorted(rng.choice(len(unused), 8, replace=False))]
+                return pair
+    raise RuntimeError(f"no pair of views with co-visibility in {band} in 1200 tries: is the band too narrow?")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: multi-view VQA. A turn is (level, question, answer, record); the record is what datacheck.py needs.
+
+
+def closer(o1: dict, o2: dict) -> tuple:
+    """(0 = view 1 shows it closer, 1 = view 2, 2 = about the same; Z of its centre in view 1, in view 2)."""
+    z1, z2 = (sum(o["cube"][k][2] for k in (0, 1)) / 2 for o in (o1, o2))
+    return (2 if abs(z1 - z2) < TIE_CENTRE else int(z2 < z1)), z1, z2
+
+
+def direction(t) -> int | None:
+    """The main horizontal direction of a motion t (answer frame): 0 left, 1 right, 2 forward, 3 backward, or None
+    when neither X nor Z dominates (>= 0.2 m and 1.5 x the other)."""
+    x, z = abs(t[0]), abs(t[2])
+    if max(x, z) < 0.2 or max(x, z) < 1.5 * min(x, z):
+        return None
+    return int(t[0] > 0) if x > z else 2 + int(t[2] < 0)
+
+
+DIRECTIONS = ("to the left", "to the right", "forward", "backward")
+
+
+def vqa_conversation(pair: Pair, rng) -> tuple:
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    st = states(pair)
+    both = both_visible(pair)
+    only = [(n, k) for n, s in st.items() for k in (0, 1) if s[k][0] == "visible" and s[1 - k][0] == "absent"]
+    nowhere = list(pair.absent)
+
+    def common():
+        q = pick(["Which objects can be seen in both views?", "What do the two views have in common?",
+                  "Name the objects that appear in both images."])
+        a = f"Both views show {listing([article(n) for n in both])}." if both else \
+            "No object is clearly visible in both views."
+        return "common", q, a, dict(kind="common")
+
+    def nearer():
+        n = pick(both)
+        out, z1, z2 = closer(st[n][0][1], st[n][1][1])
+        q = pick([f"Which view shows the {n} closer to the camera?", f"In which image is the {n} nearer?"])
+        a = (f"{['View 1', 'View 2', 'About the same in both'][out]}: the {n}'s centre is {f2(z1)} m ahead of the "
+             f"camera in view 1 and {f2(z2)} m in view 2.")
+        return "common", q, a, dict(kind="closer", object=n)
+
+    def moved():
+        t, yaw = motion(*pair.views)
+        deg = int(round(abs(yaw)))
+        turn = f"turned {deg} degrees to the {'left' if yaw > 0 else 'right'}" if deg else "kept its heading"
+        q = pick(["How did the camera move from view 1 to view 2?",
+                  "Describe the camera motion between the two images.",
+                  "How does the second viewpoint differ from the first?"])
+        a = (f"The camera moved {f2(abs(t[0]))} m to the {'right' if t[0] >= 0 else 'left'}, {f2(abs(t[2]))} m "
+             f"{'forward' if t[2] >= 0 else 'backward'} and {f2(abs(t[1]))} m {'up' if t[1] >= 0 else 'down'}, "
+             f"and {turn}.")
+        return "common", q, a, dict(kind="motion")
+
+    def exists():
+        k = int(rng.integers(2))
+        yes = [n for n in st if st[n][k][0] == "visible"]
+        other = [n for n, j in only if j != k]
+        r = rng.random()
+        if yes and (r < 0.5 or not (other or nowhere)):
+            n, level, rec = pick(yes), "common", {}
+            a = f"Yes, view {k + 1} shows {article(n)}."
+        elif other and (r < 0.75 or not nowhere):
+            n, level = pick(other), "adversarial"
+            a, rec = f"No, there is no {n} in view {k + 1}; only view {2 - k} shows it.", {}
+        else:
+            n, level = pick(nowhere), "adversarial"
+            a, rec = f"No, there is no {n} in view {k + 1}, nor in view {2 - k}.", dict(absent=[n])
+        q = pick([f"Is there {article(n)} in view {k + 1}?", f"Does the {ORDINAL[k]} image show {article(n)}?"])
+        return level, q, a, dict(kind="exists", object=n, view=k, **rec)
+
+    def premise():
+        k = int(rng.integers(2))
+        if nowhere and (rng.random() < 0.6 or not only):
+            n = pick(nowhere)
+            seen_k = [m for m in st if st[m][k][0] == "visible"]
+            options = [(f"Which view shows the {n} closer to the camera?",
+                        f"Neither view shows it: there is no {n} in either image."),
+                       (f"What is the {n} standing on in view {k + 1}?",
+                        f"There is no {n} in view {k + 1}, nor in view {2 - k}.")]
+            if seen_k:
+                m = pick(seen_k)
+                options.append((f"How far apart are the {n} and the {m} in view {k + 1}?",
+                                f"There is no {n} in view {k + 1}, nor in view {2 - k}; only the {m} is there."))
+            q, a = pick(options)
+            return "adversarial", q, a, dict(kind="premise", object=n, view=k, absent=[n])
+        n, j = pick(only)
+        q = pick([f"Which view shows the {n} closer to the camera?", f"In which image is the {n} nearer?"])
+        a = f"Only view {j + 1} shows the {n}; there is no {n} in view {2 - j}, so the two cannot be compared."
+        return "adversarial", q, a, dict(kind="premise_one", object=n, view=j)
+
+    def choice():
+        kinds = []
+        distractors = nowhere + [n for n, _ in only]
+        if both and len(distractors) >= 2:
+            kinds.append("choice_common")
+        if both:
+            kinds.append("choice_closer")
+        if pair.posed and direction(motion(*pair.views)[0]) is not None:
+            kinds.append("choice_direction")
+        if not kinds:
+            return None
+        kind = pick(kinds)
+        if kind == "choice_common":
+            right = pick(both)
+            wrong = [distractors[i] for i in rng.choice(len(distractors), min(3, len(distractors)), replace=False)]
+            options, q = [f"the {n}" for n in [right] + wrong], "Which of these objects can be seen in both views?"
+            rec = dict(kind=kind)
+        elif kind == "choice_closer":
+            n = pick(both)
+            options, right = ["view 1", "view 2", "about the same in both"], None
+            right = options[closer(st[n][0][1], st[n][1][1])[0]]
+            q, rec = f"Which view shows the {n} closer to the camera?", dict(kind=kind, object=n)
+        else:
+            options, right = list(DIRECTIONS), DIRECTIONS[direction(motion(*pair.views)[0])]
+            q, rec = "Which way did the camera mainly move from view 1 to view 2?", dict(kind=kind)
+        right = f"the {right}" if kind == "choice_common" else right
+        options = [options[i] for i in rng.permutation(len(options))]
+        letters = "ABCD"[:len(options)]
+        q += "".join(f"\n{L}. {o}" for L, o in zip(letters, options)) + "\nAnswer with the option's letter."
+        return "choice", q, f"{letters[options.index(right)]}. {right}", dict(rec, options=options)
+
+    turns = [common()] + ([nearer()] if both else []) + ([moved()] if pair.posed else [])
+    turns += [t for t in (exists(), premise() if (nowhere or only) else None, choice()) if t]
+    while len(turns) < VQA_TURNS:
+        turns.append(premise() if (nowhere or only) and rng.random() < 0.5 else exists())
+    turns = [turns[k] for k in rng.permutation(len(turns))]
+    return assemble(turns)
+
+
+def assemble(turns: list) -> tuple:
+    """Turns -> (conversation, levels, records); the first question carries both images."""
+    conv = []
+    for k, (_, q, a, _) in enumerate(turns):
+        conv += [{"from": "human", "value": ("<image>\n<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return conv, [t[0] for t in turns], [t[3] for t in turns]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 3: multi-view spatial turns, pixel -> object -> scene.
+
+
+def uv(x, size) -> str:
+    """(col, row) or continuous (u, v) pixel coordinates -> "(u/W, v/H)"; integer pixels are taken at their centre."""
+    H, W = size
+    return f"({f3(x[0] / W)}, {f3(x[1] / H)})"
+
+
+def spatial_conversation(pair: Pair, rng, order: str = "forward") -> tuple:
+    """-> (conversation, levels, points [{"view", "px", "uv"}], records)."""
+    if not pair.posed:
+        raise ValueError("spatial-multiview questions need both views' poses (pose.txt)")
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    V = pair.views
+    size = [v.depth.shape for v in V]
+    st = states(pair)
+    both = both_visible(pair)
+    # per view: interior pixels on objects, and what the other view shows of each
+    pools = []
+    for s in (0, 1):
+        t = 1 - s
+        rows, cols = np.nonzero(pair.insides[s] & (V[s].instance > 0))
+        cam, cam_t, u, v = transfer(V[s].depth, V[s].K, V[s].cam_to_world, V[t].K, V[t].cam_to_world, cols, rows)
+        pools.append(dict(cols=cols, rows=rows, cam=cam, cam_t=cam_t, u=u, v=v,
+                          state=visibility(V[t].depth, u, v, cam_t[:, 2]), on=V[s].instance[rows, cols]))
+    points = []
+
+    def point(s, want=None, on=None):
+        """A pool pixel of view s (index into points): with state `want` and on object id `on` when possible."""
+        p = pools[s]
+        ok = np.ones(len(p["cols"]), bool) if want is None else p["state"] == want
+        if on is not None and (ok & (p["on"] == on)).any():
+            ok &= p["on"] == on
+        if not ok.any():
+            ok = p["state"] != UNKNOWN if (p["state"] != UNKNOWN).any() else np.ones(len(ok), bool)
+        j = int(rng.choice(np.nonzero(ok)[0]))
+        c, r = int(p["cols"][j]), int(p["rows"][j])
+        H, W = size[s]
+        points.append(dict(view=s, px=[c, r], uv=[round((c + 0.5) / W, 3), round((r + 0.5) / H, 3)], j=j))
+        return len(points) - 1
+
+    def R(s):
+        return np.array(V[s].answer_from_camera)
+
+    def match(s):
+        t, want = 1 - s, SEEN if rng.random() < 0.7 else pick([OUTSIDE, HIDDEN])
+        k = point(s, want)
+        p, j = pools[s], points[k]["j"]
+        c, r = points[k]["px"]
+        P, Q = uv((c + 0.5, r + 0.5), size[s]), uv((p["u"][j], p["v"][j]), size[t])
+        z, state = p["cam_t"][j, 2], p["state"][j]
+        if state == SEEN:
+            a = f"It appears at {Q} in view {t + 1}, {f2(z)} m deep there ({f2(p['cam'][j, 2])} m in view {s + 1})."
+        elif state == OUTSIDE:
+            a = f"It is outside view {t + 1}'s field of view, so view {t + 1} does not show it."
+        elif state == HIDDEN:
+            there = V[t].depth[int(p["v"][j]), int(p["u"][j])]
+            a = (f"It is hidden in view {t + 1}: it would appear at {Q}, {f2(z)} m deep, but a nearer surface covers "
+                 f"it there, {f2(there)} m deep.")
+        else:
+            a = f"View {t + 1} has no depth at {Q}, where it would appear, so it cannot be confirmed."
+        q = pick([f"Where does the point {P} of view {s + 1} appear in view {t + 1}?",
+                  f"Find the point {P} of the {ORDINAL[s]} image in the {ORDINAL[t]} image."])
+        return "pixel", q, a, dict(kind="match", point=k)
+
+    def position():
+        s = int(rng.integers(2))
+        t, k = 1 - s, point(s, SEEN)
+        p, j = pools[s], points[k]["j"]
+        here, there = (", ".join(f2(x) for x in vec) for vec in (R(s) @ p["cam"][j], R(t) @ p["cam_t"][j]))
+        P = uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), size[s])
+        q = pick([f"Where is the point {P} of view {s + 1} in 3D, in view {t + 1}'s frame?",
+                  f"Give the 3D position of the point {P} of view {s + 1} relative to camera {t + 1}."])
+        a = f"In view {t + 1}'s frame it is at ({there}) m; in view {s + 1}'s frame it is at ({here}) m."
+        return "pixel", q, a, dict(kind="position_across", point=k)
+
+    used = set()
+
+    def relation_across(kind):
+        pairs = [(a, b) for a in both for b in both if a != b]
+        fresh = [ab for ab in pairs if frozenset(ab) not in used] or pairs
+        A, B = fresh[int(rng.integers(len(fresh)))]
+        used.add(frozenset((A, B)))
+        spec, axis = RELATIONS[kind], "XYZ"[RELATIONS[kind]["axis"]]
+        texts = []
+        for v in (0, 1):
+            out, va, vb, _ = relation(kind, st[A][v][1]["cube"], st[B][v][1]["cube"])
+            texts.append(f"In view {v + 1} the {A} is {spec['words'][out]} the {B} ({axis} = {f2(va)} m and "
+                         f"{f2(vb)} m).")
+        q = pick({"left_right": [f"Is the {A} left or right of the {B} in each view?",
+                                 f"Compare the {A} and the {B} from left to right in both views."],
+                  "front_behind": [f"Is the {A} in front of or behind the {B} in each view?",
+                                   f"Which is nearer to the camera in each view, the {A} or the {B}?"],
+                  "above_below": [f"Is the {A} above or below the {B} in each view?",
+                                  f"Which is higher up in each view, the {A} or the {B}?"]}[kind])
+        return "object", q, " ".join(texts), dict(kind="relation_across", relation=kind, objects=[A, B])
+
+    def camera():
+        t, yaw = motion(*V)
+        deg = int(round(abs(yaw)))
+        turn = f"turned {deg} degrees to the {'left' if yaw > 0 else 'right'}" if deg else "facing the same way"
+        q = pick(["Where is the second camera relative to the first?", "How did the camera move from view 1 to view 2?",
+                  "Give the position and heading of camera 2 in view 1's frame."])
+        a = (f"Camera 2 is at ({', '.join(f2(x) for x in t)}) m in view 1's frame (X right, Y up, Z forward), "
+             f"{f2(np.linalg.norm(t))} m from camera 1, {turn}.")
+        return "scene", q, a, dict(kind="camera_motion")
+
+    def distance():
+        ids = [st[n][0][1]["id"] for n in both]
+        a_id = pick(ids)
+        b_id = pick([i for i in ids if i != a_id] or ids)
+        k1, k2 = point(0, SEEN, a_id), point(0, SEEN, b_id)
+        p, js = pools[0], [points[k]["j"] for k in (k1, k2)]
+        here = [R(0) @ p["cam"][j] for j in js]
+        there = [R(1) @ p["cam_t"][j] for j in js]
+        P = [uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), size[0]) for k in (k1, k2)]
+        Q = [uv((p["u"][j], p["v"][j]), size[1]) for j in js]
+        fmt = lambda x: "(" + ", ".join(f2(c) for c in x) + ")"
+        q = (f"The points {P[0]} and {P[1]} of view 1 appear at {Q[0]} and {Q[1]} in view 2. How far apart are they "
+             "in 3D?")
+        a = (f"In view 1's frame they are at {fmt(here[0])} m and {fmt(here[1])} m; in view 2's at {fmt(there[0])} m "
+             f"and {fmt(there[1])} m. Either way they are {f2(np.linalg.norm(here[0] - here[1]))} m apart.")
+        return "scene", q, a, dict(kind="distance_across", points=[k1, k2])
+
+    relations = [str(r) for r in rng.choice(["left_right", "front_behind", "above_below"], 2, replace=False,
+                                            p=[0.45, 0.45, 0.1])]
+    turns = [match(0), match(1), position()] + [relation_across(r) for r in relations] + [camera(), distance()]
+    if order == "reversed":
+        turns = [t for level in ("scene", "object", "pixel") for t in turns if t[0] == level]
+    elif order == "shuffled":
+        turns = [turns[k] for k in rng.permutation(len(turns))]
+    elif order != "forward":
+        raise ValueError(f"order {order!r}: expected forward, reversed or shuffled")
+    for p in points:
+        del p["j"]
+    conv, levels, records = assemble(turns)
+    return conv, levels, points, records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RGB-D pairs and the feature band.
+
+
+def scene_folders(root) -> list:
+    """[[frame folder, ...] per scene]: root/<scene>/<frame>/, or root/<frame>/ as one scene."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"--rgbd {root}: not a directory")
+    is_frame = lambda p: (p / "labels.json").exists()
+    subs = sorted(p for p in root.iterdir() if p.is_dir())
+    if any(is_frame(p) for p in subs):
+        return [[str(p) for p in subs if is_frame(p)]]
+    groups = [[str(f) for f in sorted(s.iterdir()) if f.is_dir() and is_frame(f)] for s in subs]
+    groups = [g for g in groups if len(g) >= 2]
+    if not groups:
+        raise SystemExit(f"--rgbd {root}: no scene folder holds two frame folders (rgb, depth, intrinsics, "
+                         "instance.png, labels.json, pose.txt)")
+    return groups
+
+
+def patch_features(images: list, encoder, size: int = 224):
+    """(n, P, D) unit-length patch tokens of images (resized to size, not cropped) from the encoder at `encoder`."""
+    import torch
+
+    from model import load_vit, preprocess
+    vit = load_vit(encoder).eval()
+    with torch.no_grad():
+        tokens = torch.cat([vit(preprocess(images[i:i + 16], vit.cfg, size=size))[:, vit.cfg.n_prefix:]
+                            for i in range(0, len(images), 16)])
+    return torch.nn.functional.normalize(tokens.float(), dim=-1)
+
+
+def feature_distance(a, b) -> np.ndarray:
+    """Patch tokens a (P, D) of one image, b (m, P, D) of m others -> (m,) 1 - the share of a's patches that are
+    mutual nearest neighbours (cosine) with a patch of the other image: a feature form of co-visibility, 0 for the
+    same image, symmetric."""
+    import torch
+    sim = a @ b.transpose(1, 2)                                      # (m, P, P)
+    best_ab, best_ba = sim.argmax(2), sim.argmax(1)                  # (m, P) nearest in b, nearest in a
+    mutual = torch.gather(best_ba, 1, best_ab) == torch.arange(a.shape[0])
+    return 1 - mutual.float().mean(1).numpy()
+
+
+def feature_distances(images: list, encoder, size: int = 224) -> np.ndarray:
+    """(n, n) feature_distance between all images."""
+    f = patch_features(images, encoder, size)
+    return np.stack([feature_distance(f[k], f) for k in range(len(f))])
+
+
+def rgbd_view(frame: dict) -> tuple:
+    """(View, interior, labels without the floor) of a frame; the RANSAC gravity is seeded by the frame's name so that
+    a frame looks the same in every pair."""
+    seed = int.from_bytes(frame["name"].encode()[-8:].rjust(8, b"\0"), "little")
+    view, inside = views.rgbd_view(frame, np.random.default_rng(seed))
+    view.depth = as_stored(view.depth)
+    labels = {i: c for i, c in frame["labels"].items() if c.lower() not in scenes.FLOOR_LABELS}
+    return view, inside, labels
+
+
+def prepare(cfg, frames=()) -> dict:
+    """RGB-D: the ordered frame pairs of each scene whose co-visibility (or, with cfg.encoder, feature distance) lies
+    in cfg.band and that share enough identifiable objects, and the label vocabulary. Synthetic: nothing."""
+    if not cfg.rgbd:
+        return {}
+    need = 2 if cfg.kind == "spatial-multiview" else 1
+    pairs, vocabulary, skipped = [], set(), []
+    for group in scene_folders(cfg.rgbd):
+        loaded = []
+        for f in group:
+            frame = scenes.load_rgbd(f)
+            vocabulary |= {c for c in frame["labels"].values() if c.lower() not in scenes.FLOOR_LABELS}
+            if frame["cam_to_world"] is None and not cfg.encoder:
+                raise SystemExit(f"{f}: no pose.txt; co-visibility needs poses (or pair such frames with --encoder)")
+            try:
+                view, _, labels = rgbd_view(frame)
+            except ValueError as e:
+                skipped.append(f"{f} ({e})")
+                continue
+            loaded.append((f, view, labels, frame["rgb"]))
+        dist = feature_distances([x[3] for x in loaded], cfg.encoder) if cfg.encoder and loaded else None
+        for i, (fa, va, la, _) in enumerate(loaded):
+            for j, (fb, vb, lb, _) in enumerate(loaded):
+                if i == j or (dist is not None and j < i):
+                    continue
+                pair = Pair([va, vb], [None, None], [la, lb])
+                if len(both_visible(pair)) < need or (need == 2 and not pair.posed):
+                    continue
+                if dist is not None:
+                    if cfg.band[0] <= dist[i, j] <= cfg.band[1]:
+                        pairs.append([fa, fb, float(dist[i, j])])
+                    continue
+                s = stride_for(*va.depth.shape)
+                c = covisibility(va.depth, va.K, va.cam_to_world, vb.depth, vb.K, vb.cam_to_world, s)
+                if cfg.band[0] <= c <= cfg.band[1]:
+                    pairs.append([fa, fb, None])
+    if skipped:
+        print(f"multiview: skipped {len(skipped)} frames with fewer than 2 usable objects, e.g. {skipped[0]}")
+    if not pairs:
+        raise SystemExit(f"--rgbd {cfg.rgbd}: no pair of frames in the band {cfg.band} sharing {need} identifiable "
+                         "objects")
+    return dict(pairs=pairs, vocabulary=sorted(vocabulary))
+
+
+def rgbd_pair(source: dict, index: int, rng) -> Pair:
+    fa, fb, dist = source["pairs"][index % len(source["pairs"])]
+    if dist is not None and rng.random() < 0.5:         # feature pairs are unordered
+        fa, fb = fb, fa
+    built = [rgbd_view(scenes.load_rgbd(f)) for f in (fa, fb)]
+    pair = Pair([b[0] for b in built], [b[1] for b in built], [b[2] for b in built], None, dist, [], [fa, fb])
+    if pair.posed:
+        s = stride_for(*pair.views[0].depth.shape)
+        pair.covis = [covisibility(x.depth, x.K, x.cam_to_world, y.depth, y.K, y.cam_to_world, s)
+                      for x, y in (pair.views, pair.views[::-1])]
+    seen = {c for labels, view in zip(pair.labels, pair.views)
+            for i, c in labels.items() if (view.instance == i).any()}
+    pair.absent = [c for c in source["vocabulary"] if c not in seen]
+    return pair
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing (called by data.make_sample for the two multi-view kinds).
+
+
+def make_sample(cfg, index: int, out, source: dict) -> str:
+    rng = np.random.default_rng([cfg.seed, index])
+    spatial = cfg.kind == "spatial-multiview"
+    pair = rgbd_pair(source, index, rng) if cfg.rgbd else synthetic_pair(rng, cfg.size, cfg.band)
+    if spatial:
+        conv, levels, points, turns = spatial_conversation(pair, rng, cfg.order)
+    else:
+        (conv, levels, turns), points = vqa_conversation(pair, rng), []
+    sid = f"{index:06d}"
+    metas = []
+    for k, view in enumerate(pair.views):
+        files = save_view(out, f"{sid}_{k}", view, f"images/{sid}_{k}.png", semantic=False)
+        H, W = view.depth.shape
+        labels = pair.labels[k]
+        counts = np.bincount(view.instance.reshape(-1), minlength=max([*labels, *(o["id"] for o in view.objects)]) + 1)
+        metas.append(dict(image=files["image"], size=[H, W], depth=files["depth"], instance=files["instance"],
+                          K=view.K, cam_to_world=view.cam_to_world, answer_from_camera=view.answer_from_camera,
+                          gravity=view.gravity, camera_height=view.camera_height, room=view.room,
+                          min_pixels=views.min_pixels(H, W), labels={str(i): c for i, c in labels.items()},
+                          objects=[dict(o, pixels=int(counts[o["id"]])) for o in view.objects],
+                          frame=None if pair.frames is None else pair.frames[k]))
+    H, W = pair.views[0].depth.shape
+    meta = dict(kind=cfg.kind, source=pair.views[0].source, seed=cfg.seed, index=index, band=cfg.band,
+                covis=pair.covis, covis_stride=stride_for(H, W), feature_distance=pair.feature_distance, views=metas,
+                absent=pair.absent, points=points, turns=turns)
+    return json.dumps(dict(id=f"{cfg.kind}-{sid}", image=[m["image"] for m in metas], conversations=conv,
+                           levels=levels, meta=meta))
