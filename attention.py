@@ -253,3 +253,46 @@ def add_dual_channel(model: nn.Module) -> nn.Module:
         dual.gate.requires_grad_(True)
         setattr(parent, child, dual)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA, for the paper's ablation of how the encoder trains (dual channel vs full fine-tuning vs LoRA vs frozen).
+
+
+class LoRALinear(nn.Module):
+    """base(x) + B·A·x: a frozen Linear plus a trainable rank-r update, B zero-initialised (output unchanged)."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        base.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight += self.lora_b @ self.lora_a
+        return self.base
+
+
+def add_lora(model: nn.Module, rank: int = 8) -> nn.Module:
+    """In place: LoRA on the q/k/v/o projections of every `Attention`; only the LoRA factors train afterwards."""
+    model.requires_grad_(False)
+    for attn in [m for m in model.modules() if isinstance(m, Attention)]:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attn, name, LoRALinear(getattr(attn, name), rank))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """In place: fold every LoRA update into its Linear (W += B·A), leaving a plain model."""
+    for attn in [m for m in model.modules() if isinstance(m, Attention)]:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            proj = getattr(attn, name)
+            if isinstance(proj, LoRALinear):
+                setattr(attn, name, proj.merged())
+    return model

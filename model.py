@@ -198,10 +198,11 @@ class ViT(nn.Module):
             return None
         return rope_2d(h, w, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device=device)
 
-    def blocks_forward(self, x, rope=None, keep=()):
-        """Run the blocks; return the last hidden state and the (un-normed) outputs of the blocks in `keep`."""
+    def blocks_forward(self, x, rope=None, keep=(), stop=None):
+        """Run the blocks (all, or up to block index `stop`); return the last hidden state computed and the
+        (un-normed) outputs of the blocks in `keep`."""
         kept = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[: None if stop is None else stop + 1]):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
@@ -222,6 +223,14 @@ class ViT(nn.Module):
         if self.cls_token is None:
             return tokens.mean(1)
         return tokens[:, 0]
+
+    def patch_grid(self, pixels, layer=-1):
+        """The patch tokens of block `layer` after the final norm, (B, h, w, D), running no block past it: what the
+        VLM's projector reads."""
+        h, w = self.grid(*pixels.shape[2:])
+        stop = layer % len(self.blocks)
+        x, _ = self.blocks_forward(self.embed(pixels), self._rope(h, w, pixels.device), stop=stop)
+        return self.norm(x[:, self.cfg.n_prefix:]).reshape(x.shape[0], h, w, -1)
 
     def features(self, pixels, layers=(-1,)):
         """What the probes read, every tensor after the final norm (as DINOv2's get_intermediate_layers(norm=True)):
@@ -327,6 +336,54 @@ class Projector(nn.Module):
         else:
             x = patches.flatten(1, 2)
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VLM(nn.Module):
+    """ViT -> Projector -> LLM, as LLaVA: each image's projected patch features take the places of its run of
+    image-token ids in the text, so one sequence can hold several images (multi-view samples)."""
+
+    def __init__(self, vit: ViT, projector: Projector, lm: nn.Module, image_token_id: int, feature_layer: int = -1):
+        super().__init__()
+        self.vit, self.projector, self.lm = vit, projector, lm
+        self.image_token_id = image_token_id
+        self.feature_layer = feature_layer  # which ViT block the projector reads (-1: the last)
+
+    def n_image_tokens(self, image_size: int) -> int:
+        return self.projector.n_tokens(*self.vit.grid(image_size, image_size))
+
+    def encode_images(self, pixels):
+        """(N, 3, S, S) -> (N, n_image_tokens, llm_dim)"""
+        return self.projector(self.vit.patch_grid(pixels, self.feature_layer))
+
+    def embed(self, ids, pixels=None):
+        """ids (B, T) with image-token runs, pixels (N, 3, S, S) for the images in reading order -> (B, T, D)."""
+        x = self.lm.embed(ids)
+        is_image = ids == self.image_token_id
+        if pixels is None or pixels.shape[0] == 0:
+            if is_image.any():
+                raise ValueError("the text has image tokens but no images were given")
+            return x
+        img = self.encode_images(pixels)  # (N, n, D)
+        if int(is_image.sum()) != img.shape[0] * img.shape[1]:
+            raise ValueError(f"the text has {int(is_image.sum())} image tokens but {img.shape[0]} images give "
+                             f"{img.shape[0]} x {img.shape[1]}")
+        return x.masked_scatter(is_image[..., None], img.to(x.dtype))
+
+    def forward(self, ids, pixels, weights, positions=None, mask=None):
+        """The summed next-token loss over supervised tokens (weights = the render mask); the trainer normalizes
+        by the global count of supervised tokens."""
+        h = self.lm.hidden(embeds=self.embed(ids, pixels), positions=positions, mask=mask)  # (B, T, D)
+        return self.lm.loss(h, ids, weights, reduction="sum")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], pixels, **kw) -> list[list[int]]:
+        """Continue rendered prompts (image tokens expanded; `add_generation_prompt=True`), left-padded into one
+        batch; pixels hold their images in order. kw go to LLM.generate (max_new_tokens, temperature, stop_ids...)."""
+        T = max(len(p) for p in prompts)
+        dev = next(self.lm.parameters()).device
+        ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=dev)  # (B, T)
+        pad_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=dev)
+        return self.lm.generate(embeds=self.embed(ids, pixels), pad_mask=pad_mask, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -153,3 +153,23 @@ def test_add_dual_channel_twice_is_an_error():
     add_dual_channel(model)
     with pytest.raises(ValueError, match="already"):
         add_dual_channel(model)
+
+
+def test_lora_starts_as_identity_trains_only_factors_and_merges():
+    from attention import add_lora, merge_lora
+
+    model = TwoLayer()
+    x = torch.randn(2, 5, 16)
+    before = model(x)
+    add_lora(model, rank=4)
+    assert torch.equal(model(x), before)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_a", "lora_b")) for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_()
+    adapted = model(x)
+    merge_lora(model)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,219 @@
+"""
+Files on disk: safetensors directories read and written atomically, the stage directories train.py leaves behind,
+and resumable checkpoints. Safetensors and JSON only: no pickle anywhere a user might load someone else's file.
+
+    runs/<name>/base/                     random encoder / LLM of a preset that has no weights (tiny), made once
+    runs/<name>/stage<k>/config.json      the resolved Config, `sources` (where the frozen parts come from), `init`
+                                          (the stage dir this one started from), `base_vision` (the encoder before
+                                          stage 3, for eval.py) -- written last: its presence marks a finished stage
+    runs/<name>/stage<k>/model.safetensors   exactly the tensors this stage trained, named as in VLM.named_parameters
+    runs/<name>/stage<k>/checkpoints/step_000100/   model.safetensors, optimizer.safetensors, state.json: everything
+                                          an exact resume needs (weights, AdamW moments, step, RNG); the last k kept
+    runs/<name>/stage3/vision/            the boosted encoder, which load_vit reads
+    runs/<name>/stage<k>/metrics.jsonl    one JSON line per logged step
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+def read_safetensors(path: Path) -> dict:
+    """All tensors of an HF-layout dir: model.safetensors, the shards model.safetensors.index.json names (all of
+    them present), or the one *.safetensors file there."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [f for f in files if not (path / f).exists()]
+        if absent:
+            raise FileNotFoundError(f"{index}: shards listed but absent: {', '.join(absent)}")
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{path}: expected model.safetensors, an index.json with shards, or exactly one "
+                                    f"*.safetensors file; found {files or 'none'}")
+    state = {}
+    for name in files:
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def write_dir_atomically(out: Path, write) -> Path:
+    """Call write(tmp_dir) to fill a sibling temporary directory, then swap it in for `out`: a reader (or a crash)
+    never sees a half-written directory."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def write_file_atomically(path: Path, write) -> None:
+    """write(tmp_path) then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_tensors(state: dict, path: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    write_file_atomically(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+
+def save_llm(lm, tok, out: Path) -> Path:
+    """An LLM as an HF-layout dir (config.json, model.safetensors in transformers' names) plus our tokenizer cache
+    (tokenizer.tiktoken + .json), which `load_llm` reads back."""
+    def write(tmp):
+        (tmp / "config.json").write_text(json.dumps(lm.cfg.to_hf(), indent=2))
+        state = {k: v for k, v in lm.state_dict().items() if not (lm.cfg.tie_embeddings and k == "lm_head.weight")}
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        tok.save(tmp / "tokenizer.tiktoken")
+    return write_dir_atomically(out, write)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage directories.
+
+
+def stage_chain(stage_dir: Path) -> list[Path]:
+    """The stage dirs a model is made of, oldest first: follow each config.json's `init` back to the first."""
+    chain, seen = [], set()
+    d = Path(stage_dir)
+    while d is not None:
+        cfg_file = d / "config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{d}: not a finished stage (no config.json)")
+        if d.resolve() in seen:
+            raise ValueError(f"{d}: the chain of `init` links loops")
+        seen.add(d.resolve())
+        chain.append(d)
+        init = json.loads(cfg_file.read_text()).get("init")
+        d = Path(init) if init else None
+    return chain[::-1]
+
+
+def load_stage_weights(vlm, stage_dir: Path) -> None:
+    """Apply the tensors a finished stage trained. A stage-3 dir with dual-channel (or LoRA) tensors wraps the
+    encoder first."""
+    from attention import DualChannelAttention, LoRALinear, add_dual_channel, add_lora
+
+    state = load_file(Path(stage_dir) / "model.safetensors")
+    if any(".attn_plus." in k for k in state) and not any(isinstance(m, DualChannelAttention) for m in vlm.modules()):
+        add_dual_channel(vlm.vit)
+    lora_a = [v for k, v in state.items() if k.endswith(".lora_a")]
+    if lora_a and not any(isinstance(m, LoRALinear) for m in vlm.modules()):
+        add_lora(vlm.vit, rank=lora_a[0].shape[0])
+    own = dict(vlm.named_parameters())
+    unknown = sorted(set(state) - set(own))
+    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    if unknown or bad:
+        raise KeyError(f"{stage_dir}/model.safetensors does not fit this model: unknown {unknown[:8]} "
+                       f"mis-shaped {bad[:8]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None) -> None:
+    """The finished stage: trained tensors, then config.json (written last, so its presence means complete)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors({n: p for n, p in vlm.named_parameters() if p.requires_grad}, out_dir / "model.safetensors")
+    meta = {"stage": cfg.stage, "config": dataclasses.asdict(cfg), "sources": sources,
+            "init": str(init) if init else None, "base_vision": sources["vision"]}
+    write_file_atomically(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resumable checkpoints.
+
+RESUME_KEYS = ("stage", "seed", "global_batch", "batch_size", "data", "data_size", "max_steps", "epochs", "lr",
+               "vision_tune", "pack", "max_len")
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    steps = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(out_dir: Path, step: int, vlm, opt, cfg, keep_last: int = 2, master: bool = True) -> Path:
+    """Trainable weights, AdamW state by parameter name, step and RNG; older checkpoints beyond keep_last go."""
+    import torch.distributed as dist
+
+    path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+    if master:
+        params = {n: p for n, p in vlm.named_parameters() if p.requires_grad}
+        name_of = {id(p): n for n, p in params.items()}
+        moments = {}
+        for p, st in opt.state.items():
+            for key, value in st.items():  # step, exp_avg, exp_avg_sq
+                moments[f"{name_of[id(p)]}::{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+        rng = {"rng::cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["rng::cuda"] = torch.cuda.get_rng_state()
+        state = {"step": step, "config": {k: getattr(cfg, k) for k in RESUME_KEYS}}
+
+        def write(tmp):
+            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, tmp / "model.safetensors")
+            save_file({k: v.contiguous().cpu() for k, v in {**moments, **rng}.items()}, tmp / "optimizer.safetensors")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+        write_dir_atomically(path, write)
+        for old in sorted(path.parent.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_checkpoint(path: Path, vlm, opt, cfg) -> int:
+    """Restore what save_checkpoint wrote; returns the step to continue from."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if getattr(cfg, k) != v}
+    if changed:
+        raise ValueError(f"{path}: cannot resume exactly with a different " + ", ".join(
+            f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in changed.items()))
+    weights = load_file(path / "model.safetensors")
+    params = {n: p for n, p in vlm.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        raise KeyError(f"{path}/model.safetensors: trainable tensors differ from this run's: missing "
+                       f"{sorted(set(params) - set(weights))[:8]}, unexpected {sorted(set(weights) - set(params))[:8]}")
+    extra = load_file(path / "optimizer.safetensors")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    # rebuild AdamW's own state_dict (indexed by position in its param groups), so that load_state_dict puts each
+    # tensor on the device and in the dtype the optimizer expects (e.g. `step` stays on the CPU unless fused)
+    sd = opt.state_dict()
+    name_of = {id(p): n for n, p in params.items()}
+    order = [p for group in opt.param_groups for p in group["params"]]
+    sd["state"] = {i: {k: extra[f"{name_of[id(p)]}::{k}"].reshape(() if k == "step" else p.shape)
+                       for k in ("step", "exp_avg", "exp_avg_sq")}
+                   for i, p in enumerate(order) if f"{name_of[id(p)]}::exp_avg" in extra}
+    opt.load_state_dict(sd)
+    torch.set_rng_state(extra["rng::cpu"])
+    if "rng::cuda" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state(extra["rng::cuda"])
+    return state["step"]

@@ -1,0 +1,182 @@
+"""train.py on the tiny preset: the three stages, what each stage may change, exact resume, DDP, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from checkpoint import latest_checkpoint, load_stage_weights, stage_chain
+from model import load_vit
+
+ROOT = Path(__file__).resolve().parent.parent
+# small enough for seconds per stage on 2 CPU cores
+TINY = ["--image-size", "32", "--vit-patch", "8", "--vit-dim", "32", "--vit-depth", "2", "--vit-heads", "2",
+        "--llm-dim", "32", "--llm-layers", "2", "--llm-heads", "2", "--gen-samples", "24", "--batch-size", "2",
+        "--global-batch", "4", "--max-len", "768", "--no-probe"]
+
+
+def args(tmp, *extra):
+    return ["--runs-dir", str(tmp / "runs"), "--data-root", str(tmp / "data"), *TINY, *extra]
+
+
+def run_cli(tmp, *extra, env=None, wait=True):
+    cmd = [sys.executable, str(ROOT / "train.py"), *args(tmp, *extra)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def rebuild(stage_dir):
+    """The model a finished stage describes: base sources + every stage's tensors, as eval and later stages see it."""
+    cfg = train.parse_config(["--stage", "3", *TINY])
+    chain = stage_chain(stage_dir)
+    sources = json.loads((chain[0] / "config.json").read_text())["sources"]
+    vlm, _ = train.build_base(cfg, sources)
+    for d in chain:
+        load_stage_weights(vlm, d)
+    return vlm
+
+
+@pytest.fixture(scope="module")
+def three_stages(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stages")
+    logs = [run_cli(tmp, "--stage", str(k), "--max-steps", "3") for k in (1, 2, 3)]
+    return tmp, logs
+
+
+def test_three_stages_in_a_row(three_stages):
+    tmp, logs = three_stages
+    run = tmp / "runs" / "tiny"
+    trained = {k: set(load_file(run / f"stage{k}" / "model.safetensors")) for k in (1, 2, 3)}
+    assert all(n.startswith("projector.") for n in trained[1])
+    assert any(n.startswith("lm.") for n in trained[2]) and any(n.startswith("projector.") for n in trained[2])
+    assert all(n.startswith("projector.") or ".attn_plus." in n or n.endswith(".attn.gate") for n in trained[3])
+    assert any(".attn_plus." in n for n in trained[3]) and any(n.endswith(".gate") for n in trained[3])
+    for k, log in enumerate(logs, 1):
+        assert f"s{k}     3/3" in log and "loss" in log and "tok/s" in log and "eta" in log, log
+        assert (run / f"stage{k}" / "metrics.jsonl").read_text().count("\n") == 3
+    assert "boosted encoder saved to" in logs[2]
+    cfg3 = json.loads((run / "stage3" / "config.json").read_text())
+    assert cfg3["init"].endswith("stage2") and Path(cfg3["base_vision"]).name == "vision"
+    assert "frozen" in logs[2] and "partly trainable" in logs[2]  # the per-module summary
+
+
+def test_stage3_changes_only_allowed_tensors(three_stages):
+    tmp, _ = three_stages
+    run = tmp / "runs" / "tiny"
+    before = {k: v.clone() for k, v in rebuild(run / "stage2").state_dict().items()}
+    after = rebuild(run / "stage3").state_dict()
+    allowed = lambda n: n.startswith("projector.") or ".attn_plus." in n or n.endswith(".attn.gate")
+    changed = set()
+    for name, value in after.items():
+        old = before.get(name.replace(".attn.attn.", ".attn."))  # the frozen channel is the original attention
+        if old is None:
+            assert ".attn_plus." in name or name.endswith(".gate"), name
+            continue
+        if not torch.equal(old, value):
+            changed.add(name)
+    assert changed and all(allowed(n) for n in changed), sorted(n for n in changed if not allowed(n))
+    # the exported encoder is that stage-3 encoder, and its frozen channel is the baseline, bitwise
+    export = load_vit(run / "stage3" / "vision")
+    vit = rebuild(run / "stage3").vit
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(export(x), vit(x))
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    run_cli(full, "--stage", "3", "--max-steps", "6")
+    ref = load_file(full / "runs" / "tiny" / "stage3" / "model.safetensors")
+
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "data").symlink_to(full / "data")  # same data, no second generation
+    proc = run_cli(part, "--stage", "3", "--max-steps", "6", "--save-every", "2", "--keep-last", "5", wait=False)
+    ckpts = part / "runs" / "tiny" / "stage3" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts.exists() and any(ckpts.glob("step_*"))):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (part / "runs" / "tiny" / "stage3" / "model.safetensors").exists()  # it really died mid-way
+    out = run_cli(part, "--stage", "3", "--max-steps", "6", "--save-every", "2", "--keep-last", "5", "--resume")
+    assert "resumed from" in out
+    got = load_file(part / "runs" / "tiny" / "stage3" / "model.safetensors")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    single = tmp_path / "single"
+    single.mkdir()
+    run_cli(single, "--stage", "1", "--max-steps", "2")
+    ref = load_file(single / "runs" / "tiny" / "stage1" / "model.safetensors")
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    (ddp / "data").symlink_to(single / "data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train.py"), *args(ddp, "--stage", "1", "--max-steps", "2")]
+    out = subprocess.run(cmd, cwd=ddp, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "x2" in out.stdout
+    got = load_file(ddp / "runs" / "tiny" / "stage1" / "model.safetensors")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_configs_are_clear_errors(tmp_path, capsys):
+    for bad, msg in [(["--stage", "4"], "--stage 4: must be 1, 2 or 3"),
+                     (["--vision-tune", "partial"], "--vision-tune 'partial'"),
+                     (["--preset", "huge"], "--preset 'huge'"),
+                     (["--max-steps", "two"], "invalid int value")]:
+        with pytest.raises(SystemExit):
+            train.parse_config(bad)
+        assert msg in capsys.readouterr().err
+    cfg = train.parse_config([*args(tmp_path), "--global-batch", "6", "--batch-size", "4"])
+    with pytest.raises(ValueError, match="--global-batch 6 is not a multiple of --batch-size 4"):
+        train.train(cfg)
+    cfg = train.parse_config([*args(tmp_path), "--data", str(tmp_path / "nothing")])
+    with pytest.raises(FileNotFoundError, match="data.jsonl not found"):
+        train.train(cfg)
+    cfg = train.parse_config([*args(tmp_path), "--vision", str(tmp_path / "no-weights")])
+    with pytest.raises(FileNotFoundError, match="no-weights"):
+        train.train(cfg)
+    cfg = train.parse_config([*args(tmp_path), "--init", str(tmp_path / "no-stage")])
+    with pytest.raises(FileNotFoundError, match="--init"):
+        train.train(cfg)
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from model import VLM
+
+    calls = {"n": 0}
+    forward = VLM.forward
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        loss = forward(self, *a, **k)
+        return loss * float("nan") if calls["n"] > 4 else loss  # steps 1-2 fine (2 micro-steps each), then NaN
+
+    monkeypatch.setattr(VLM, "forward", poisoned)
+    cfg = train.parse_config(["--stage", "1", "--max-steps", "5", "--save-every", "2", *args(tmp_path)])
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 2; .*step_000002"):
+        train.train(cfg)
+    out = tmp_path / "runs" / "tiny" / "stage1"
+    assert latest_checkpoint(out).name == "step_000002"
+    assert not (out / "model.safetensors").exists()

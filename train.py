@@ -1,0 +1,558 @@
+"""
+Train SpatialBoost's three stages.
+
+    python train.py --stage 3                       # the tiny preset on built-in synthetic data, 2 CPU cores, minutes
+    python train.py --stage 1 && python train.py --stage 2 && python train.py --stage 3     # the whole recipe
+    python train.py --preset small --stage 3        # DINOv2-S/14 + SmolLM2-135M-Instruct from weights/
+    torchrun --nproc_per_node 2 train.py --preset base --stage 2   # DDP (add --fsdp to shard the LLM)
+    python train.py --stage 3 --bench 10            # samples/s, tokens/s, peak memory (and MFU on GPU)
+
+Stage 1 trains the projector (ViT and LLM frozen), stage 2 the projector and the LLM, stage 3 the encoder's Attn+
+clones, their gates and the projector with the LLM frozen (`--vision-tune` swaps the dual channel for the paper's
+ablations: full fine-tuning, LoRA, or a frozen encoder). Each stage writes runs/<name>/stage<k>/ and starts from the
+previous stage's directory. `python train.py --help` lists every option; presets set defaults, flags override them.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from attention import add_dual_channel, add_lora, merge_lora
+from checkpoint import (latest_checkpoint, load_checkpoint, load_stage_weights, save_checkpoint, save_llm,
+                        save_stage, stage_chain)
+from llm import LLM, LLMConfig, Tokenizer, load_llm
+from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Config:
+    # --- what to train
+    stage: int = 3  # 1: projector | 2: projector + LLM | 3: the boost (Attn+, gates, projector)
+    preset: str = "tiny"  # tiny | small | base: defaults for everything below; flags override them
+    name: str = ""  # run name: runs/<name>/stage<k>/ (default: the preset's name)
+    runs_dir: str = "runs"
+    init: str = ""  # the stage dir this stage starts from (default: runs/<name>/stage<k-1> when it exists)
+    vision: str = ""  # encoder: HF-layout dir or our export; "" = a random ViT of the vit_* shape below
+    llm: str = ""  # LLM: HF-layout dir or .gguf; "" = a random LLM of the llm_* shape with the byte-level tokenizer
+    vit_dim: int = 64
+    vit_depth: int = 4
+    vit_heads: int = 4
+    vit_patch: int = 8
+    llm_dim: int = 128
+    llm_layers: int = 4
+    llm_heads: int = 4
+    image_size: int = 64  # images are resized (not cropped) to this square: normalized coordinates stay valid
+    merge: int = 2  # projector merges merge x merge patches into one LLM token
+    feature_layer: int = -1  # which ViT block the projector reads
+    vision_tune: str = "dual"  # stage 3: dual | full | lora | frozen
+    lora_rank: int = 8
+    freeze_projector: bool = False  # stage 3: train only the encoder side
+    system_prompt: str = "default"  # "default": the checkpoint's own; "none": no system turn; or the text
+    # --- data
+    data: str = ""  # dataset dir(s), "dirA,dirB:0.5" (weights mix); "" = data/<preset>/<stage kind>, made if absent
+    data_size: int = 0  # use only the first N samples (0: all): the dataset-size ablation
+    order: str = "forward"  # turn order of generated spatial data: forward | reversed | shuffled
+    data_root: str = "data"  # where default data is generated: <data_root>/<preset>/<kind>
+    gen_samples: int = 400  # samples to generate when the default data is absent
+    max_len: int = 1024  # tokens per sample; whole trailing turns are dropped beyond it (and counted)
+    pack: bool = False  # pack several samples per row (block-diagonal causal mask)
+    workers: int = 0  # data-loader worker processes
+    # --- optimization
+    lr: float = 0.0  # 0: the stage's default (see STAGE_LR)
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup_frac: float = 0.03
+    weight_decay: float = 0.0  # never on norms, biases, gates; >0 pulls Attn+ towards zero, not towards Attn
+    grad_clip: float = 1.0
+    batch_size: int = 4  # per micro-step and process
+    global_batch: int = 8  # per optimizer step, over micro-steps and processes
+    epochs: float = 1.0
+    max_steps: int = 0  # >0 overrides epochs
+    seed: int = 1337
+    # --- system
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: str = "auto"  # auto (on CUDA) | on | off
+    grad_ckpt: bool = False  # recompute activations of the ViT and the LLM in backward
+    fsdp: bool = False  # shard the LLM with FSDP2 (with torchrun)
+    # --- checkpoints and logs
+    save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
+    keep_last: int = 2
+    resume: bool = False  # continue from the stage's latest checkpoint
+    log_every: int = 1
+    wandb: bool = False  # log to Weights & Biases when installed
+    bench: int = 0  # >0: time this many steps and print throughput; nothing is written
+    probe: bool = True  # stage 3: end with a quick depth-probe summary, baseline vs boosted
+
+
+STAGE_LR = {1: 1e-3, 2: 2e-5, 3: 1e-4}  # LLaVA-1.5 for stages 1 and 2
+
+PRESETS = {
+    "tiny": dict(max_len=3584),  # byte-level tokens: a 12-turn spatial sample is ~3.1K of them
+    "small": dict(vision="weights/dinov2-s14", llm="weights/smollm2-135m-instruct", image_size=224, merge=2,
+                  batch_size=4, global_batch=32, max_len=1536, gen_samples=2000, workers=2),
+    "base": dict(vision="weights/dinov2-base", llm="weights/qwen2.5-0.5b-instruct", image_size=224, merge=2,
+                 batch_size=16, global_batch=128, max_len=2048, gen_samples=50000, workers=8, grad_ckpt=True),
+}
+TINY_STAGE_LR = {1: 3e-3, 2: 1e-3, 3: 1e-3}  # random tiny models learn at larger rates
+
+
+def parse_config(argv=None) -> Config:
+    """Defaults < preset < command line. Every field is a typed flag; booleans are --x / --no-x."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            ap.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    preset = args.get("preset", Config.preset)
+    if preset not in PRESETS:
+        ap.error(f"--preset {preset!r}: choose from {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], **args})
+    cfg.name = cfg.name or cfg.preset
+    if not cfg.lr:
+        cfg.lr = (TINY_STAGE_LR if cfg.preset == "tiny" and not cfg.llm else STAGE_LR).get(cfg.stage, 1e-4)
+    problems = validate(cfg)
+    if problems:
+        ap.error("; ".join(problems))
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    checks = [(cfg.stage in (1, 2, 3), f"--stage {cfg.stage}: must be 1, 2 or 3"),
+              (cfg.vision_tune in ("dual", "full", "lora", "frozen"), f"--vision-tune {cfg.vision_tune!r}: dual|full|lora|frozen"),
+              (cfg.order in ("forward", "reversed", "shuffled"), f"--order {cfg.order!r}: forward|reversed|shuffled"),
+              (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: auto|cpu|cuda"),
+              (cfg.dtype in ("auto", "fp32", "bf16"), f"--dtype {cfg.dtype!r}: auto|fp32|bf16"),
+              (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile!r}: auto|on|off"),
+              (cfg.batch_size > 0 and cfg.global_batch > 0, "--batch-size and --global-batch must be positive"),
+              (cfg.lr > 0, f"--lr {cfg.lr}: must be positive"),
+              (0 <= cfg.warmup_frac < 1, f"--warmup-frac {cfg.warmup_frac}: must be in [0, 1)"),
+              (cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision), f"--image-size {cfg.image_size} is not a multiple of --vit-patch {cfg.vit_patch}"),
+              (cfg.merge >= 1, "--merge must be >= 1"),
+              (cfg.max_len >= 16, "--max-len must be >= 16")]
+    return [msg for ok, msg in checks if not ok]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: built from its sources, then each earlier stage's trained tensors applied in order.
+
+
+def resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else ROOT / p
+
+
+def base_sources(cfg: Config, run_dir: Path, log, write: bool = True) -> dict:
+    """Where the encoder and LLM come from: their paths, or for a random model (the tiny preset) a copy saved in
+    runs/<name>/base/ on first use, so that every stage and every process starts from the same weights."""
+    sources, base = {}, run_dir / "base"
+    if cfg.vision:
+        sources["vision"] = cfg.vision
+    else:
+        sources["vision"] = str(base / "vision")
+        if write and not (base / "vision" / "config.json").exists():
+            torch.manual_seed(cfg.seed)
+            vc = ViTConfig(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, mlp_dim=4 * cfg.vit_dim,
+                           patch_size=cfg.vit_patch, image_size=cfg.image_size, pos_grid=cfg.image_size // cfg.vit_patch)
+            save_vit(ViT(vc), base / "vision")
+            log(f"random tiny ViT saved to {base / 'vision'}")
+    if cfg.llm:
+        sources["llm"] = cfg.llm
+    else:
+        sources["llm"] = str(base / "llm")
+        if write and not (base / "llm" / "config.json").exists():
+            torch.manual_seed(cfg.seed)
+            lc = LLMConfig(dim=cfg.llm_dim, n_layers=cfg.llm_layers, n_heads=cfg.llm_heads,
+                           n_kv_heads=max(1, cfg.llm_heads // 2), ffn_dim=int(2.75 * cfg.llm_dim),
+                           vocab_size=len(Tokenizer.byte_level()))
+            save_llm(LLM(lc), Tokenizer.byte_level(), base / "llm")
+            log(f"random tiny LLM (byte-level tokenizer) saved to {base / 'llm'}")
+    return sources
+
+
+def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
+    """The VLM before any stage: encoder and LLM from their sources, the <image> token added, a fresh projector
+    (seeded, so every stage and process builds the same one)."""
+    vit = load_vit(resolve(sources["vision"]))
+    lm, tok = load_llm(resolve(sources["llm"]))
+    if cfg.system_prompt != "default":
+        tok.system_prompt = None if cfg.system_prompt == "none" else cfg.system_prompt
+    image_id = tok.add_image_token()
+    lm.resize_vocab(max(len(tok), lm.cfg.vocab_size))
+    torch.manual_seed(cfg.seed)
+    projector = Projector(vit.dim, lm.cfg.dim, cfg.merge)
+    return VLM(vit, projector, lm, image_id, cfg.feature_layer), tok
+
+
+def set_trainable(vlm: VLM, cfg: Config):
+    """What each stage trains; everything else is frozen (and the frozen LLM in eval mode)."""
+    vlm.requires_grad_(False)
+    if cfg.stage == 3:
+        if cfg.vision_tune == "dual":
+            add_dual_channel(vlm.vit)  # Attn+ and gates trainable, the rest of the ViT frozen
+        elif cfg.vision_tune == "lora":
+            add_lora(vlm.vit, cfg.lora_rank)
+        elif cfg.vision_tune == "full":
+            vlm.vit.requires_grad_(True)
+        vlm.vit.mask_token.requires_grad_(False) if vlm.vit.mask_token is not None else None
+    vlm.projector.requires_grad_(not (cfg.stage == 3 and cfg.freeze_projector))
+    vlm.lm.requires_grad_(cfg.stage == 2)
+    vlm.train()
+    if cfg.stage != 2:
+        vlm.lm.eval()
+    if cfg.stage != 3 or cfg.vision_tune == "frozen":
+        vlm.vit.eval()
+
+
+def describe(vlm: VLM, log):
+    """Per module: trainable / frozen parameter counts."""
+    for name, mod in (("vision", vlm.vit), ("projector", vlm.projector), ("llm", vlm.lm)):
+        params = {id(p): p for p in mod.parameters()}.values()  # tied weights counted once
+        n_train = sum(p.numel() for p in params if p.requires_grad)
+        n_all = sum(p.numel() for p in params)
+        state = "trainable" if n_train == n_all else "frozen" if n_train == 0 else "partly trainable"
+        log(f"  {name:<10} {state:<17} {n_train / 1e6:9.3f}M of {n_all / 1e6:9.3f}M parameters train")
+
+
+def trainable_state(vlm: VLM) -> dict:
+    return {n: p for n, p in vlm.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data.
+
+
+STAGE_DATA = {1: ["captions"], 2: ["instruct", "multiview"], 3: ["spatial", "spatial-multiview"]}
+
+
+def default_data(cfg: Config, log) -> list[tuple[Path, float]]:
+    """This stage's datasets with their mixing weights: --data, or data/<preset>/<kind> for each of the stage's
+    kinds (mixed 1:1), generated on first use."""
+    if cfg.data:
+        out = []
+        for item in cfg.data.split(","):
+            path, _, weight = item.partition(":")
+            p = resolve(path)
+            if not (p / "data.jsonl").exists():
+                raise FileNotFoundError(f"--data {path}: {p / 'data.jsonl'} not found")
+            out.append((p, float(weight) if weight else 1.0))
+        return out
+    import data
+
+    out = []
+    for kind in STAGE_DATA[cfg.stage]:
+        ordered = kind.startswith("spatial") and cfg.order != "forward"
+        path = resolve(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
+        if not (path / "data.jsonl").exists():
+            log(f"no {kind} data at {path}: generating {cfg.gen_samples} samples ({cfg.image_size}px) ...")
+            data.generate(kind, path, n=cfg.gen_samples, seed=cfg.seed, size=cfg.image_size, order=cfg.order,
+                          workers=max(cfg.workers, min(4, os.cpu_count() or 1)))
+        out.append((path, 1.0))
+    return out
+
+
+def batch_plan(cfg: Config, n: int, world: int, rank: int, start: int, end: int) -> tuple[int, int, list]:
+    """The data order, fixed by the seed: a permutation per epoch seeded by (seed, epoch); each step takes the next
+    global batch of it, and rank r reads micro-batches r, r + world, ... of that batch. Steps start..end-1 of this
+    rank, as a flat list of micro-batches: given to the DataLoader as its batch_sampler, resuming at `start` is
+    exact whatever the number of workers. Returns (micro-steps per step, steps per epoch, plan)."""
+    accum = cfg.global_batch // (cfg.batch_size * world)
+    steps_per_epoch = n // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {n} samples, fewer than one global batch of {cfg.global_batch}")
+    plan, perm, perm_epoch = [], None, None
+    for step in range(start, end):
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            perm_epoch = epoch
+        chunk = perm[k * cfg.global_batch:(k + 1) * cfg.global_batch]
+        micro = [chunk[i:i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+        plan.extend(micro[rank::world])
+    return accum, steps_per_epoch, plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    warmup = int(cfg.warmup_frac * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(vlm: VLM, cfg: Config, device: str):
+    """AdamW; matrices decay, vectors (norms, biases, gates, layerscales) never do."""
+    params = trainable_state(vlm)
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device == "cuda")
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def step_flops(vlm: VLM, n_tokens: int, n_images: int, patches: int) -> float:
+    """Matmul FLOPs of one training step, forward + backward: 2 per parameter per token forward, 2 more for the
+    input gradient and 2 more for the weight gradient where the weight trains (attention scores not counted)."""
+    def cost(module, tokens):
+        total = 0.0
+        for p in {id(p): p for p in module.parameters()}.values():
+            if p.dim() >= 2:
+                total += (4 + 2 * p.requires_grad) * p.numel() * tokens
+        return total
+    return cost(vlm.lm, n_tokens) + cost(vlm.vit, n_images * patches) + cost(vlm.projector, n_images * patches)
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def train(cfg: Config) -> Path | None:
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if ddp:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        rank, world = 0, 1
+    if cfg.global_batch % (cfg.batch_size * world):
+        raise ValueError(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
+                         f"x {world} processes")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    amp_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda")) else None
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda")
+
+    run_dir = resolve(cfg.runs_dir) / cfg.name
+    out_dir = run_dir / f"stage{cfg.stage}"
+    init = resolve(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
+    if init is not None and not (init / "config.json").exists():
+        if cfg.init:
+            raise FileNotFoundError(f"--init {cfg.init}: {init / 'config.json'} not found")
+        log(f"WARNING: no stage-{cfg.stage - 1} run at {init}: stage {cfg.stage} starts from fresh weights (an "
+            f"untrained projector{' and LLM' if cfg.stage == 3 else ''}). Run the earlier stages first for a "
+            f"meaningful result.")
+        init = None
+    chain = stage_chain(init) if init is not None else []
+    if chain:
+        sources = json.loads((chain[0] / "config.json").read_text())["sources"]
+    else:
+        sources = base_sources(cfg, run_dir, log, write=master)
+        if ddp:
+            dist.barrier()  # rank 0 has written the random base models
+    vlm, tok = build_base(cfg, sources)
+    for stage_dir in chain:  # the tensors each earlier stage trained, oldest first
+        load_stage_weights(vlm, stage_dir)
+    set_trainable(vlm, cfg)
+    vlm.to(device)
+    log(f"stage {cfg.stage} | preset {cfg.preset} | run {out_dir} | device {device} x{world} | "
+        f"{'bf16 autocast' if amp_dtype else 'fp32'}{' | compiled' if use_compile else ''}")
+    log(f"  starts from: {', '.join(str(c) for c in chain) or 'the sources'} (sources: {sources})")
+    describe(vlm, log)
+    vlm.vit.grad_checkpointing = vlm.lm.grad_checkpointing = cfg.grad_ckpt
+
+    import data
+
+    datasets = default_data(cfg, log)
+    n_img_tokens = vlm.n_image_tokens(cfg.image_size)
+    ds = data.ConversationDataset(datasets, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
+                                  max_len=cfg.max_len, limit=cfg.data_size or None)
+    accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), world, rank, 0, 0)
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in datasets)} | {n_img_tokens} tokens per "
+        f"image | global batch {cfg.global_batch} = {cfg.batch_size} x {accum} micro-steps x {world} | {total} steps")
+
+    opt = make_optimizer(vlm, cfg, device)
+    step = 0
+    if cfg.resume and not cfg.bench:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+        step = load_checkpoint(ckpt, vlm, opt, cfg)
+        log(f"  resumed from {ckpt} at step {step}")
+
+    model = vlm
+    if ddp:
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in vlm.lm.model.layers:
+                fully_shard(layer)
+            fully_shard(vlm.lm)
+        model = nn.parallel.DistributedDataParallel(vlm, device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
+                                                    find_unused_parameters=False) if not cfg.fsdp else vlm
+    if use_compile:  # block by block: shapes vary with sequence length, and eval/saving keep the plain module
+        for block in list(vlm.vit.blocks) + list(vlm.lm.model.layers):
+            block.compile()
+
+    end = cfg.bench + 2 if cfg.bench else total  # a benchmark times `bench` steps after two warm-up steps
+    _, _, plan = batch_plan(cfg, len(ds), world, rank, step, end)
+    loader = iter(torch.utils.data.DataLoader(
+        ds, batch_sampler=plan, num_workers=cfg.workers, pin_memory=device == "cuda",
+        collate_fn=functools.partial(data.collate, pad_id=tok.pad_id, pack=cfg.pack)))
+    peak = peak_flops(device)
+    patches = math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
+    metrics = None
+    if master and not cfg.bench:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = open(out_dir / "metrics.jsonl", "a")
+    wandb = None
+    if cfg.wandb and master and not cfg.bench:
+        try:
+            import wandb as wandb_module
+
+            wandb = wandb_module
+            wandb.init(project="spatialboost", name=f"{cfg.name}-stage{cfg.stage}", config=dataclasses.asdict(cfg))
+        except ImportError:
+            log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
+    last_good = None
+    t_start = time.time()
+    timings = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    report = data.LoaderReport()  # truncated samples and unusable lines/images, said at the end of each epoch
+    while step < end:
+        t0 = time.time()
+        batches = [next(loader) for _ in range(accum)]  # this rank's micro-batches of the step
+        for b in batches:
+            report.add(b)
+        n_sup = torch.tensor([float(sum(b["n_supervised"] for b in batches))], device=device)
+        if ddp:
+            dist.all_reduce(n_sup)
+        n_sup = max(n_sup.item(), 1.0)
+        lr = lr_at(step, total, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for i, b in enumerate(batches):
+            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+            sync = nullcontext() if (not ddp or cfg.fsdp or i == len(batches) - 1) else model.no_sync()
+            with sync, torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
+                # normalized by the global count of supervised tokens: DDP averages over ranks, hence * world
+                (loss * world / n_sup).backward()
+            loss_sum += loss.detach().float()
+        if ddp:
+            dist.all_reduce(loss_sum)
+        grad_norm = nn.utils.clip_grad_norm_(list(trainable_state(vlm).values()), cfg.grad_clip)
+        loss_value = loss_sum.item() / n_sup
+        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+            opt.zero_grad(set_to_none=True)
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+            raise FloatingPointError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
+                                     f"{step}; stopping without saving: {where}. Try a lower --lr or --dtype fp32.")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        n_tok = sum(int(b["n_tokens"]) for b in batches) * world
+        n_imgs = sum(int(b["pixels"].shape[0]) for b in batches) * world
+        timings.append((dt, cfg.global_batch, n_tok, n_imgs))
+        if cfg.bench:
+            continue
+        if step % cfg.log_every == 0 or step == total:
+            elapsed = time.time() - t_start
+            eta = elapsed / len(timings) * (total - step)
+            mfu = ""
+            if peak:
+                mfu = f" | mfu {100 * step_flops(vlm, n_tok, n_imgs, patches) / dt / (peak * world):.1f}%"
+            bar = "#" * int(20 * step / total)
+            log(f"s{cfg.stage} {step:>5}/{total} [{bar:<20}] | loss {loss_value:.4f} | lr {lr:.2e} | "
+                f"dt {dt * 1000:.0f}ms | {cfg.global_batch / dt:.1f} samples/s | {n_tok / dt:.0f} tok/s{mfu} | "
+                f"eta {fmt_time(eta)}", flush=True)
+            row = {"step": step, "loss": loss_value, "lr": lr, "dt": dt, "grad_norm": float(grad_norm),
+                   "samples_per_s": cfg.global_batch / dt, "tokens_per_s": n_tok / dt}
+            if metrics:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if wandb:
+                wandb.log(row, step=step)
+        if step % steps_per_epoch == 0 or step == total:
+            log(f"  epoch {math.ceil(step / steps_per_epoch)} {report.summary()}")
+            report = data.LoaderReport()
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            path = save_checkpoint(out_dir, step, vlm, opt, cfg, keep_last=cfg.keep_last, master=master)
+            last_good = path
+    if cfg.bench:
+        report_bench(cfg, timings, vlm, device, patches, peak, log)
+        return None
+    if metrics:
+        metrics.close()
+    if master:
+        save_stage(out_dir, vlm, cfg, sources, init)
+        if cfg.stage == 3:
+            export = out_dir / "vision"
+            vit = vlm.vit
+            if cfg.vision_tune == "lora":
+                merge_lora(vit)
+            save_vit(vit, export)
+            log(f"boosted encoder saved to {export} (load_vit reads it; baseline: {sources['vision']})")
+        log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out_dir
+
+
+def report_bench(cfg, timings, vlm, device, patches, peak, log):
+    timed = timings[2:]  # the first two steps warm up (allocation, compilation)
+    dt = sum(t[0] for t in timed) / len(timed)
+    samples, tokens, images = (sum(t[i] for t in timed) / len(timed) for i in (1, 2, 3))
+    mem = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    line = (f"bench stage {cfg.stage} preset {cfg.preset}: {dt * 1000:.0f} ms/step | {samples / dt:.2f} samples/s | "
+            f"{tokens / dt:.0f} tokens/s | peak memory {mem:.2f} GiB ({'allocated' if device == 'cuda' else 'RSS'})")
+    if peak:
+        line += f" | mfu {100 * step_flops(vlm, tokens, images, patches) / dt / peak:.1f}%"
+    log(line)
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    out = train(cfg)
+    if out is not None and cfg.stage == 3 and cfg.probe and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            import eval as evaluate
+        except ImportError:
+            return
+        evaluate.quick_summary(out)
+
+
+if __name__ == "__main__":
+    main()
