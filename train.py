@@ -20,10 +20,9 @@ import json
 import math
 import os
 import resource
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -200,6 +199,19 @@ def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
     torch.manual_seed(cfg.seed)
     projector = Projector(vit.dim, lm.cfg.dim, cfg.merge)
     return VLM(vit, projector, lm, image_id, cfg.feature_layer), tok
+
+
+def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
+    """The VLM a finished stage describes: its sources plus every stage's trained tensors, oldest first (eval)."""
+    stage_dir = Path(stage_dir)
+    meta = json.loads((stage_dir / "config.json").read_text())
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in meta["config"].items() if k in names})
+    chain = stage_chain(stage_dir)
+    vlm, tok = build_base(cfg, json.loads((chain[0] / "config.json").read_text())["sources"])
+    for d in chain:
+        load_stage_weights(vlm, d)
+    return vlm.eval(), tok, cfg
 
 
 def set_trainable(vlm: VLM, cfg: Config):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from checkpoint import latest_checkpoint, load_stage_weights, stage_chain
+from checkpoint import latest_checkpoint
 from model import load_vit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,14 +37,8 @@ def run_cli(tmp, *extra, env=None, wait=True):
 
 
 def rebuild(stage_dir):
-    """The model a finished stage describes: base sources + every stage's tensors, as eval and later stages see it."""
-    cfg = train.parse_config(["--stage", "3", *TINY])
-    chain = stage_chain(stage_dir)
-    sources = json.loads((chain[0] / "config.json").read_text())["sources"]
-    vlm, _ = train.build_base(cfg, sources)
-    for d in chain:
-        load_stage_weights(vlm, d)
-    return vlm
+    """The model a finished stage describes, as eval and later stages see it."""
+    return train.load_stage(stage_dir)[0]
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +174,24 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     out = tmp_path / "runs" / "tiny" / "stage1"
     assert latest_checkpoint(out).name == "step_000002"
     assert not (out / "model.safetensors").exists()
+
+
+def test_eval_reads_the_run_quick_probes_and_vlm_qa(three_stages, monkeypatch):
+    """eval.py on a finished run: the quick probe summary train.py prints, and the VLMs answering held-out QA."""
+    import argparse
+
+    import data
+    import eval as evaluate
+    from qa import load_conversations
+
+    tmp, _ = three_stages
+    monkeypatch.chdir(tmp)  # eval reads runs/NAME relative to the working directory
+    rows = evaluate.quick_summary(tmp / "runs" / "tiny" / "stage3", log=lambda *a: None)
+    for name in ("baseline", "boosted"):
+        assert 0 < rows[name]["depth_lin1"]["rmse"] < 10 and 0 <= rows[name]["segmentation"]["miou"] <= 1
+    data.generate("spatial", tmp / "heldout", n=2, seed=777, size=32, progress=False)
+    samples = load_conversations(tmp / "heldout")
+    args = argparse.Namespace(qa=str(tmp / "heldout"), qa_max_new=6, qa_context="none", out=str(tmp / "qa-out"))
+    qa = evaluate.run_qa("tiny", samples, args)
+    assert set(qa) == {"stage 2 (before)", "stage 3 (boosted)"}
+    assert "overall" in qa["stage 3 (boosted)"] and (tmp / "qa-out" / "answers-stage3.jsonl").exists()
