@@ -20,33 +20,35 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
-def read_safetensors(path: Path) -> dict:
-    """All tensors of an HF-layout dir: model.safetensors, the shards model.safetensors.index.json names (all of
-    them present), or the one *.safetensors file there."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        absent = [f for f in files if not (path / f).exists()]
+def read_safetensors(folder: Path) -> dict:
+    """All tensors of an HF-layout dir: model.safetensors, the shards model.safetensors.index.json names (checked
+    against it: every listed tensor present, none in the wrong shard), or the one *.safetensors file there."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        state = {}
+        for name in sorted(set(weight_map.values())):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{index}: shard {name} is listed but absent")
+            part = load_file(folder / name)
+            stray = [k for k in part if weight_map.get(k) != name]
+            if stray:
+                raise ValueError(f"{folder / name}: holds {stray[:8]}, which {index.name} does not map to this file")
+            state.update(part)
+        absent = sorted(weight_map.keys() - state.keys())
         if absent:
-            raise FileNotFoundError(f"{index}: shards listed but absent: {', '.join(absent)}")
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"{path}: expected model.safetensors, an index.json with shards, or exactly one "
-                                    f"*.safetensors file; found {files or 'none'}")
-    state = {}
-    for name in files:
-        with safe_open(path / name, framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
-    return state
+            raise ValueError(f"{index}: lists {absent[:8]} but their shards do not contain them")
+        return state
+    files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else sorted(
+        p.name for p in folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{folder}: expected model.safetensors, model.safetensors.index.json with its shards, "
+                                f"or exactly one *.safetensors file; found {files or 'none'}")
+    return load_file(folder / files[0])
 
 
 def write_dir_atomically(out: Path, write) -> Path:

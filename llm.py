@@ -17,8 +17,6 @@ and k per head, Llama-3 rescales RoPE frequencies. All attention goes through at
 """
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import Attention, KVCache, RMSNorm, rope_1d
+from checkpoint import read_safetensors, write_dir_atomically
 from tokenizer import Tokenizer, gguf_tokenizer_files
 
 __all__ = ["LLMConfig", "LLM", "Tokenizer", "load_llm", "gguf_to_hf", "block_causal"]
@@ -425,29 +424,6 @@ def from_state_dict(cfg: LLMConfig, sd: dict, dtype=None, source: str = "checkpo
     return lm
 
 
-def read_safetensors(folder: Path) -> dict:
-    """All tensors of model.safetensors, or of the shards model.safetensors.index.json lists (checked against it)."""
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        sd = {}
-        for name in sorted(set(weight_map.values())):
-            part = load_file(folder / name)
-            stray = [k for k in part if weight_map.get(k) != name]
-            if stray:
-                raise ValueError(f"{folder / name}: holds {stray[:8]}, which {index.name} does not map to this file")
-            sd.update(part)
-        absent = sorted(weight_map.keys() - sd.keys())
-        if absent:
-            raise ValueError(f"{index}: lists {absent[:8]} but their shards do not contain them")
-        return sd
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-
-
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
@@ -538,18 +514,10 @@ def gguf_to_hf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
         config[f"{key}_token_id"] = vocab.get(name) if name is not None else None
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-    for name, obj in (("config.json", config), ("tokenizer.json", tj), ("tokenizer_config.json", tok_config)):
-        (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    if out.exists():  # swap: the old directory is moved aside first, then removed
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    def write(tmp):
+        save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        for name, obj in (("config.json", config), ("tokenizer.json", tj), ("tokenizer_config.json", tok_config)):
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_dir_atomically(out, write)
     return out

@@ -10,9 +10,7 @@ SwiGLU) and biases. Everything else is one transformer block, written once.
 
 import json
 import math
-import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,10 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from attention import Attention, DualChannelAttention, add_dual_channel, rope_2d
+from checkpoint import read_safetensors, write_dir_atomically
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -390,27 +388,6 @@ class VLM(nn.Module):
 # Loading and saving.
 
 
-def read_safetensors(path: Path) -> dict:
-    """All tensors of an HF-layout dir: model.safetensors, shards named by model.safetensors.index.json, or the one
-    *.safetensors file present."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"{path}: expected model.safetensors, an index.json with shards, or exactly one "
-                                    f"*.safetensors file; found {files or 'none'}")
-    state = {}
-    for name in files:
-        with safe_open(path / name, framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
-    return state
-
-
 def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:
     """Translate an HF config.json into (ViTConfig, key renames); the renames map checkpoint names to ours."""
     kind = cfg.get("model_type")
@@ -572,19 +549,12 @@ def load_vit(path, dtype: torch.dtype | None = None) -> ViT:
 
 def save_vit(vit: ViT, path) -> None:
     """Write an encoder as config.json + model.safetensors in our own names; `load_vit` reads it back exactly.
-    Written to a temporary directory first and renamed, so a crash never leaves a half-written export."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    Written into a temporary directory that then replaces `path`, so a crash never leaves a half-written export."""
     dual = any(isinstance(m, DualChannelAttention) for m in vit.modules())
     meta = {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg), "dual_channel": dual}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    state = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    if path.exists():  # swap directories, then drop the old one
-        old = path.with_name(path.name + ".old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
+
+    def write(tmp):
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    write_dir_atomically(Path(path), write)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attention import DualChannelAttention, add_dual_channel, apply_rope  # noqa: E402
-from model import ViT, ViTConfig, load_vit, save_vit  # noqa: E402
+from model import load_vit  # noqa: E402
 
 
 def fused_dual_forward(self: DualChannelAttention, x, rope=None, mask=None, cache=None):

@@ -17,8 +17,6 @@ DINOv2-S/14", not "facebook/dinov2-small".
 import argparse
 import importlib.util
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from checkpoint import write_dir_atomically  # noqa: E402
 
 
 def wheel_file(package: str, relative: str) -> Path:
@@ -96,16 +95,11 @@ def dinov2_from_onnx(onnx_path: Path, out: Path) -> Path:
 
 
 def _write_dir(out: Path, texts: dict, state: dict) -> Path:
-    """Write files into out.tmp, then rename: a crash never leaves a half-written weights dir."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, text in texts.items():
-        (tmp / name).write_text(text)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    def write(tmp):
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+    return write_dir_atomically(out, write)
 
 
 def smollm2_from_gguf(gguf_path: Path, out: Path) -> Path:
