@@ -137,11 +137,34 @@ def load_stage_weights(vlm, stage_dir: Path) -> None:
             own[k].copy_(v)
 
 
-def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None) -> None:
-    """The finished stage: trained tensors, then config.json (written last, so its presence means complete)."""
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: FSDP2 shards (DTensors) are gathered, which is a collective every rank must enter."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out as `param` is: sharded again when param is an FSDP2 shard."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    return value
+
+
+def trained_state(vlm) -> dict:
+    """The trainable tensors, gathered in full (call on every rank)."""
+    return {n: full(p.detach()) for n, p in vlm.named_parameters() if p.requires_grad}
+
+
+def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master: bool = True) -> None:
+    """The finished stage: trained tensors, then config.json (written last, so its presence means complete).
+    Every rank calls it (shards are gathered); the master writes."""
+    state = trained_state(vlm)
+    if not master:
+        return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors({n: p for n, p in vlm.named_parameters() if p.requires_grad}, out_dir / "model.safetensors")
+    save_tensors(state, out_dir / "model.safetensors")
     meta = {"stage": cfg.stage, "config": dataclasses.asdict(cfg), "sources": sources,
             "init": str(init) if init else None, "base_vision": sources["vision"]}
     write_file_atomically(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
@@ -160,17 +183,18 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def save_checkpoint(out_dir: Path, step: int, vlm, opt, cfg, keep_last: int = 2, master: bool = True) -> Path:
-    """Trainable weights, AdamW state by parameter name, step and RNG; older checkpoints beyond keep_last go."""
+    """Trainable weights, AdamW state by parameter name, step and RNG; older checkpoints beyond keep_last go.
+    Every rank calls it (shards are gathered); the master writes."""
     import torch.distributed as dist
 
     path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+    params = trained_state(vlm)
+    name_of = {id(p): n for n, p in vlm.named_parameters() if p.requires_grad}
+    moments = {}
+    for p, st in opt.state.items():
+        for key, value in st.items():  # step, exp_avg, exp_avg_sq
+            moments[f"{name_of[id(p)]}::{key}"] = full(value.detach()).reshape(-1 if key == "step" else value.shape)
     if master:
-        params = {n: p for n, p in vlm.named_parameters() if p.requires_grad}
-        name_of = {id(p): n for n, p in params.items()}
-        moments = {}
-        for p, st in opt.state.items():
-            for key, value in st.items():  # step, exp_avg, exp_avg_sq
-                moments[f"{name_of[id(p)]}::{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
         rng = {"rng::cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["rng::cuda"] = torch.cuda.get_rng_state()
@@ -205,13 +229,14 @@ def load_checkpoint(path: Path, vlm, opt, cfg) -> int:
     extra = load_file(path / "optimizer.safetensors")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(weights[n])
+            p.copy_(like(weights[n].to(p.device), p))
     # rebuild AdamW's own state_dict (indexed by position in its param groups), so that load_state_dict puts each
     # tensor on the device and in the dtype the optimizer expects (e.g. `step` stays on the CPU unless fused)
     sd = opt.state_dict()
     name_of = {id(p): n for n, p in params.items()}
     order = [p for group in opt.param_groups for p in group["params"]]
-    sd["state"] = {i: {k: extra[f"{name_of[id(p)]}::{k}"].reshape(() if k == "step" else p.shape)
+    sd["state"] = {i: {k: extra[f"{name_of[id(p)]}::{k}"].reshape(()) if k == "step"
+                       else like(extra[f"{name_of[id(p)]}::{k}"].to(p.device), p)
                        for k in ("step", "exp_avg", "exp_avg_sq")}
                    for i, p in enumerate(order) if f"{name_of[id(p)]}::exp_avg" in extra}
     opt.load_state_dict(sd)

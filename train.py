@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from attention import add_dual_channel, add_lora, merge_lora
-from checkpoint import (latest_checkpoint, load_checkpoint, load_stage_weights, save_checkpoint, save_llm,
+from checkpoint import (full, latest_checkpoint, load_checkpoint, load_stage_weights, save_checkpoint, save_llm,
                         save_stage, stage_chain)
 from llm import LLM, LLMConfig, Tokenizer, load_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
@@ -101,7 +101,7 @@ class Config:
 STAGE_LR = {1: 1e-3, 2: 2e-5, 3: 1e-4}  # LLaVA-1.5 for stages 1 and 2
 
 PRESETS = {
-    "tiny": dict(max_len=3584),  # byte-level tokens: a 12-turn spatial sample is ~3.1K of them
+    "tiny": dict(max_len=3584, gen_samples=200),  # byte-level tokens: a 12-turn spatial sample is ~3.1K of them
     "small": dict(vision="weights/dinov2-s14", llm="weights/smollm2-135m-instruct", image_size=224, merge=2,
                   batch_size=4, global_batch=32, max_len=1536, gen_samples=2000, workers=2),
     "base": dict(vision="weights/dinov2-base", llm="weights/qwen2.5-0.5b-instruct", image_size=224, merge=2,
@@ -323,6 +323,19 @@ def make_optimizer(vlm: VLM, cfg: Config, device: str):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device == "cuda")
 
 
+def clip_grads(params: list, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over plain tensors and FSDP2 shards together: the two kinds' norms are combined by hand."""
+    groups = [[p for p in params if p.grad is not None and hasattr(p, "device_mesh") == sharded] for sharded in (0, 1)]
+    groups = [g for g in groups if g]
+    if len(groups) < 2:
+        return full(nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [full(nn.utils.get_total_norm([p.grad for p in g])) for g in groups]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for g in groups:
+        nn.utils.clip_grads_with_norm_(g, max_norm, total)
+    return total
+
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
 
 
@@ -407,6 +420,13 @@ def train(cfg: Config) -> Path | None:
     log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in datasets)} | {n_img_tokens} tokens per "
         f"image | global batch {cfg.global_batch} = {cfg.batch_size} x {accum} micro-steps x {world} | {total} steps")
 
+    if cfg.fsdp:  # FSDP2 shards each LLM block over the ranks; the other trainable tensors are all-reduced by hand
+        if not ddp:
+            raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in vlm.lm.model.layers:
+            fully_shard(layer)
     opt = make_optimizer(vlm, cfg, device)
     step = 0
     if cfg.resume and not cfg.bench:
@@ -417,15 +437,10 @@ def train(cfg: Config) -> Path | None:
         log(f"  resumed from {ckpt} at step {step}")
 
     model = vlm
-    if ddp:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in vlm.lm.model.layers:
-                fully_shard(layer)
-            fully_shard(vlm.lm)
-        model = nn.parallel.DistributedDataParallel(vlm, device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
-                                                    find_unused_parameters=False) if not cfg.fsdp else vlm
+    if ddp and not cfg.fsdp:
+        model = nn.parallel.DistributedDataParallel(
+            vlm, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+    replicated = [p for p in trainable_state(vlm).values() if not hasattr(p, "device_mesh")]  # synced by hand (FSDP)
     if use_compile:  # block by block: shapes vary with sequence length, and eval/saving keep the plain module
         for block in list(vlm.vit.blocks) + list(vlm.lm.model.layers):
             block.compile()
@@ -440,7 +455,10 @@ def train(cfg: Config) -> Path | None:
     metrics = None
     if master and not cfg.bench:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = open(out_dir / "metrics.jsonl", "a")
+        path = out_dir / "metrics.jsonl"  # a resumed run keeps the rows up to its checkpoint, a new run none
+        kept = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step] if step and path.exists() else []
+        metrics = open(path, "w")
+        metrics.writelines(r + "\n" for r in kept)
     wandb = None
     if cfg.wandb and master and not cfg.bench:
         try:
@@ -480,7 +498,12 @@ def train(cfg: Config) -> Path | None:
             loss_sum += loss.detach().float()
         if ddp:
             dist.all_reduce(loss_sum)
-        grad_norm = nn.utils.clip_grad_norm_(list(trainable_state(vlm).values()), cfg.grad_clip)
+        if cfg.fsdp:
+            for p in replicated:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        grad_norm = clip_grads(list(trainable_state(vlm).values()), cfg.grad_clip)
         loss_value = loss_sum.item() / n_sup
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
             opt.zero_grad(set_to_none=True)
@@ -526,8 +549,8 @@ def train(cfg: Config) -> Path | None:
         return None
     if metrics:
         metrics.close()
+    save_stage(out_dir, vlm, cfg, sources, init, master=master)
     if master:
-        save_stage(out_dir, vlm, cfg, sources, init)
         if cfg.stage == 3:
             export = out_dir / "vision"
             vit = vlm.vit

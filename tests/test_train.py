@@ -115,21 +115,26 @@ def test_killed_run_resumes_bitwise(tmp_path):
         assert torch.equal(got[k], ref[k]), k
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("stage,fsdp", [(1, False), (2, True)])
+def test_two_processes_match_one(tmp_path, stage, fsdp):
+    """DDP (stage 1), and FSDP2 sharding the LLM while it trains (stage 2), equal one process with the same global
+    batch."""
     single = tmp_path / "single"
     single.mkdir()
-    run_cli(single, "--stage", "1", "--max-steps", "2")
-    ref = load_file(single / "runs" / "tiny" / "stage1" / "model.safetensors")
-    ddp = tmp_path / "ddp"
-    ddp.mkdir()
-    (ddp / "data").symlink_to(single / "data")
+    flags = ["--stage", str(stage), "--max-steps", "2"]
+    run_cli(single, *flags)
+    ref = load_file(single / "runs" / "tiny" / f"stage{stage}" / "model.safetensors")
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    (multi / "data").symlink_to(single / "data")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "train.py"), *args(ddp, "--stage", "1", "--max-steps", "2")]
-    out = subprocess.run(cmd, cwd=ddp, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29533 + stage),
+           str(ROOT / "train.py"), *args(multi, *flags, *(["--fsdp"] if fsdp else []))]
+    out = subprocess.run(cmd, cwd=multi, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "x2" in out.stdout
-    got = load_file(ddp / "runs" / "tiny" / "stage1" / "model.safetensors")
+    got = load_file(multi / "runs" / "tiny" / f"stage{stage}" / "model.safetensors")
+    assert got.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
 
