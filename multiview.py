@@ -160,18 +160,10 @@ def states(pair: Pair) -> dict:
     return out
 
 
-def as_stored(depth: np.ndarray) -> np.ndarray:
-    """Depth exactly as a reader of the stored file gets it (float64 millimetres, or float32 meters beyond 65 m):
-    which pixel a point lands on, and whether it is hidden there, must not depend on float32 rounding."""
-    if depth.max() <= 65.535:
-        return np.round(depth.astype(np.float64) * 1000) / 1000
-    return depth.astype(np.float32).astype(np.float64)
-
-
 def synthetic_view_of(scene: scenes.Scene, camera: scenes.Camera, size: int) -> tuple:
     """(View, interior mask) of one camera, stored as views.synthetic_view stores its views."""
     r = scenes.render(scene, camera, size, size)
-    r["depth"] = as_stored(r["depth"])
+    r["depth"] = views.stored(r["depth"])
     R_cw, origin = camera.cam_to_world[:3, :3], camera.cam_to_world[:3, 3]
     R = np.round(views.answer_rotation(R_cw[2]), 6)          # R_cw[2] = world up in camera coordinates
     objects = [dict(id=i + 1, name=o.name, category=o.category, colour=o.colour,
@@ -580,7 +572,7 @@ def rgbd_view(frame: dict) -> tuple:
     a frame looks the same in every pair."""
     seed = int.from_bytes(frame["name"].encode()[-8:].rjust(8, b"\0"), "little")
     view, inside = views.rgbd_view(frame, np.random.default_rng(seed))
-    view.depth = as_stored(view.depth)
+    view.depth = views.stored(view.depth)
     labels = {i: c for i, c in frame["labels"].items() if c.lower() not in scenes.FLOOR_LABELS}
     return view, inside, labels
 

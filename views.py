@@ -177,8 +177,11 @@ class View:
 
 
 def stored(depth: np.ndarray) -> np.ndarray:
-    """The depth as it is stored: millimetres in a uint16 PNG up to 65.535 m, float32 meters (.npy) beyond."""
-    return np.round(depth * 1000) / 1000 if depth.max() <= 65.535 else depth.astype(np.float32).astype(np.float64)
+    """The depth exactly as a reader of the stored file gets it, in float64: millimetres in a uint16 PNG up to
+    65.535 m, float32 meters (.npy) beyond. Answers are computed from this, never from float32 renders."""
+    if depth.max() <= 65.535:
+        return np.round(depth.astype(np.float64) * 1000) / 1000
+    return depth.astype(np.float32).astype(np.float64)
 
 
 def min_pixels(h: int, w: int) -> int:
