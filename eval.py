@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import probes
+from attention import DualChannelAttention
 from checkpoint import write_file_atomically
 from model import ViT, load_vit, preprocess
 from probes import ProbeConfig
@@ -188,7 +189,7 @@ def table_rows(results: list) -> list:
     """[(probe, metric, [value per encoder])] for every number the encoders report (timings and counts left out)."""
     rows = []
     for probe, metrics in results[0].items():
-        if probe == "time_s":
+        if probe == "time_s" or not isinstance(metrics, dict):  # dual_channel is a list per layer, not a metric
             continue
         for metric, value in metrics.items():
             if isinstance(value, (int, float)) and metric not in ("queries", "n"):
@@ -326,6 +327,23 @@ def write_report(out_dir, report: dict, names: list, results: list, examples: li
 DEFAULT_PROBES = "data/probes"
 
 
+@torch.no_grad()
+def dual_channel_stats(vit: ViT) -> list:
+    """Per dual-channel layer: how far stage 3 moved it. σ(a) near 1/2 with Attn+ near Attn means the layer barely
+    changed; σ(a) near 0 or 1 means the gate saturated onto one channel. Empty for an encoder without the dual
+    channel. rel_change = ‖W+ − W‖ / ‖W‖ over the q/k/v/o weights."""
+    stats = []
+    for name, m in vit.named_modules():
+        if isinstance(m, DualChannelAttention):
+            g = torch.sigmoid(m.gate.float())  # (D,)
+            old = torch.cat([p.float().flatten() for p in m.attn.parameters()])
+            new = torch.cat([p.float().flatten() for p in m.attn_plus.parameters()])
+            stats.append({"layer": name, "gate_mean": round(g.mean().item(), 5), "gate_min": round(g.min().item(), 5),
+                          "gate_max": round(g.max().item(), 5),
+                          "rel_change": round(((new - old).norm() / old.norm()).item(), 6)})
+    return stats
+
+
 def run_encoders(run: str | None) -> list:
     """[(name, path)] of --run NAME: the baseline (config.json's base_vision) and the boosted export."""
     stage = Path("runs") / run / "stage3"
@@ -453,6 +471,11 @@ def main(argv=None):
                 more, _ = run_probes(vit, rgbd, cfg, args.image_size, args.crop_size, not args.no_cache)
                 res.update({f"rgbd_{k}": v for k, v in more.items() if k != "time_s"})
             res["time_s"]["total"] = round(time.time() - t, 1)
+            dual = dual_channel_stats(vit)
+            if dual:
+                res["dual_channel"] = dual
+                print("  dual channel, per layer: σ(a) mean " + " ".join(f"{d['gate_mean']:.3f}" for d in dual)
+                      + " | ‖W+ − W‖/‖W‖ " + " ".join(f"{d['rel_change']:.4f}" for d in dual))
             names.append(name)
             results.append(res)
             examples.append(ex)

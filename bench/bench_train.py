@@ -5,10 +5,10 @@ labels=...), on the same weights, batch and sequence.
 
     python bench/bench_train.py [--batch 4] [--text 448] [--supervised 0.4] [--iters 5] [--threads 2]
 
-Both sides train the same kind of thing: ours the dual channel (Attn+ and gates) and the projector; transformers has
-no dual channel, so its side trains the ViT's own attention projections and the projector — the same number of
-attention weights, with half the attention compute of the dual channel. Each variant runs in a fresh subprocess so
-that its peak RSS is its own. Needs weights/ (python tools/offline_weights.py).
+Both sides compute the same model and train the same tensors: the transformers side wraps each Dinov2Attention in
+the same gated pair (frozen original, trainable clone, zero-initialised gate; `HFDualChannel` below), so the only
+differences are the implementations. Each variant runs in a fresh subprocess so that its peak RSS is its own.
+Needs weights/ (python tools/offline_weights.py).
 """
 
 import argparse
@@ -20,7 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import copy
+
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,6 +57,21 @@ def run_ours(args):
     return step, ids.shape
 
 
+class HFDualChannel(nn.Module):
+    """σ(a)·Attn(x) + (1−σ(a))·Attn+(x) around a transformers Dinov2Attention (which returns (out, weights))."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.attn = attn.requires_grad_(False)
+        self.attn_plus = copy.deepcopy(attn).requires_grad_(True)
+        self.gate = nn.Parameter(torch.zeros(attn.o_proj.out_features))
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        g = torch.sigmoid(self.gate)
+        out = g * self.attn(hidden_states, attention_mask, **kwargs)[0]
+        return out + (1 - g) * self.attn_plus(hidden_states, attention_mask, **kwargs)[0], None
+
+
 def run_transformers(args):
     from transformers import Dinov2Model, LlamaForCausalLM
 
@@ -66,8 +84,8 @@ def run_transformers(args):
     proj = Projector(384, lm.config.hidden_size, merge=2)
     vit.requires_grad_(False)
     lm.requires_grad_(False)
-    for layer in vit.encoder.layer:  # the attention trains, as Attn+ does in ours
-        layer.attention.requires_grad_(True)
+    for layer in vit.encoder.layer:  # the same dual channel as ours: only Attn+ and the gates train
+        layer.attention = HFDualChannel(layer.attention)
     lm.eval()
     vit.train()
     n_img = proj.n_tokens(16, 16)

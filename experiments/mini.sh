@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 NAME=${NAME:-mini}
 N1=${N1:-1600}   # stage-1 caption samples
 N2=${N2:-400}    # stage-2 samples per kind (instruct, multiview)
-N3=${N3:-400}    # stage-3 samples per kind (spatial, spatial-multiview)
+N3=${N3:-256}    # stage-3 samples per kind (spatial, spatial-multiview): 32 steps of 16, ~1 h on 2 CPU cores
 STAGES=${STAGES:-"1 2 3"}
 EXTRA=${EXTRA:-}
 COMMON="--preset small --name $NAME --batch-size 4 --global-batch 16 --workers 2 --save-every 10 --no-probe"
@@ -21,7 +21,9 @@ mkdir -p runs
 python tools/offline_weights.py
 for stage in $STAGES; do
   n=$([ "$stage" = 1 ] && echo "$N1" || ([ "$stage" = 2 ] && echo "$N2" || echo "$N3"))
-  python train.py $COMMON --stage "$stage" --gen-samples "$n" --data-root data/mini $EXTRA \
+  # --data-size keeps the first n samples per kind of the mix even where more were generated earlier
+  size=$([ "$stage" = 1 ] && echo "$n" || echo $((2 * n)))
+  python train.py $COMMON --stage "$stage" --gen-samples "$n" --data-size "$size" --data-root data/mini $EXTRA \
     2>&1 | tee "runs/$NAME-stage$stage.log"
 done
 python data.py spatial --n 24 --out data/mini-qa --seed 777 --size 224
@@ -29,3 +31,4 @@ python eval.py --run "$NAME" --qa data/mini-qa --threads 2 2>&1 | tee "runs/$NAM
 mkdir -p results
 cp "runs/$NAME/eval/report.json" "results/$NAME.json"
 cp "runs/$NAME/eval/report.png" "results/$NAME.png"
+cp "runs/$NAME/eval/report.md" "results/$NAME.md"

@@ -310,3 +310,22 @@ def test_cli_makes_missing_probe_set_and_scores_answer_files(tmp_path, monkeypat
     report = json.loads((tmp_path / "qa_out/report.json").read_text())
     assert report["qa"]["good"]["overall"]["accuracy"] == 1.0 and report["qa"]["bad"]["overall"]["accuracy"] == 0.0
     assert "overall accuracy" in (tmp_path / "qa_out/report.md").read_text()
+
+
+def test_dual_channel_stats():
+    vit = ViT(ViTConfig(**TINY))
+    assert ev.dual_channel_stats(vit) == []
+    from attention import add_dual_channel
+
+    add_dual_channel(vit)
+    stats = ev.dual_channel_stats(vit)
+    assert len(stats) == TINY["depth"]
+    assert all(s["gate_mean"] == 0.5 and s["rel_change"] == 0.0 for s in stats)  # at init: Attn+ == Attn, σ(0)
+    first = vit.get_submodule(stats[0]["layer"])
+    with torch.no_grad():
+        first.gate[0] = 4.0
+        first.attn_plus.q_proj.weight.mul_(1.1)
+    s = ev.dual_channel_stats(vit)[0]
+    assert s["gate_max"] > 0.98 and s["gate_mean"] > 0.5 and s["rel_change"] > 0.0
+    rows = ev.table_rows([{"dual_channel": stats, "retrieval": {"map": 0.3}}])  # the list is no metric
+    assert rows == [("retrieval", "map", [0.3])]
