@@ -344,6 +344,13 @@ def dual_channel_stats(vit: ViT) -> list:
     return stats
 
 
+def encoder_name(path: Path) -> str:
+    """A column name for --vision PATH: the run's name for a train.py export (runs/NAME/stage3/vision)."""
+    if path.name == "vision" and path.parent.name.startswith("stage"):
+        return path.parent.parent.name
+    return path.name
+
+
 def run_encoders(run: str | None) -> list:
     """[(name, path)] of --run NAME: the baseline (config.json's base_vision) and the boosted export."""
     stage = Path("runs") / run / "stage3"
@@ -443,7 +450,7 @@ def main(argv=None):
     if args.make_probes:
         print(probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, overwrite=True))
         return
-    encoders = [(Path(v).name, Path(v)) for v in args.vision]
+    encoders = [(encoder_name(Path(v)), Path(v)) for v in args.vision]
     if args.run:
         encoders = run_encoders(args.run) + encoders
     if not encoders and not args.qa:

@@ -46,6 +46,25 @@ def fused_dual_forward(self: DualChannelAttention, x, rope=None, mask=None, cach
     return F.linear(y, w_o, b_o)
 
 
+def interleaved(fns: dict, iters, device) -> dict:
+    """Median seconds per call of each fn, run in turn round after round: the allocator's state and a busy machine
+    then weigh on every variant alike (timing one variant after the other favoured whichever ran second)."""
+    for fn in fns.values():  # warm-up
+        fn()
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def timeit(fn, iters, device):
     fn()  # warm-up (twice: the first call also allocates)
     fn()
@@ -104,12 +123,14 @@ def main():
         return run
 
     with torch.no_grad():
-        report("forward  transformers Dinov2Model", timeit(lambda: ref(pixel_values=x), args.iters, dev))
-        report("forward  ours ViT", timeit(lambda: ours(x), args.iters, dev))
+        t = interleaved({"ref": lambda: ref(pixel_values=x), "ours": lambda: ours(x)}, args.iters, dev)
+    report("forward  transformers Dinov2Model", t["ref"])
+    report("forward  ours ViT", t["ours"])
     ref.train(), ours.train()
-    report("fwd+bwd  transformers Dinov2Model (all trainable)",
-           timeit(step(ref, lambda m: m(pixel_values=x).last_hidden_state), args.iters, dev))
-    plain = report("fwd+bwd  ours ViT (all trainable)", timeit(step(ours, lambda m: m(x)), args.iters, dev))
+    t = interleaved({"ref": step(ref, lambda m: m(pixel_values=x).last_hidden_state),
+                     "ours": step(ours, lambda m: m(x))}, args.iters, dev)
+    report("fwd+bwd  transformers Dinov2Model (all trainable)", t["ref"])
+    plain = report("fwd+bwd  ours ViT (all trainable)", t["ours"])
 
     add_dual_channel(ours)
     two_calls = report("fwd+bwd  ours dual channel, two attention calls", timeit(step(ours, lambda m: m(x)), args.iters, dev))

@@ -5,7 +5,7 @@
 #
 #   bash experiments/mini.sh                 # writes runs/mini/stage{1,2,3}, runs/mini/eval, results/mini.json
 #   NAME=x N3=2000 bash experiments/mini.sh  # another run name / more stage-3 data
-#   STAGES="3" EXTRA="--vision-tune full" NAME=mini-full bash experiments/mini.sh   # an ablation, reusing stage 2
+#   bash experiments/ablate.sh               # then the stage-3 ablations, from this run's stage 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,6 +2,7 @@
 report files and the command line (--vision, --run, --qa)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +330,8 @@ def test_dual_channel_stats():
     assert s["gate_max"] > 0.98 and s["gate_mean"] > 0.5 and s["rel_change"] > 0.0
     rows = ev.table_rows([{"dual_channel": stats, "retrieval": {"map": 0.3}}])  # the list is no metric
     assert rows == [("retrieval", "map", [0.3])]
+
+
+def test_encoder_name():
+    assert ev.encoder_name(Path("runs/mini-full/stage3/vision")) == "mini-full"
+    assert ev.encoder_name(Path("weights/dinov2-s14")) == "dinov2-s14"

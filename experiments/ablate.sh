@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Stage-3 ablations on the mini run (experiments/mini.sh must have run first): how the encoder is tuned (the dual
+# channel vs full fine-tuning vs LoRA; "frozen" leaves the encoder as the baseline, so it needs no run) and how much
+# data. Each variant starts from runs/mini/stage2 and trains on the first SIZE samples of the mini run's stage-3 data
+# with the same settings; one eval.py call then probes the baseline, the mini run and every variant side by side.
+#
+#   bash experiments/ablate.sh                              # dual and full on 128 samples (8 steps), ~45 min on 2 CPU cores
+#   SIZE=256 VARIANTS="dual full lora" bash experiments/ablate.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE=${SIZE:-128}            # stage-3 samples, of the mini run's 512
+VARIANTS=${VARIANTS:-"dual full"}
+COMMON="--preset small --stage 3 --init runs/mini/stage2 --batch-size 4 --global-batch 16 --workers 2 --save-every 10
+        --no-probe --data-root data/mini --gen-samples 256 --data-size $SIZE"
+
+encoders="--vision weights/dinov2-s14 --vision runs/mini/stage3/vision"
+for v in $VARIANTS; do
+  name="mini-$v-$SIZE"
+  python train.py $COMMON --name "$name" --vision-tune "$v" 2>&1 | tee "runs/$name-stage3.log"
+  encoders="$encoders --vision runs/$name/stage3/vision"
+done
+python eval.py $encoders --threads 2 --out "runs/mini-ablations-$SIZE/eval" 2>&1 | tee "runs/mini-ablations-$SIZE-eval.log"
+mkdir -p results
+for f in report.json report.md report.png; do
+  cp "runs/mini-ablations-$SIZE/eval/$f" "results/mini-ablations-$SIZE.${f#report.}"
+done
