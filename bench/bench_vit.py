@@ -66,18 +66,7 @@ def interleaved(fns: dict, iters, device) -> dict:
 
 
 def timeit(fn, iters, device):
-    fn()  # warm-up (twice: the first call also allocates)
-    fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved({"fn": fn}, iters, device)["fn"]
 
 
 def main():

@@ -5,6 +5,7 @@
 # with the same settings; one eval.py call then probes the baseline, the mini run and every variant side by side.
 #
 #   bash experiments/ablate.sh                              # dual and full on 128 samples (8 steps), ~45 min on 2 CPU cores
+#   VARIANTS=lora bash experiments/ablate.sh               # one more variant; the table keeps the earlier ones
 #   SIZE=256 VARIANTS="dual full lora" bash experiments/ablate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,11 +15,15 @@ VARIANTS=${VARIANTS:-"dual full"}
 COMMON="--preset small --stage 3 --init runs/mini/stage2 --batch-size 4 --global-batch 16 --workers 2 --save-every 10
         --no-probe --data-root data/mini --gen-samples 256 --data-size $SIZE"
 
-encoders="--vision weights/dinov2-s14 --vision runs/mini/stage3/vision"
 for v in $VARIANTS; do
   name="mini-$v-$SIZE"
   python train.py $COMMON --name "$name" --vision-tune "$v" 2>&1 | tee "runs/$name-stage3.log"
-  encoders="$encoders --vision runs/$name/stage3/vision"
+done
+encoders="--vision weights/dinov2-s14 --vision runs/mini/stage3/vision"
+for v in dual full lora; do  # every variant trained at this size so far, this call's or an earlier one's
+  if [ -f "runs/mini-$v-$SIZE/stage3/vision/config.json" ]; then
+    encoders="$encoders --vision runs/mini-$v-$SIZE/stage3/vision"
+  fi
 done
 python eval.py $encoders --threads 2 --out "runs/mini-ablations-$SIZE/eval" 2>&1 | tee "runs/mini-ablations-$SIZE-eval.log"
 mkdir -p results

@@ -88,6 +88,32 @@ def test_stage3_changes_only_allowed_tensors(three_stages):
         assert torch.equal(export(x), vit(x))
 
 
+@pytest.mark.parametrize("mode", ["full", "lora", "frozen"])
+def test_vision_tune_ablations(three_stages, mode):
+    """The paper's ablations of stage 3: each trains what it says, and each export is a plain encoder for eval."""
+    tmp, _ = three_stages
+    run = tmp / "runs" / "tiny"
+    run_cli(tmp, "--stage", "3", "--max-steps", "2", "--name", f"ab-{mode}", "--init", str(run / "stage2"),
+            "--vision-tune", mode)
+    stage = tmp / "runs" / f"ab-{mode}" / "stage3"
+    trained = set(load_file(stage / "model.safetensors"))
+    vision = {n for n in trained if not n.startswith("projector.")}
+    assert any(n.startswith("projector.") for n in trained)
+    if mode == "full":
+        assert any(".mlp." in n for n in vision) and not any(".attn_plus." in n or "lora" in n for n in vision)
+    elif mode == "lora":
+        assert vision and all(n.endswith((".lora_a", ".lora_b")) for n in vision)
+    else:
+        assert not vision
+    export = load_vit(stage / "vision")
+    assert not any("lora" in n or "attn_plus" in n for n, _ in export.named_parameters())  # LoRA merged on export
+    x = torch.randn(1, 3, 32, 32)
+    base = load_vit(json.loads((stage / "config.json").read_text())["base_vision"])
+    with torch.no_grad():
+        same = torch.equal(export(x), base(x))
+    assert same == (mode == "frozen")
+
+
 def test_killed_run_resumes_bitwise(tmp_path):
     full = tmp_path / "full"
     full.mkdir()
