@@ -10,6 +10,7 @@ from PIL import Image
 import data
 import datacheck
 import scenes
+from test_data import tamper
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +54,6 @@ def test_instruction_qa(generated):
     assert kinds.count("caption") >= 10 and kinds.count("long_description") >= 10
     for r in recs:
         assert len(r["conversations"]) == 10 and r["conversations"][0]["value"].startswith("<image>\n")
-
-
-def tamper(out, index, edit):
-    lines = (out / "data.jsonl").read_text().splitlines()
-    rec = json.loads(lines[index])
-    edit(rec)
-    lines[index] = json.dumps(rec)
-    (out / "data.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def test_checker_catches_wrong_answers(generated, tmp_path):

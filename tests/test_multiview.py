@@ -13,6 +13,7 @@ import data
 import datacheck
 import multiview
 import scenes
+from test_data import tamper
 
 
 def wall_camera(x, distance_to_wall, W=100, H=60):
@@ -134,14 +135,6 @@ def test_false_premises_are_never_affirmed(datasets):
             if turn.get("absent"):
                 assert name in r["meta"]["absent"]
     assert n_turns >= 24
-
-
-def tamper(out, index, edit):
-    lines = (out / "data.jsonl").read_text().splitlines()
-    rec = json.loads(lines[index])
-    edit(rec)
-    lines[index] = json.dumps(rec)
-    (out / "data.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def test_checker_catches_wrong_multiview_answers(datasets, tmp_path):
