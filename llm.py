@@ -1,6 +1,6 @@
 """
 The language model f_L: Llama / SmolLM2, Qwen2 and Qwen3 decoders in one class, loaded from HF-layout safetensors
-or a GGUF file, with a chunked supervised loss and KV-cache generation. The tokenizer lives in tokenizer.py and is
+or a GGUF file, with a chunked supervised loss and KV-cache generation. The tokenizer lives in language/tokenizer.py and is
 re-exported here.
 
     lm, tok = load_llm("weights/smollm2-135m-instruct")   # or a .gguf file
@@ -24,13 +24,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from attention import Attention, KVCache, RMSNorm, rope_1d
-from checkpoint import read_safetensors, write_dir_atomically
-from tokenizer import Tokenizer, gguf_tokenizer_files
+from language.tokenizer import Tokenizer, gguf_tokenizer_files
+from storage.atomic import write_dir_atomically
+from storage.tensors import read_safetensors
 
-__all__ = ["LLMConfig", "LLM", "Tokenizer", "load_llm", "gguf_to_hf", "block_causal"]
+__all__ = ["LLMConfig", "LLM", "Tokenizer", "load_llm", "save_llm", "gguf_to_hf", "block_causal"]
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 LOSS_CHUNK = 2**24  # logit elements per chunk of the supervised loss: 64 MB in fp32
@@ -498,7 +500,6 @@ def gguf_to_hf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
     Sequence[Digits, ByteLevel]), tokenizer_config.json (special tokens, chat template). Written into a temporary
     sibling directory that then replaces out_dir, so a reader never sees a half-written directory."""
     import gguf
-    from safetensors.torch import save_file
 
     gguf_path, out = Path(gguf_path), Path(out_dir)
     reader = gguf.GGUFReader(gguf_path)
@@ -521,3 +522,14 @@ def gguf_to_hf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
     write_dir_atomically(out, write)
     return out
+
+
+def save_llm(lm, tok, out: Path) -> Path:
+    """An LLM as an HF-layout dir (config.json, model.safetensors in transformers' names) plus our tokenizer cache
+    (tokenizer.tiktoken + .json), which `load_llm` reads back."""
+    def write(tmp):
+        (tmp / "config.json").write_text(json.dumps(lm.cfg.to_hf(), indent=2))
+        state = {k: v for k, v in lm.state_dict().items() if not (lm.cfg.tie_embeddings and k == "lm_head.weight")}
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        tok.save(tmp / "tokenizer.tiktoken")
+    return write_dir_atomically(out, write)

@@ -22,7 +22,8 @@ from einops import rearrange
 from safetensors.torch import save_file
 
 from attention import Attention, DualChannelAttention, add_dual_channel, rope_2d
-from checkpoint import read_safetensors, write_dir_atomically
+from storage.atomic import write_dir_atomically
+from storage.tensors import read_safetensors
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -30,12 +30,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from attention import add_dual_channel, add_lora, merge_lora
-from checkpoint import (full, latest_checkpoint, load_checkpoint, load_stage_weights, save_checkpoint, save_llm,
-                        save_stage, stage_chain)
-from llm import LLM, LLMConfig, Tokenizer, load_llm
+from dataengine.writer import write_dataset
+from evaluation.suite import quick_summary
+from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
-
-ROOT = Path(__file__).resolve().parent
+from storage.atomic import repo_path
+from training.dataset import ConversationDataset, LoaderReport, collate
+from training.runs import (gathered, latest_checkpoint, load_checkpoint, load_stage_weights, save_checkpoint,
+                           save_stage, stage_chain)
 
 
 @dataclass
@@ -154,11 +156,6 @@ def validate(cfg: Config) -> list[str]:
 # The model: built from its sources, then each earlier stage's trained tensors applied in order.
 
 
-def resolve(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else ROOT / p
-
-
 def base_sources(cfg: Config, run_dir: Path, log, write: bool = True) -> dict:
     """Where the encoder and LLM come from: their paths, or for a random model (the tiny preset) a copy saved in
     runs/<name>/base/ on first use, so that every stage and every process starts from the same weights."""
@@ -190,8 +187,8 @@ def base_sources(cfg: Config, run_dir: Path, log, write: bool = True) -> dict:
 def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
     """The VLM before any stage: encoder and LLM from their sources, the <image> token added, a fresh projector
     (seeded, so every stage and process builds the same one)."""
-    vit = load_vit(resolve(sources["vision"]))
-    lm, tok = load_llm(resolve(sources["llm"]))
+    vit = load_vit(repo_path(sources["vision"]))
+    lm, tok = load_llm(repo_path(sources["llm"]))
     if cfg.system_prompt != "default":
         tok.system_prompt = None if cfg.system_prompt == "none" else cfg.system_prompt
     image_id = tok.add_image_token()
@@ -234,7 +231,7 @@ def set_trainable(vlm: VLM, cfg: Config):
         vlm.vit.eval()
 
 
-def describe(vlm: VLM, log):
+def log_parameter_counts(vlm: VLM, log):
     """Per module: trainable / frozen parameter counts."""
     for name, mod in (("vision", vlm.vit), ("projector", vlm.projector), ("llm", vlm.lm)):
         params = {id(p): p for p in mod.parameters()}.values()  # tied weights counted once
@@ -262,20 +259,18 @@ def default_data(cfg: Config, log) -> list[tuple[Path, float]]:
         out = []
         for item in cfg.data.split(","):
             path, _, weight = item.partition(":")
-            p = resolve(path)
+            p = repo_path(path)
             if not (p / "data.jsonl").exists():
                 raise FileNotFoundError(f"--data {path}: {p / 'data.jsonl'} not found")
             out.append((p, float(weight) if weight else 1.0))
         return out
-    import data
-
     out = []
     for kind in STAGE_DATA[cfg.stage]:
         ordered = kind.startswith("spatial") and cfg.order != "forward"
-        path = resolve(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
+        path = repo_path(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
         if not (path / "data.jsonl").exists():
             log(f"no {kind} data at {path}: generating {cfg.gen_samples} samples ({cfg.image_size}px) ...")
-            data.generate(kind, path, n=cfg.gen_samples, seed=cfg.seed, size=cfg.image_size, order=cfg.order,
+            write_dataset(kind, path, n=cfg.gen_samples, seed=cfg.seed, size=cfg.image_size, order=cfg.order,
                           workers=max(cfg.workers, min(4, os.cpu_count() or 1)))
         out.append((path, 1.0))
     return out
@@ -328,8 +323,8 @@ def clip_grads(params: list, max_norm: float) -> torch.Tensor:
     groups = [[p for p in params if p.grad is not None and hasattr(p, "device_mesh") == sharded] for sharded in (0, 1)]
     groups = [g for g in groups if g]
     if len(groups) < 2:
-        return full(nn.utils.clip_grad_norm_(params, max_norm))
-    norms = [full(nn.utils.get_total_norm([p.grad for p in g])) for g in groups]
+        return gathered(nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [gathered(nn.utils.get_total_norm([p.grad for p in g])) for g in groups]
     total = torch.linalg.vector_norm(torch.stack(norms))
     for g in groups:
         nn.utils.clip_grads_with_norm_(g, max_norm, total)
@@ -381,9 +376,9 @@ def train(cfg: Config) -> Path | None:
     amp_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda")) else None
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda")
 
-    run_dir = resolve(cfg.runs_dir) / cfg.name
+    run_dir = repo_path(cfg.runs_dir) / cfg.name
     out_dir = run_dir / f"stage{cfg.stage}"
-    init = resolve(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
+    init = repo_path(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
     if init is not None and not (init / "config.json").exists():
         if cfg.init:
             raise FileNotFoundError(f"--init {cfg.init}: {init / 'config.json'} not found")
@@ -406,14 +401,12 @@ def train(cfg: Config) -> Path | None:
     log(f"stage {cfg.stage} | preset {cfg.preset} | run {out_dir} | device {device} x{world} | "
         f"{'bf16 autocast' if amp_dtype else 'fp32'}{' | compiled' if use_compile else ''}")
     log(f"  starts from: {', '.join(str(c) for c in chain) or 'the sources'} (sources: {sources})")
-    describe(vlm, log)
+    log_parameter_counts(vlm, log)
     vlm.vit.grad_checkpointing = vlm.lm.grad_checkpointing = cfg.grad_ckpt
-
-    import data
 
     datasets = default_data(cfg, log)
     n_img_tokens = vlm.n_image_tokens(cfg.image_size)
-    ds = data.ConversationDataset(datasets, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
+    ds = ConversationDataset(datasets, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
                                   max_len=cfg.max_len, limit=cfg.data_size or None)
     accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), world, rank, 0, 0)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
@@ -449,7 +442,7 @@ def train(cfg: Config) -> Path | None:
     _, _, plan = batch_plan(cfg, len(ds), world, rank, step, end)
     loader = iter(torch.utils.data.DataLoader(
         ds, batch_sampler=plan, num_workers=cfg.workers, pin_memory=device == "cuda",
-        collate_fn=functools.partial(data.collate, pad_id=tok.pad_id, pack=cfg.pack)))
+        collate_fn=functools.partial(collate, pad_id=tok.pad_id, pack=cfg.pack)))
     peak = peak_flops(device)
     patches = math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
     metrics = None
@@ -474,7 +467,7 @@ def train(cfg: Config) -> Path | None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    report = data.LoaderReport()  # truncated samples and unusable lines/images, said at the end of each epoch
+    report = LoaderReport()  # truncated samples and unusable lines/images, said at the end of each epoch
     while step < end:
         t0 = time.time()
         batches = [next(loader) for _ in range(accum)]  # this rank's micro-batches of the step
@@ -540,7 +533,7 @@ def train(cfg: Config) -> Path | None:
                 wandb.log(row, step=step)
         if step % steps_per_epoch == 0 or step == total:
             log(f"  epoch {math.ceil(step / steps_per_epoch)} {report.summary()}")
-            report = data.LoaderReport()
+            report = LoaderReport()
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             path = save_checkpoint(out_dir, step, vlm, opt, cfg, keep_last=cfg.keep_last, master=master)
             last_good = path
@@ -582,11 +575,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     out = train(cfg)
     if out is not None and cfg.stage == 3 and cfg.probe and int(os.environ.get("RANK", "0")) == 0:
-        try:
-            import eval as evaluate
-        except ImportError:
-            return
-        evaluate.quick_summary(out)
+        quick_summary(out)
 
 
 if __name__ == "__main__":

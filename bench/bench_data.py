@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
-import scenes  # noqa: E402
-import views  # noqa: E402
+from dataengine import scenes  # noqa: E402
+from dataengine import views  # noqa: E402
 
 STAGES = {   # profile function name -> stage
     "render": "render (ray casting, shading, shadows)", "random_scene": "scene + camera sampling",

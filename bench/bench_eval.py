@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import eval as ev  # noqa: E402
-import probes  # noqa: E402
+from evaluation import probes  # noqa: E402
+from evaluation import report, suite  # noqa: E402
 from model import ViT, ViTConfig, load_vit  # noqa: E402
 
 
@@ -60,18 +61,18 @@ def main():
         vit = make()
         print(f"\n{name}")
         t = time.time()
-        res, _ = ev.run_probes(vit, ps, cfg, cache=False, log=lambda s: print(s) if "/" not in s else None)
+        res, _ = suite.run_probes(vit, ps, cfg, cache=False, log=lambda s: print(s) if "/" not in s else None)
         wall = time.time() - t
         print(f"  probe suite wall time: {wall:.1f} s ({wall + t_load:.1f} s with loading the probe set); "
               f"phases {res['time_s']}")
         names.append(name)
         results.append(res)
     print()
-    rows = ev.table_rows(results)
-    print(ev.format_table(names, rows))
+    rows = report.table_rows(results)
+    print(report.format_table(names, rows))
     if len(results) == 2:
         worse = [f"{p} {m}" for p, m, (a, b) in rows if m not in ("d2", "d3")
-                 and ((a >= b) if m in ev.LOWER_IS_BETTER else (a <= b))]
+                 and ((a >= b) if m in report.LOWER_IS_BETTER else (a <= b))]
         print(f"\n{names[0]} better than {names[1]} on every metric (d2, d3 aside): "
               + ("yes" if not worse else f"no, not on {worse}"))
 

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 from llm import Tokenizer  # noqa: E402
-from loader import check_record  # noqa: E402
+from training.dataset import check_record  # noqa: E402
 from model import ViTConfig  # noqa: E402
 
 KINDS = ("spatial", "spatial-multiview", "instruct", "multiview", "captions")

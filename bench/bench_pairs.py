@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
-import multiview  # noqa: E402
-import scenes  # noqa: E402
+from dataengine import multiview  # noqa: E402
+from dataengine import scenes  # noqa: E402
 
 
 def candidates(k: int, size: int, seed: int = 0):

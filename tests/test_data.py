@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 import data
-import datacheck
-import scenes
+from dataengine import check as datacheck
+from dataengine import scenes
+from dataengine import spatial, text, views
 
 
 def build(out, n=8, size=72, workers=1, **kw):
@@ -70,20 +71,20 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
 
 
 def test_interrupted_run_resumes_without_duplicates(tmp_path, monkeypatch):
-    real = data.make_sample
+    real = spatial.make_sample
 
     def crash_at_7(cfg, index, out, frames=()):
         if index == 7:
             raise KeyboardInterrupt
         return real(cfg, index, out, frames)
 
-    monkeypatch.setattr(data, "make_sample", crash_at_7)
+    monkeypatch.setattr(spatial, "make_sample", crash_at_7)
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "run", n=10)
     shards = sorted(p.name for p in (tmp_path / "run" / "shards").glob("*.jsonl"))
     assert shards == ["000000-000003.jsonl", "000003-000006.jsonl"]
     assert not (tmp_path / "run" / "data.jsonl").exists()
-    monkeypatch.setattr(data, "make_sample", real)
+    monkeypatch.setattr(spatial, "make_sample", real)
     resumed = build(tmp_path / "run", n=10)
     assert [r["id"] for r in resumed] == [f"spatial-{i:06d}" for i in range(10)]
     fresh = build(tmp_path / "fresh", n=10)
@@ -136,7 +137,7 @@ def test_checker_catches_wrong_answers(tmp_path, capsys):
     def swap_relation(rec):     # "A is left of B" -> "A is right of B" in the first non-tie object answer
         for t, turn in enumerate(rec["meta"]["turns"]):
             a = rec["conversations"][2 * t + 1]["value"]
-            w0, w1, _ = data.RELATIONS.get(turn["kind"], {}).get("words", "   ")
+            w0, w1, _ = text.RELATIONS.get(turn["kind"], {}).get("words", "   ")
             if f" is {w0} the " in a or f" is {w1} the " in a:
                 a = a.replace(f" is {w0} the ", " is @ the ").replace(f" is {w1} the ", f" is {w0} the ")
                 rec["conversations"][2 * t + 1]["value"] = a.replace(" is @ the ", f" is {w1} the ")
@@ -159,21 +160,21 @@ def test_checker_catches_wrong_answers(tmp_path, capsys):
 
 def test_relations_and_ties():
     box = lambda x, y, z, w=0.4, h=0.4, d=0.4: [[x - w / 2, y - h / 2, z - d / 2], [x + w / 2, y + h / 2, z + d / 2]]
-    assert data.relation("left_right", box(0, 0, 2), box(0.5, 0, 2))[0] == 0           # A left of B
-    assert data.relation("left_right", box(0.55, 0, 2), box(0.5, 0, 2))[0] == 2        # 5 cm: roughly level
-    assert data.relation("front_behind", box(0, 0, 3), box(0, 0, 2))[0] == 1           # A behind B
-    assert data.relation("above_below", box(0, 1, 2), box(0, 0, 2))[0] == 1            # A above B
-    assert data.relation("taller", box(0, 0, 2, h=0.42), box(0, 0, 2))[0] == 2         # within 10 %
-    assert data.relation("bigger", box(0, 0, 2, w=1), box(0, 0, 2))[0] == 1
-    assert data.cube_distance(box(0, 0, 2), box(1, 0, 2)) == pytest.approx((1.0, 0.6))
-    assert data.cube_distance(box(0, 0, 2), box(0.2, 0, 2))[1] == 0                    # overlapping: touching
+    assert text.relation("left_right", box(0, 0, 2), box(0.5, 0, 2))[0] == 0           # A left of B
+    assert text.relation("left_right", box(0.55, 0, 2), box(0.5, 0, 2))[0] == 2        # 5 cm: roughly level
+    assert text.relation("front_behind", box(0, 0, 3), box(0, 0, 2))[0] == 1           # A behind B
+    assert text.relation("above_below", box(0, 1, 2), box(0, 0, 2))[0] == 1            # A above B
+    assert text.relation("taller", box(0, 0, 2, h=0.42), box(0, 0, 2))[0] == 2         # within 10 %
+    assert text.relation("bigger", box(0, 0, 2, w=1), box(0, 0, 2))[0] == 1
+    assert text.cube_distance(box(0, 0, 2), box(1, 0, 2)) == pytest.approx((1.0, 0.6))
+    assert text.cube_distance(box(0, 0, 2), box(0.2, 0, 2))[1] == 0                    # overlapping: touching
 
 
 def test_png_writer_round_trips():
     rng = np.random.default_rng(0)
     for a in (rng.integers(0, 256, (7, 9, 3)).astype(np.uint8), rng.integers(0, 256, (5, 4)).astype(np.uint8),
               rng.integers(0, 65536, (6, 5)).astype(np.uint16)):
-        back = np.asarray(Image.open(io.BytesIO(data.png_bytes(a))))
+        back = np.asarray(Image.open(io.BytesIO(views.png_bytes(a))))
         assert back.dtype.itemsize == a.itemsize and (back == a).all()
 
 
@@ -211,4 +212,4 @@ def test_cli_help(capsys):
     with pytest.raises(SystemExit):
         data.main(["spatial", "--help"])
     text = capsys.readouterr().out
-    assert all(opt in text for opt in ("--n", "--out", "--seed", "--workers", "--rgbd", "--order", "--source"))
+    assert all(opt in text for opt in ("--n", "--out", "--seed", "--workers", "--rgbd", "--order"))

@@ -1,4 +1,4 @@
-"""loader.py (data.ConversationDataset, data.collate, data.LoaderReport): LLaVA-format sources, masks, truncation,
+"""loader.py (training_data.ConversationDataset, training_data.collate, training_data.LoaderReport): LLaVA-format sources, masks, truncation,
 packing (the packed loss equals the sum of per-sample losses), weighted mixes, and bad input counted or raised."""
 
 import functools
@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+from training import dataset as training_data
 from llm import LLM, LLMConfig, Tokenizer, block_causal
 from model import ViTConfig
 
@@ -27,7 +28,7 @@ def tok():
 
 def dataset(sources, tok, max_len=4096, **kw):
     sources = [(s, 1.0) if isinstance(s, (str, Path)) else s for s in sources]
-    return data.ConversationDataset(sources, tok, ViTConfig(), S, N_IMG, max_len, **kw)
+    return training_data.ConversationDataset(sources, tok, ViTConfig(), S, N_IMG, max_len, **kw)
 
 
 def save_image(path: Path, colour, size=(40, 30), fmt=None):
@@ -97,7 +98,7 @@ def test_llava_fixtures_load_as_they_are(fixtures, tok):
     cfg = ViTConfig()
     red = torch.tensor([200, 30, 30]) / 255.0
     expect = (red - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
-    pre = data.ConversationDataset([(fixtures["pretrain"], 1.0)], tok, cfg, S, N_IMG, 4096)[0]["pixels"][0]
+    pre = training_data.ConversationDataset([(fixtures["pretrain"], 1.0)], tok, cfg, S, N_IMG, 4096)[0]["pixels"][0]
     assert torch.allclose(pre.mean((1, 2)), expect, atol=0.05)
 
 
@@ -151,7 +152,7 @@ def test_masks_line_up_with_the_answers(generated, fixtures, tok, pack):
     items = [ds[i] for i in range(len(ds))]
     assert any(it["dropped_turns"] for it in items)                        # byte-level spatial samples are long
     for a in range(0, len(items), 6):
-        batch = data.collate(items[a:a + 6], tok.pad_id, pack=pack)
+        batch = training_data.collate(items[a:a + 6], tok.pad_id, pack=pack)
         check_batch(batch, items[a:a + 6], tok, convs[a:a + 6])
         assert batch["pixels"].shape[0] == sum(it["pixels"].shape[0] for it in items[a:a + 6])
 
@@ -173,7 +174,7 @@ def test_truncation_drops_whole_trailing_turns(tmp_path, tok):
         assert supervised_text(tok, it["ids"], it["weights"]).endswith("answer.<|im_end|>")
     it = dataset([tmp_path], tok, max_len=len(one) - 1)[0]
     assert "first turn alone is" in it["problem"] and len(it["ids"]) == 0
-    batch = data.collate([it], tok.pad_id)
+    batch = training_data.collate([it], tok.pad_id)
     assert batch["n_samples"] == 0 and batch["problems"] == [it["problem"]] and batch["ids"].shape[0] == 0
 
 
@@ -183,8 +184,8 @@ def test_packed_loss_equals_the_sum_of_unpacked_losses(generated, fixtures, tok)
     ds = dataset([generated / "instruct", fixtures["instruct"], fixtures["pretrain"], fixtures["multi"]], tok,
                  max_len=600)
     items = [ds[i] for i in range(len(ds))]
-    padded = data.collate(items, tok.pad_id)
-    packed = data.collate(items, tok.pad_id, pack=True)
+    padded = training_data.collate(items, tok.pad_id)
+    packed = training_data.collate(items, tok.pad_id, pack=True)
     assert packed["ids"].shape[0] < len(items) and packed["mask"].shape[1:] == (1, *packed["ids"].shape[1:] * 2)
     with torch.no_grad():
         single = sum(lm.loss(lm.hidden(it["ids"][None]), it["ids"][None], it["weights"][None].float()) for it in items)
@@ -216,7 +217,7 @@ def test_images_follow_the_order_of_the_samples_in_packed_rows(tmp_path, tok):
                                                                    {"from": "gpt", "value": f"Answer {k}."}]}))
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     ds = dataset([tmp_path], tok, max_len=150)
-    batch = data.collate([ds[i] for i in range(4)], tok.pad_id, pack=True)
+    batch = training_data.collate([ds[i] for i in range(4)], tok.pad_id, pack=True)
     assert batch["ids"].shape[0] >= 2                                     # several rows, several samples per row
     order = [0, 1, 2, 3, 3]                                               # colour index of each image, reading order
     means = batch["pixels"].mean((2, 3))
@@ -276,9 +277,9 @@ def test_bad_lines_and_images_are_counted_and_reported(tmp_path, tok):
                         (6, "cut.png"), (7, "0 '<image>' marks"), (8, "robot")):
         p = problems[line - 1]
         assert p is not None and p.startswith(f"{root / 'data.jsonl'}:line {line}:") and words in p, (line, p)
-    report = data.LoaderReport()
+    report = training_data.LoaderReport()
     for a in range(0, len(items), 4):
-        report.add(data.collate(items[a:a + 4], tok.pad_id, pack=a == 0))
+        report.add(training_data.collate(items[a:a + 4], tok.pad_id, pack=a == 0))
     assert report.samples == 2 and len(report.problems) == 7
     text = report.summary()
     assert "2 samples used" in text and "7 unusable" in text and "line 2" in text and "and 2 more" in text
@@ -298,7 +299,7 @@ def test_strict_raises_at_once(tmp_path, tok):
 def test_dataloader_workers_give_the_same_batches(generated, fixtures, tok, tmp_path):
     ds = dataset([generated / "spatial-multiview", fixtures["instruct"], bad_source(tmp_path)], tok, max_len=2000)
     plan = [[0, 3, 5], [1, 2], [4, 6, 7, 8, 9]]
-    collate = functools.partial(data.collate, pad_id=tok.pad_id, pack=True)
+    collate = functools.partial(training_data.collate, pad_id=tok.pad_id, pack=True)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=plan, num_workers=2, collate_fn=collate)
     for got, idx in zip(loader, plan):
         want = collate([ds[i] for i in idx])

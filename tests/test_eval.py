@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import eval as ev
-import probes
-import qa
+from evaluation import probes
+from evaluation import qa
+from evaluation import report, suite
 from model import ViT, ViTConfig, save_vit
-from probes import ProbeConfig
+from evaluation.probes import ProbeConfig
 
 TINY = dict(dim=32, depth=2, heads=2, mlp_dim=64, patch_size=8, image_size=32, pos_grid=4)
 
@@ -212,7 +213,7 @@ def test_run_probes_and_cache(probe_dir):
     vit = ViT(ViTConfig(**TINY))
     ps = probes.load_probe_set(probe_dir, crop_size=16)
     logs = []
-    res, ex = ev.run_probes(vit, ps, SMALL, image_size=32, crop_size=16, log=logs.append)
+    res, ex = suite.run_probes(vit, ps, SMALL, image_size=32, crop_size=16, log=logs.append)
     for probe, keys in [("depth_lin1", ["rmse", "absrel", "d1", "si_rmse", "rmse_aligned"]), ("depth_lin4", ["rmse"]),
                         ("segmentation", ["miou"]), ("classification", ["linear_acc", "knn_acc"]),
                         ("retrieval", ["map"])]:
@@ -220,17 +221,17 @@ def test_run_probes_and_cache(probe_dir):
     assert ex["depth_lin1"].shape == (64, 64) and ex["segmentation"].shape == (64, 64)
     cached = list((probe_dir / "cache").glob("*.safetensors"))
     assert len(cached) == 1
-    again, _ = ev.run_probes(vit, ps, SMALL, image_size=32, crop_size=16, log=logs.append)
+    again, _ = suite.run_probes(vit, ps, SMALL, image_size=32, crop_size=16, log=logs.append)
     assert any("cached" in line for line in logs)
     assert {k: v for k, v in again.items() if k != "time_s"} == {k: v for k, v in res.items() if k != "time_s"}
-    fresh = ev.encode(vit, ps, 32, 16)
+    fresh = suite.encode(vit, ps, 32, 16)
     from safetensors.torch import load_file
 
     stored = load_file(cached[0])
     assert all(torch.equal(fresh[k], stored[k]) for k in fresh)
     assert fresh["patches"].shape == (16, 4, 4, 2 * 32) and fresh["cls"].shape == (16, 2 * 32)
     other = ViT(ViTConfig(**TINY))  # different weights -> a different cache entry
-    assert ev.fingerprint(other) != ev.fingerprint(vit)
+    assert suite.fingerprint(other) != suite.fingerprint(vit)
 
 
 def test_cli_rgbd_depth_probes(tmp_path, probe_dir, monkeypatch):
@@ -248,7 +249,7 @@ def test_cli_rgbd_depth_probes(tmp_path, probe_dir, monkeypatch):
 def test_encoder_without_cls_uses_mean_token(probe_dir):
     vit = ViT(ViTConfig(**TINY, family="siglip", cls_token=False, layerscale=False, pool_head=True))
     ps = probes.load_probe_set(probe_dir, crop_size=16)
-    f = ev.encode(vit, ps, 32, 16)
+    f = suite.encode(vit, ps, 32, 16)
     torch.testing.assert_close(f["cls"][:, -32:].float(), f["patches"][..., -32:].float().mean((1, 2)),
                                atol=2e-3, rtol=0)
 
@@ -256,16 +257,16 @@ def test_encoder_without_cls_uses_mean_token(probe_dir):
 def test_table_and_report_files(tmp_path):
     results = [{"depth_lin1": {"rmse": 0.5, "d1": 0.8}, "retrieval": {"map": 0.3, "queries": 10}, "time_s": {}},
                {"depth_lin1": {"rmse": 0.4, "d1": 0.85}, "retrieval": {"map": 0.35, "queries": 10}, "time_s": {}}]
-    rows = ev.table_rows(results)
+    rows = report.table_rows(results)
     assert rows == [("depth_lin1", "rmse", [0.5, 0.4]), ("depth_lin1", "d1", [0.8, 0.85]),
                     ("retrieval", "map", [0.3, 0.35])]
-    text = ev.format_table(["base", "boosted"], rows)
+    text = report.format_table(["base", "boosted"], rows)
     assert "0.400 (-0.100)" in text and "lower better" in text and "0.350 (+0.050)" in text
-    md = ev.format_table(["base", "boosted"], rows, markdown=True)
+    md = report.format_table(["base", "boosted"], rows, markdown=True)
     assert md.splitlines()[0].startswith("| probe | metric | base | boosted (delta) |")
     ex = {"rgb": np.zeros((8, 8, 3), np.uint8), "depth": np.ones((8, 8), np.float32),
           "depth_lin1": np.ones((8, 8)), "labels": np.zeros((8, 8), int), "segmentation": np.zeros((8, 8), int)}
-    ev.write_report(tmp_path, {"summary": "test"}, ["base", "boosted"], results, [ex, ex])
+    report.write_report(tmp_path, {"summary": "test"}, ["base", "boosted"], results, [ex, ex])
     assert json.loads((tmp_path / "report.json").read_text())["summary"] == "test"
     assert "| depth_lin1 | rmse (lower better) | 0.500 | 0.400 (-0.100) |" in (tmp_path / "report.md").read_text()
     from PIL import Image
@@ -315,20 +316,20 @@ def test_cli_makes_missing_probe_set_and_scores_answer_files(tmp_path, monkeypat
 
 def test_dual_channel_stats():
     vit = ViT(ViTConfig(**TINY))
-    assert ev.dual_channel_stats(vit) == []
+    assert suite.dual_channel_stats(vit) == []
     from attention import add_dual_channel
 
     add_dual_channel(vit)
-    stats = ev.dual_channel_stats(vit)
+    stats = suite.dual_channel_stats(vit)
     assert len(stats) == TINY["depth"]
     assert all(s["gate_mean"] == 0.5 and s["rel_change"] == 0.0 for s in stats)  # at init: Attn+ == Attn, σ(0)
     first = vit.get_submodule(stats[0]["layer"])
     with torch.no_grad():
         first.gate[0] = 4.0
         first.attn_plus.q_proj.weight.mul_(1.1)
-    s = ev.dual_channel_stats(vit)[0]
+    s = suite.dual_channel_stats(vit)[0]
     assert s["gate_max"] > 0.98 and s["gate_mean"] > 0.5 and s["rel_change"] > 0.0
-    rows = ev.table_rows([{"dual_channel": stats, "retrieval": {"map": 0.3}}])  # the list is no metric
+    rows = report.table_rows([{"dual_channel": stats, "retrieval": {"map": 0.3}}])  # the list is no metric
     assert rows == [("retrieval", "map", [0.3])]
 
 

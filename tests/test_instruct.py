@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import data
-import datacheck
-import scenes
+from dataengine import check as datacheck
+from dataengine import scenes
 from test_data import tamper
 
 

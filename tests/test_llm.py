@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import llm
 from llm import LLM, LLMConfig, block_causal, gguf_to_hf, load_llm
-from tokenizer import Tokenizer, byte_chars
+from language.tokenizer import Tokenizer, byte_chars
 
 V = 262  # = the tiny GGUF tokenizer below: 3 specials + 256 bytes + 3 merges
 SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import data
-import datacheck
-import multiview
-import scenes
+from dataengine import check as datacheck
+from dataengine import multiview
+from dataengine import scenes
 from test_data import tamper
 
 
@@ -64,7 +64,7 @@ def test_camera_motion_in_the_first_view_frame():
     B = A.copy()
     B[:3, :3] = R(30) @ A[:3, :3]               # turned 30 degrees left (counter-clockwise seen from above)
     B[:3, 3] = A[:3, 3] + (1.0, 0.5, 0.2)       # 1 m right (+x), 0.5 m forward (+y), 0.2 m up
-    view = lambda pose: data.View(None, None, None, None, None,
+    view = lambda pose: multiview.View(None, None, None, None, None,
                                   multiview.views.answer_rotation(pose[:3, :3][2]).tolist(), pose.tolist(), "known", [])
     t, yaw = multiview.motion(view(A), view(B))
     np.testing.assert_allclose(t, [1.0, 0.2, 0.5], atol=1e-9)
@@ -227,7 +227,7 @@ def test_rgbd_pairs_without_poses_use_the_encoder_feature_band(tmp_path):
     with pytest.raises(SystemExit, match="no pose.txt"):
         data.generate("multiview", tmp_path / "x", 2, rgbd=tmp_path / "frames", progress=False)
     images = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "frames").glob("*/*/rgb.png"))]
-    dist = multiview.feature_distances(images, tmp_path / "vit")
+    dist = multiview.feature_distances(data.encoder_embedding(tmp_path / "vit")(images))
     # (ties between identical patch tokens keep an image a hair away from itself)
     assert dist.shape == (6, 6) and np.diag(dist).max() < 0.05 and np.allclose(dist, dist.T, atol=0.02)
     same_scene = np.kron(np.eye(2), np.ones((3, 3))).astype(bool) & ~np.eye(6, dtype=bool)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import probes
-from probes import ProbeConfig
+from evaluation import probes
+from evaluation.probes import ProbeConfig
 
 
 @pytest.fixture(autouse=True)
@@ -196,7 +196,7 @@ def test_probe_scenes_are_deterministic_and_held_out(probe_dir, tmp_path):
     second = probes.load_probe_set(again)
     assert np.array_equal(first.images[:4], second.images)
     # the training data draws scenes from default_rng([seed, index]); the probe namespace never does
-    import scenes
+    from dataengine import scenes
 
     train_like = scenes.random_scene(np.random.default_rng([3, 0]))
     probe = scenes.random_scene(np.random.default_rng([probes.PROBE_TAG, 3, 0]))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import scenes
-import views
+from dataengine import scenes
+from dataengine import views
 
 
 def world_points(view):

@@ -13,7 +13,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from conftest import wheel_dir
-from tokenizer import Tokenizer, gguf_tokenizer_files
+from language.tokenizer import Tokenizer, gguf_tokenizer_files
 
 MISSING = bytes([0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)])
 STRINGS = [

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from checkpoint import latest_checkpoint
+from training.runs import latest_checkpoint
 from model import load_vit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,16 +213,18 @@ def test_eval_reads_the_run_quick_probes_and_vlm_qa(three_stages, monkeypatch):
 
     import data
     import eval as evaluate
-    from qa import load_conversations
+    from evaluation.qa import load_conversations
+    from evaluation.suite import quick_summary
 
     tmp, _ = three_stages
     monkeypatch.chdir(tmp)  # eval reads runs/NAME relative to the working directory
-    rows = evaluate.quick_summary(tmp / "runs" / "tiny" / "stage3", log=lambda *a: None)
+    rows = quick_summary(tmp / "runs" / "tiny" / "stage3", log=lambda *a: None)
     for name in ("baseline", "boosted"):
         assert 0 < rows[name]["depth_lin1"]["rmse"] < 10 and 0 <= rows[name]["segmentation"]["miou"] <= 1
     data.generate("spatial", tmp / "heldout", n=2, seed=777, size=32, progress=False)
     samples = load_conversations(tmp / "heldout")
-    args = argparse.Namespace(qa=str(tmp / "heldout"), qa_max_new=6, qa_context="none", out=str(tmp / "qa-out"))
+    args = argparse.Namespace(qa=str(tmp / "heldout"), qa_max_new=6, qa_context="none", out=str(tmp / "qa-out"),
+                              runs_dir="runs")
     qa = evaluate.run_qa("tiny", samples, args)
     assert set(qa) == {"stage 2 (before)", "stage 3 (boosted)"}
     assert "overall" in qa["stage 3 (boosted)"] and (tmp / "qa-out" / "answers-stage3.jsonl").exists()

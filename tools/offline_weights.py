@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from checkpoint import write_dir_atomically  # noqa: E402
+from storage.atomic import write_dir_atomically  # noqa: E402
 
 
 def wheel_file(package: str, relative: str) -> Path:

@@ -41,8 +41,7 @@ Their random generators come from the seed sequence (PROBE_TAG, seed, scene), a 
 
 import hashlib
 import json
-import os
-import shutil
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import scenes
+from dataengine import scenes
+from storage.atomic import write_dir_atomically
 
 PROBE_TAG = int.from_bytes(b"probe", "big")  # first word of every probe-scene seed
 FORMAT = "spatialboost-probes-1"
@@ -86,6 +86,11 @@ class ProbeConfig:
     knn_temperature: float = 0.07
     weight_decay: float = 1e-4  # dense heads
 
+    def shortened(self, fraction: float) -> "ProbeConfig":
+        """The same probes with `fraction` of the training steps: a smoke test, not a measurement."""
+        return dataclasses.replace(self, depth_steps=int(self.depth_steps * fraction),
+                                   seg_steps=int(self.seg_steps * fraction), cls_steps=int(self.cls_steps * fraction))
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Probe sets.
@@ -117,41 +122,39 @@ def make_probe_sets(out_dir, n_images: int = 480, seed: int = 0, size: int = 224
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("rgb", "depth", "semantic", "instance"):
-        (tmp / sub).mkdir(parents=True)
-    images, objects = [], []
-    n_scenes = -(-n_images // views)
-    for s in range(n_scenes):
-        rng = np.random.default_rng([PROBE_TAG, seed, s])
-        scene = scenes.random_scene(rng)
-        split = "test" if s % test_every == test_every - 1 else "train"
-        for v in range(min(views, n_images - s * views)):
-            view = scenes.render(scene, scenes.random_camera(rng, scene), size, size)
-            name = f"{s:05d}_{v}"
-            files = {"rgb": f"rgb/{name}.png", "depth": f"depth/{name}.npy", "semantic": f"semantic/{name}.png",
-                     "instance": f"instance/{name}.png"}
-            _save_png(view["rgb"], tmp / files["rgb"])
-            np.save(tmp / files["depth"], view["depth"].astype(np.float32))
-            _save_png(view["semantic"].astype(np.uint8), tmp / files["semantic"])
-            _save_png(view["instance"].astype(np.uint16), tmp / files["instance"])
-            for k, box, n in _object_boxes(view["instance"], min_pixels):
-                category = scene.objects[k - 1].category
-                objects.append({"image": len(images), "instance": k, "category": category,
-                                "label": scenes.OBJECT_CATEGORIES.index(category), "box": box, "pixels": n,
-                                "key": f"{s}/{k}", "split": split})
-            images.append({**files, "scene": s, "view": v, "split": split})
-        if log and (s + 1) % 50 == 0:
-            log(f"probe sets: {s + 1}/{n_scenes} scenes rendered")
-    index = {"format": FORMAT, "seed": seed, "size": size, "views": views, "min_pixels": min_pixels,
-             "categories": list(scenes.CATEGORIES), "object_categories": list(scenes.OBJECT_CATEGORIES),
-             "images": images, "objects": objects}
-    (tmp / "index.json").write_text(json.dumps(index))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+
+    def write(tmp):
+        for sub in ("rgb", "depth", "semantic", "instance"):
+            (tmp / sub).mkdir()
+        images, objects = [], []
+        n_scenes = -(-n_images // views)
+        for s in range(n_scenes):
+            rng = np.random.default_rng([PROBE_TAG, seed, s])
+            scene = scenes.random_scene(rng)
+            split = "test" if s % test_every == test_every - 1 else "train"
+            for v in range(min(views, n_images - s * views)):
+                view = scenes.render(scene, scenes.random_camera(rng, scene), size, size)
+                name = f"{s:05d}_{v}"
+                files = {"rgb": f"rgb/{name}.png", "depth": f"depth/{name}.npy", "semantic": f"semantic/{name}.png",
+                         "instance": f"instance/{name}.png"}
+                _save_png(view["rgb"], tmp / files["rgb"])
+                np.save(tmp / files["depth"], view["depth"].astype(np.float32))
+                _save_png(view["semantic"].astype(np.uint8), tmp / files["semantic"])
+                _save_png(view["instance"].astype(np.uint16), tmp / files["instance"])
+                for k, box, n in _object_boxes(view["instance"], min_pixels):
+                    category = scene.objects[k - 1].category
+                    objects.append({"image": len(images), "instance": k, "category": category,
+                                    "label": scenes.OBJECT_CATEGORIES.index(category), "box": box, "pixels": n,
+                                    "key": f"{s}/{k}", "split": split})
+                images.append({**files, "scene": s, "view": v, "split": split})
+            if log and (s + 1) % 50 == 0:
+                log(f"probe sets: {s + 1}/{n_scenes} scenes rendered")
+        index = {"format": FORMAT, "seed": seed, "size": size, "views": views, "min_pixels": min_pixels,
+                 "categories": list(scenes.CATEGORIES), "object_categories": list(scenes.OBJECT_CATEGORIES),
+                 "images": images, "objects": objects}
+        (tmp / "index.json").write_text(json.dumps(index))
+
+    return write_dir_atomically(out, write)
 
 
 @dataclass

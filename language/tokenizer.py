@@ -21,7 +21,6 @@ Added tokens (special or not) are split out of the text before the regex, as HF 
 
 import base64
 import json
-import os
 import re
 import unicodedata
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import regex
 import tiktoken
+
+from storage.atomic import write_text_atomically
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -54,12 +55,6 @@ def byte_chars() -> list[str]:
             chars.append(chr(256 + shifted))
             shifted += 1
     return chars
-
-
-def _write_atomic(path: Path, data: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _token_content(x):
@@ -408,8 +403,8 @@ class Tokenizer:
                 "normalizer": self.normalizer, "unk_id": self.unk_id, "fuse_unk": self.fuse_unk,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "chat_style": self.chat_style,
                 "system_prompt": self.system_prompt, "name": self.name}
-        _write_atomic(path, "".join(lines))
-        _write_atomic(Path(str(path) + ".json"), json.dumps(meta, ensure_ascii=False))
+        write_text_atomically(path, "".join(lines))
+        write_text_atomically(Path(str(path) + ".json"), json.dumps(meta, ensure_ascii=False))
 
     @classmethod
     def _load_tiktoken(cls, path: Path) -> "Tokenizer":

@@ -1,6 +1,6 @@
 """
 Single-view data for stages 1 and 2, asked about a view's scene graph (objects, their colours, supports, cubes and
-masks), written by data.generate and checked by datacheck.py:
+masks), written by writer.py and checked by check.py:
 
     python data.py captions --n 2000 --out data/captions      # stage 1 (alignment): one image, one caption turn
     python data.py instruct --n 2000 --out data/instruct      # stage 2: instruction QA, 5 turns per image
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-import scenes
-import views
-from data import TIE_CENTRE, article, f2, listing, save_view
+from dataengine import scenes, views
+from dataengine.text import TIE_CENTRE, Turn, article, listing, meters, picker, to_conversation
+from dataengine.views import save_view
 
 CAPTION_PROMPTS = ["Describe the image concisely.", "Provide a brief description of the given image.",
                    "Offer a succinct explanation of the picture presented.",
@@ -109,12 +109,12 @@ def long_description(facts: dict, pick) -> tuple:
     parts = [first_sentence(facts, pick)]
     for o in facts["objects"]:
         support = f", on the {names[o['on']]}" if o.get("on") in shown else ""
-        parts.append(f"The {o['name']} is {f2(centre_z(o))} m ahead{support}.")
+        parts.append(f"The {o['name']} is {meters(centre_z(o))} m ahead{support}.")
     return " ".join(parts), dict(kind="long_description")
 
 
 def caption_conversation(facts: dict, user_captions, rng) -> tuple:
-    pick = lambda options: options[int(rng.integers(len(options)))]
+    pick = picker(rng)
     prompt = pick(CAPTION_PROMPTS)
     if user_captions:
         text, rec = pick(list(user_captions)), dict(kind="caption_user")
@@ -235,7 +235,7 @@ def height_turn(facts, vocabulary, rng, pick):
     o = pick(facts["objects"])
     h = o["cube"][1][1] - o["cube"][0][1]
     q = pick([f"How tall is the {o['name']}?", f"What is the height of the {o['name']}?"])
-    return q, f"The {o['name']} is {f2(h)} m tall.", dict(kind="height", object=o["id"])
+    return q, f"The {o['name']} is {meters(h)} m tall.", dict(kind="height", object=o["id"])
 
 
 QA = (count_turn, colour_turn, exists_turn, support_turn, position_turn, height_turn)
@@ -244,7 +244,7 @@ QA = (count_turn, colour_turn, exists_turn, support_turn, position_turn, height_
 def instruct_conversation(facts: dict, vocabulary: list, rng) -> tuple:
     """QA_TURNS question/answer turns of different kinds (those the image has subjects for) and a short or long
     description, in random order."""
-    pick = lambda options: options[int(rng.integers(len(options)))]
+    pick = picker(rng)
     turns = []
     for k in rng.permutation(len(QA)):
         made = QA[k](facts, vocabulary, rng, pick)
@@ -258,15 +258,12 @@ def instruct_conversation(facts: dict, vocabulary: list, rng) -> tuple:
     else:
         text, rec = long_description(facts, pick)
         turns.append((pick(LONG_PROMPTS), text, rec))
-    turns = [turns[k] for k in rng.permutation(len(turns))]
-    conv = []
-    for k, (q, a, _) in enumerate(turns):
-        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
-    return conv, [t[2]["kind"] for t in turns], [t[2] for t in turns]
+    turns = [Turn(rec["kind"], q, a, rec) for q, a, rec in (turns[k] for k in rng.permutation(len(turns)))]
+    return to_conversation(turns), [t.level for t in turns], [t.record for t in turns]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Writing (called by data.make_sample for kinds "captions" and "instruct").
+# Writing (called by writer.py for kinds "captions" and "instruct").
 
 
 def prepare(cfg, frames: list) -> dict:

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data import (CLOSER_WORDS, LEVEL_COUNTS, PIXEL_KINDS, RELATIONS, TIE_CENTRE, TIE_DEPTH, cited, cube_distance,
-                  f3, relation)
-from scenes import CATEGORIES
-from views import load_depth
+from dataengine.scenes import CATEGORIES
+from dataengine.text import (CLOSER_WORDS, LEVEL_COUNTS, PIXEL_KINDS, RELATIONS, TIE_CENTRE, TIE_DEPTH, cited, coord,
+                             cube_distance, relation)
+from dataengine.views import load_depth
 
 NUMBER = re.compile(r"-?\d+\.\d+")
 
@@ -42,7 +42,7 @@ def _numbers(text: str, expected: list, where: str) -> list:
     return []
 
 
-def check_sample(rec: dict, out: Path, stats: dict) -> list:
+def check_spatial(rec: dict, out: Path, stats: dict) -> list:
     meta, conv, levels = rec["meta"], rec["conversations"], rec["levels"]
     if len(conv) != 24 or [m["from"] for m in conv] != ["human", "gpt"] * 12:
         return ["expected 12 human/gpt pairs"]
@@ -88,7 +88,7 @@ def check_sample(rec: dict, out: Path, stats: dict) -> list:
             category[o["id"]] = CATEGORIES.index(o["category"]) + 1
         if ((semantic != category[inst]) & (inst > 0)).any():
             bad.append("the semantic mask disagrees with the objects' categories")
-    P = lambda k: f"({f3(uv[k, 0])}, {f3(uv[k, 1])})"
+    P = lambda k: f"({coord(uv[k, 0])}, {coord(uv[k, 1])})"
     pt = lambda k: [(uv[k, 0], 3), (uv[k, 1], 3)]
     for t, (turn, level) in enumerate(zip(meta["turns"], levels)):
         q, a, kind, where = conv[2 * t]["value"], conv[2 * t + 1]["value"], turn["kind"], f"turn {t} ({turn['kind']})"
@@ -399,7 +399,7 @@ def check_pair(rec: dict, out: Path, stats: dict) -> list:
     nearer = lambda n: 2 if abs(zc(n, 0) - zc(n, 1)) < TIE_CENTRE else int(zc(n, 1) < zc(n, 0))
     t, yaw = _motion(*V) if posed else (None, None)
     points = [np.array([p["px"]]) for p in meta["points"]]
-    P = lambda k: f"({f3(meta['points'][k]['uv'][0])}, {f3(meta['points'][k]['uv'][1])})"
+    P = lambda k: f"({coord(meta['points'][k]['uv'][0])}, {coord(meta['points'][k]['uv'][1])})"
     for j, turn in enumerate(meta["turns"]):
         q, a, tk, where = conv[2 * j]["value"], conv[2 * j + 1]["value"], turn["kind"], f"turn {j} ({turn['kind']})"
         if tk == "common":
@@ -529,7 +529,7 @@ def _choice(q: str, a: str, right: str, where: str) -> list:
 def check(out, limit: int | None = None) -> tuple:
     """Check every sample of out/data.jsonl -> (problems [str], stats {name: count})."""
     out, problems, stats = Path(out), [], {"samples": 0}
-    checkers = {"spatial": check_sample, "captions": check_single, "instruct": check_single,
+    checkers = {"spatial": check_spatial, "captions": check_single, "instruct": check_single,
                 "multiview": check_pair, "spatial-multiview": check_pair}
     with open(out / "data.jsonl") as f:
         for n, line in enumerate(f):

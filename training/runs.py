@@ -1,6 +1,6 @@
 """
-Files on disk: safetensors directories read and written atomically, the stage directories train.py leaves behind,
-and resumable checkpoints. Safetensors and JSON only: no pickle anywhere a user might load someone else's file.
+A training run on disk: the stage directories train.py leaves behind and its resumable checkpoints. Safetensors and
+JSON only: no pickle anywhere a user might load someone else's file.
 
     runs/<name>/base/                     random encoder / LLM of a preset that has no weights (tiny), made once
     runs/<name>/stage<k>/config.json      the resolved Config, `sources` (where the frozen parts come from), `init`
@@ -15,83 +15,16 @@ and resumable checkpoints. Safetensors and JSON only: no pickle anywhere a user 
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-
-def read_safetensors(folder: Path) -> dict:
-    """All tensors of an HF-layout dir: model.safetensors, the shards model.safetensors.index.json names (checked
-    against it: every listed tensor present, none in the wrong shard), or the one *.safetensors file there."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        state = {}
-        for name in sorted(set(weight_map.values())):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{index}: shard {name} is listed but absent")
-            part = load_file(folder / name)
-            stray = [k for k in part if weight_map.get(k) != name]
-            if stray:
-                raise ValueError(f"{folder / name}: holds {stray[:8]}, which {index.name} does not map to this file")
-            state.update(part)
-        absent = sorted(weight_map.keys() - state.keys())
-        if absent:
-            raise ValueError(f"{index}: lists {absent[:8]} but their shards do not contain them")
-        return state
-    files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else sorted(
-        p.name for p in folder.glob("*.safetensors"))
-    if len(files) != 1:
-        raise FileNotFoundError(f"{folder}: expected model.safetensors, model.safetensors.index.json with its shards, "
-                                f"or exactly one *.safetensors file; found {files or 'none'}")
-    return load_file(folder / files[0])
-
-
-def write_dir_atomically(out: Path, write) -> Path:
-    """Call write(tmp_dir) to fill a sibling temporary directory, then swap it in for `out`: a reader (or a crash)
-    never sees a half-written directory."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    return out
-
-
-def write_file_atomically(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_tensors(state: dict, path: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    write_file_atomically(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-
-
-def save_llm(lm, tok, out: Path) -> Path:
-    """An LLM as an HF-layout dir (config.json, model.safetensors in transformers' names) plus our tokenizer cache
-    (tokenizer.tiktoken + .json), which `load_llm` reads back."""
-    def write(tmp):
-        (tmp / "config.json").write_text(json.dumps(lm.cfg.to_hf(), indent=2))
-        state = {k: v for k, v in lm.state_dict().items() if not (lm.cfg.tie_embeddings and k == "lm_head.weight")}
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        tok.save(tmp / "tokenizer.tiktoken")
-    return write_dir_atomically(out, write)
+from attention import DualChannelAttention, LoRALinear, add_dual_channel, add_lora
+from storage.atomic import write_dir_atomically, write_text_atomically
+from storage.tensors import save_tensors
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,8 +51,6 @@ def stage_chain(stage_dir: Path) -> list[Path]:
 def load_stage_weights(vlm, stage_dir: Path) -> None:
     """Apply the tensors a finished stage trained. A stage-3 dir with dual-channel (or LoRA) tensors wraps the
     encoder first."""
-    from attention import DualChannelAttention, LoRALinear, add_dual_channel, add_lora
-
     state = load_file(Path(stage_dir) / "model.safetensors")
     if any(".attn_plus." in k for k in state) and not any(isinstance(m, DualChannelAttention) for m in vlm.modules()):
         add_dual_channel(vlm.vit)
@@ -137,12 +68,12 @@ def load_stage_weights(vlm, stage_dir: Path) -> None:
             own[k].copy_(v)
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
+def gathered(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor: FSDP2 shards (DTensors) are gathered, which is a collective every rank must enter."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def sharded_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A full tensor laid out as `param` is: sharded again when param is an FSDP2 shard."""
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
@@ -153,7 +84,7 @@ def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def trained_state(vlm) -> dict:
     """The trainable tensors, gathered in full (call on every rank)."""
-    return {n: full(p.detach()) for n, p in vlm.named_parameters() if p.requires_grad}
+    return {n: gathered(p.detach()) for n, p in vlm.named_parameters() if p.requires_grad}
 
 
 def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master: bool = True) -> None:
@@ -167,7 +98,7 @@ def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master
     save_tensors(state, out_dir / "model.safetensors")
     meta = {"stage": cfg.stage, "config": dataclasses.asdict(cfg), "sources": sources,
             "init": str(init) if init else None, "base_vision": sources["vision"]}
-    write_file_atomically(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    write_text_atomically(out_dir / "config.json", json.dumps(meta, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,15 +116,13 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def save_checkpoint(out_dir: Path, step: int, vlm, opt, cfg, keep_last: int = 2, master: bool = True) -> Path:
     """Trainable weights, AdamW state by parameter name, step and RNG; older checkpoints beyond keep_last go.
     Every rank calls it (shards are gathered); the master writes."""
-    import torch.distributed as dist
-
     path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
     params = trained_state(vlm)
     name_of = {id(p): n for n, p in vlm.named_parameters() if p.requires_grad}
     moments = {}
     for p, st in opt.state.items():
         for key, value in st.items():  # step, exp_avg, exp_avg_sq
-            moments[f"{name_of[id(p)]}::{key}"] = full(value.detach()).reshape(-1 if key == "step" else value.shape)
+            moments[f"{name_of[id(p)]}::{key}"] = gathered(value.detach()).reshape(-1 if key == "step" else value.shape)
     if master:
         rng = {"rng::cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -229,14 +158,14 @@ def load_checkpoint(path: Path, vlm, opt, cfg) -> int:
     extra = load_file(path / "optimizer.safetensors")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(like(weights[n].to(p.device), p))
+            p.copy_(sharded_like(weights[n].to(p.device), p))
     # rebuild AdamW's own state_dict (indexed by position in its param groups), so that load_state_dict puts each
     # tensor on the device and in the dtype the optimizer expects (e.g. `step` stays on the CPU unless fused)
     sd = opt.state_dict()
     name_of = {id(p): n for n, p in params.items()}
     order = [p for group in opt.param_groups for p in group["params"]]
     sd["state"] = {i: {k: extra[f"{name_of[id(p)]}::{k}"].reshape(()) if k == "step"
-                       else like(extra[f"{name_of[id(p)]}::{k}"].to(p.device), p)
+                       else sharded_like(extra[f"{name_of[id(p)]}::{k}"].to(p.device), p)
                        for k in ("step", "exp_avg", "exp_avg_sq")}
                    for i, p in enumerate(order) if f"{name_of[id(p)]}::exp_avg" in extra}
     opt.load_state_dict(sd)

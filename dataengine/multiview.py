@@ -33,7 +33,7 @@ Stage 3, "spatial-multiview": 7 turns pixel -> object -> scene (--order applies)
     scene   where camera 2 is in view 1's frame and how it turned; two points' 3D distance from both views, which
             must agree
 Every 3D answer is in a view's answer frame (views.py: X right, Y up, Z forward, meters); pixel coordinates are
-(u/W, v/H) in the view named. Answers are computed from the ground truth as stored, so datacheck.py recomputes them.
+(u/W, v/H) in the view named. Answers are computed from the ground truth as stored, so check.py recomputes them.
 """
 
 import json
@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-import scenes
-import views
-from data import RELATIONS, TIE_CENTRE, article, f2, f3, listing, relation, save_view
-from views import View
+from dataengine import scenes, views
+from dataengine.text import (RELATIONS, TIE_CENTRE, Turn, article, coord, listing, meters, ordered, picker, relation,
+                             to_conversation)
+from dataengine.views import View, save_view
 
 BAND = (0.35, 0.65)             # co-visibility of view 1 in view 2
 FEATURE_BAND = (0.74, 0.94)     # feature_distances, for frames without poses (see bench/bench_pairs.py)
@@ -237,7 +237,7 @@ def synthetic_pair(rng, size: int, band=BAND, shared: int = 2, screen: int = 48)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 2: multi-view VQA. A turn is (level, question, answer, record); the record is what datacheck.py needs.
+# Stage 2: multi-view VQA. A turn is (level, question, answer, record); the record is what check.py needs.
 
 
 def closer(o1: dict, o2: dict) -> tuple:
@@ -259,7 +259,7 @@ DIRECTIONS = ("to the left", "to the right", "forward", "backward")
 
 
 def vqa_conversation(pair: Pair, rng) -> tuple:
-    pick = lambda options: options[int(rng.integers(len(options)))]
+    pick = picker(rng)
     st = states(pair)
     both = both_visible(pair)
     only = [(n, k) for n, s in st.items() for k in (0, 1) if s[k][0] == "visible" and s[1 - k][0] == "absent"]
@@ -270,15 +270,15 @@ def vqa_conversation(pair: Pair, rng) -> tuple:
                   "Name the objects that appear in both images."])
         a = f"Both views show {listing([article(n) for n in both])}." if both else \
             "No object is clearly visible in both views."
-        return "common", q, a, dict(kind="common")
+        return Turn("common", q, a, dict(kind="common"))
 
     def nearer():
         n = pick(both)
         out, z1, z2 = closer(st[n][0][1], st[n][1][1])
         q = pick([f"Which view shows the {n} closer to the camera?", f"In which image is the {n} nearer?"])
-        a = (f"{['View 1', 'View 2', 'About the same in both'][out]}: the {n}'s centre is {f2(z1)} m ahead of the "
-             f"camera in view 1 and {f2(z2)} m in view 2.")
-        return "common", q, a, dict(kind="closer", object=n)
+        a = (f"{['View 1', 'View 2', 'About the same in both'][out]}: the {n}'s centre is {meters(z1)} m ahead of the "
+             f"camera in view 1 and {meters(z2)} m in view 2.")
+        return Turn("common", q, a, dict(kind="closer", object=n))
 
     def moved():
         t, yaw = motion(*pair.views)
@@ -287,10 +287,10 @@ def vqa_conversation(pair: Pair, rng) -> tuple:
         q = pick(["How did the camera move from view 1 to view 2?",
                   "Describe the camera motion between the two images.",
                   "How does the second viewpoint differ from the first?"])
-        a = (f"The camera moved {f2(abs(t[0]))} m to the {'right' if t[0] >= 0 else 'left'}, {f2(abs(t[2]))} m "
-             f"{'forward' if t[2] >= 0 else 'backward'} and {f2(abs(t[1]))} m {'up' if t[1] >= 0 else 'down'}, "
+        a = (f"The camera moved {meters(abs(t[0]))} m to the {'right' if t[0] >= 0 else 'left'}, {meters(abs(t[2]))} m "
+             f"{'forward' if t[2] >= 0 else 'backward'} and {meters(abs(t[1]))} m {'up' if t[1] >= 0 else 'down'}, "
              f"and {turn}.")
-        return "common", q, a, dict(kind="motion")
+        return Turn("common", q, a, dict(kind="motion"))
 
     def exists():
         k = int(rng.integers(2))
@@ -307,7 +307,7 @@ def vqa_conversation(pair: Pair, rng) -> tuple:
             n, level = pick(nowhere), "adversarial"
             a, rec = f"No, there is no {n} in view {k + 1}, nor in view {2 - k}.", dict(absent=[n])
         q = pick([f"Is there {article(n)} in view {k + 1}?", f"Does the {ORDINAL[k]} image show {article(n)}?"])
-        return level, q, a, dict(kind="exists", object=n, view=k, **rec)
+        return Turn(level, q, a, dict(kind="exists", object=n, view=k, **rec))
 
     def premise():
         k = int(rng.integers(2))
@@ -323,11 +323,11 @@ def vqa_conversation(pair: Pair, rng) -> tuple:
                 options.append((f"How far apart are the {n} and the {m} in view {k + 1}?",
                                 f"There is no {n} in view {k + 1}, nor in view {2 - k}; only the {m} is there."))
             q, a = pick(options)
-            return "adversarial", q, a, dict(kind="premise", object=n, view=k, absent=[n])
+            return Turn("adversarial", q, a, dict(kind="premise", object=n, view=k, absent=[n]))
         n, j = pick(only)
         q = pick([f"Which view shows the {n} closer to the camera?", f"In which image is the {n} nearer?"])
         a = f"Only view {j + 1} shows the {n}; there is no {n} in view {2 - j}, so the two cannot be compared."
-        return "adversarial", q, a, dict(kind="premise_one", object=n, view=j)
+        return Turn("adversarial", q, a, dict(kind="premise_one", object=n, view=j))
 
     def choice():
         kinds = []
@@ -358,7 +358,7 @@ def vqa_conversation(pair: Pair, rng) -> tuple:
         options = [options[i] for i in rng.permutation(len(options))]
         letters = "ABCD"[:len(options)]
         q += "".join(f"\n{L}. {o}" for L, o in zip(letters, options)) + "\nAnswer with the option's letter."
-        return "choice", q, f"{letters[options.index(right)]}. {right}", dict(rec, options=options)
+        return Turn("choice", q, f"{letters[options.index(right)]}. {right}", dict(rec, options=options))
 
     turns = [common()] + ([nearer()] if both else []) + ([moved()] if pair.posed else [])
     turns += [t for t in (exists(), premise() if (nowhere or only) else None, choice()) if t]
@@ -370,10 +370,7 @@ def vqa_conversation(pair: Pair, rng) -> tuple:
 
 def assemble(turns: list) -> tuple:
     """Turns -> (conversation, levels, records); the first question carries both images."""
-    conv = []
-    for k, (_, q, a, _) in enumerate(turns):
-        conv += [{"from": "human", "value": ("<image>\n<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
-    return conv, [t[0] for t in turns], [t[3] for t in turns]
+    return to_conversation(turns, "<image>\n<image>\n"), [t.level for t in turns], [t.record for t in turns]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,14 +380,14 @@ def assemble(turns: list) -> tuple:
 def uv(x, size) -> str:
     """(col, row) or continuous (u, v) pixel coordinates -> "(u/W, v/H)"; integer pixels are taken at their centre."""
     H, W = size
-    return f"({f3(x[0] / W)}, {f3(x[1] / H)})"
+    return f"({coord(x[0] / W)}, {coord(x[1] / H)})"
 
 
 def spatial_conversation(pair: Pair, rng, order: str = "forward") -> tuple:
     """-> (conversation, levels, points [{"view", "px", "uv"}], records)."""
     if not pair.posed:
         raise ValueError("spatial-multiview questions need both views' poses (pose.txt)")
-    pick = lambda options: options[int(rng.integers(len(options)))]
+    pick = picker(rng)
     V = pair.views
     size = [v.depth.shape for v in V]
     st = states(pair)
@@ -430,29 +427,29 @@ def spatial_conversation(pair: Pair, rng, order: str = "forward") -> tuple:
         P, Q = uv((c + 0.5, r + 0.5), size[s]), uv((p["u"][j], p["v"][j]), size[t])
         z, state = p["cam_t"][j, 2], p["state"][j]
         if state == SEEN:
-            a = f"It appears at {Q} in view {t + 1}, {f2(z)} m deep there ({f2(p['cam'][j, 2])} m in view {s + 1})."
+            a = f"It appears at {Q} in view {t + 1}, {meters(z)} m deep there ({meters(p['cam'][j, 2])} m in view {s + 1})."
         elif state == OUTSIDE:
             a = f"It is outside view {t + 1}'s field of view, so view {t + 1} does not show it."
         elif state == HIDDEN:
             there = V[t].depth[int(p["v"][j]), int(p["u"][j])]
-            a = (f"It is hidden in view {t + 1}: it would appear at {Q}, {f2(z)} m deep, but a nearer surface covers "
-                 f"it there, {f2(there)} m deep.")
+            a = (f"It is hidden in view {t + 1}: it would appear at {Q}, {meters(z)} m deep, but a nearer surface covers "
+                 f"it there, {meters(there)} m deep.")
         else:
             a = f"View {t + 1} has no depth at {Q}, where it would appear, so it cannot be confirmed."
         q = pick([f"Where does the point {P} of view {s + 1} appear in view {t + 1}?",
                   f"Find the point {P} of the {ORDINAL[s]} image in the {ORDINAL[t]} image."])
-        return "pixel", q, a, dict(kind="match", point=k)
+        return Turn("pixel", q, a, dict(kind="match", point=k))
 
     def position():
         s = int(rng.integers(2))
         t, k = 1 - s, point(s, SEEN)
         p, j = pools[s], points[k]["j"]
-        here, there = (", ".join(f2(x) for x in vec) for vec in (R(s) @ p["cam"][j], R(t) @ p["cam_t"][j]))
+        here, there = (", ".join(meters(x) for x in vec) for vec in (R(s) @ p["cam"][j], R(t) @ p["cam_t"][j]))
         P = uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), size[s])
         q = pick([f"Where is the point {P} of view {s + 1} in 3D, in view {t + 1}'s frame?",
                   f"Give the 3D position of the point {P} of view {s + 1} relative to camera {t + 1}."])
         a = f"In view {t + 1}'s frame it is at ({there}) m; in view {s + 1}'s frame it is at ({here}) m."
-        return "pixel", q, a, dict(kind="position_across", point=k)
+        return Turn("pixel", q, a, dict(kind="position_across", point=k))
 
     used = set()
 
@@ -465,15 +462,15 @@ def spatial_conversation(pair: Pair, rng, order: str = "forward") -> tuple:
         texts = []
         for v in (0, 1):
             out, va, vb, _ = relation(kind, st[A][v][1]["cube"], st[B][v][1]["cube"])
-            texts.append(f"In view {v + 1} the {A} is {spec['words'][out]} the {B} ({axis} = {f2(va)} m and "
-                         f"{f2(vb)} m).")
+            texts.append(f"In view {v + 1} the {A} is {spec['words'][out]} the {B} ({axis} = {meters(va)} m and "
+                         f"{meters(vb)} m).")
         q = pick({"left_right": [f"Is the {A} left or right of the {B} in each view?",
                                  f"Compare the {A} and the {B} from left to right in both views."],
                   "front_behind": [f"Is the {A} in front of or behind the {B} in each view?",
                                    f"Which is nearer to the camera in each view, the {A} or the {B}?"],
                   "above_below": [f"Is the {A} above or below the {B} in each view?",
                                   f"Which is higher up in each view, the {A} or the {B}?"]}[kind])
-        return "object", q, " ".join(texts), dict(kind="relation_across", relation=kind, objects=[A, B])
+        return Turn("object", q, " ".join(texts), dict(kind="relation_across", relation=kind, objects=[A, B]))
 
     def camera():
         t, yaw = motion(*V)
@@ -481,9 +478,9 @@ def spatial_conversation(pair: Pair, rng, order: str = "forward") -> tuple:
         turn = f"turned {deg} degrees to the {'left' if yaw > 0 else 'right'}" if deg else "facing the same way"
         q = pick(["Where is the second camera relative to the first?", "How did the camera move from view 1 to view 2?",
                   "Give the position and heading of camera 2 in view 1's frame."])
-        a = (f"Camera 2 is at ({', '.join(f2(x) for x in t)}) m in view 1's frame (X right, Y up, Z forward), "
-             f"{f2(np.linalg.norm(t))} m from camera 1, {turn}.")
-        return "scene", q, a, dict(kind="camera_motion")
+        a = (f"Camera 2 is at ({', '.join(meters(x) for x in t)}) m in view 1's frame (X right, Y up, Z forward), "
+             f"{meters(np.linalg.norm(t))} m from camera 1, {turn}.")
+        return Turn("scene", q, a, dict(kind="camera_motion"))
 
     def distance():
         ids = [st[n][0][1]["id"] for n in both]
@@ -495,22 +492,17 @@ def spatial_conversation(pair: Pair, rng, order: str = "forward") -> tuple:
         there = [R(1) @ p["cam_t"][j] for j in js]
         P = [uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), size[0]) for k in (k1, k2)]
         Q = [uv((p["u"][j], p["v"][j]), size[1]) for j in js]
-        fmt = lambda x: "(" + ", ".join(f2(c) for c in x) + ")"
+        fmt = lambda x: "(" + ", ".join(meters(c) for c in x) + ")"
         q = (f"The points {P[0]} and {P[1]} of view 1 appear at {Q[0]} and {Q[1]} in view 2. How far apart are they "
              "in 3D?")
         a = (f"In view 1's frame they are at {fmt(here[0])} m and {fmt(here[1])} m; in view 2's at {fmt(there[0])} m "
-             f"and {fmt(there[1])} m. Either way they are {f2(np.linalg.norm(here[0] - here[1]))} m apart.")
-        return "scene", q, a, dict(kind="distance_across", points=[k1, k2])
+             f"and {fmt(there[1])} m. Either way they are {meters(np.linalg.norm(here[0] - here[1]))} m apart.")
+        return Turn("scene", q, a, dict(kind="distance_across", points=[k1, k2]))
 
     relations = [str(r) for r in rng.choice(["left_right", "front_behind", "above_below"], 2, replace=False,
                                             p=[0.45, 0.45, 0.1])]
     turns = [match(0), match(1), position()] + [relation_across(r) for r in relations] + [camera(), distance()]
-    if order == "reversed":
-        turns = [t for level in ("scene", "object", "pixel") for t in turns if t[0] == level]
-    elif order == "shuffled":
-        turns = [turns[k] for k in rng.permutation(len(turns))]
-    elif order != "forward":
-        raise ValueError(f"order {order!r}: expected forward, reversed or shuffled")
+    turns = ordered(turns, order, rng)
     for p in points:
         del p["j"]
     conv, levels, records = assemble(turns)
@@ -538,33 +530,19 @@ def scene_folders(root) -> list:
     return groups
 
 
-def patch_features(images: list, encoder, size: int = 224):
-    """(n, P, D) unit-length patch tokens of images (resized to size, not cropped) from the encoder at `encoder`."""
-    import torch
-
-    from model import load_vit, preprocess
-    vit = load_vit(encoder).eval()
-    with torch.no_grad():
-        tokens = torch.cat([vit(preprocess(images[i:i + 16], vit.cfg, size=size))[:, vit.cfg.n_prefix:]
-                            for i in range(0, len(images), 16)])
-    return torch.nn.functional.normalize(tokens.float(), dim=-1)
-
-
-def feature_distance(a, b) -> np.ndarray:
-    """Patch tokens a (P, D) of one image, b (m, P, D) of m others -> (m,) 1 - the share of a's patches that are
-    mutual nearest neighbours (cosine) with a patch of the other image: a feature form of co-visibility, 0 for the
-    same image, symmetric."""
-    import torch
-    sim = a @ b.transpose(1, 2)                                      # (m, P, P)
+def feature_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Unit-length patch tokens a (P, D) of one image, b (m, P, D) of m others -> (m,) 1 - the share of a's patches
+    that are mutual nearest neighbours (cosine) with a patch of the other image: a feature form of co-visibility, 0
+    for the same image, symmetric."""
+    sim = a @ b.transpose(0, 2, 1)                                   # (m, P, P)
     best_ab, best_ba = sim.argmax(2), sim.argmax(1)                  # (m, P) nearest in b, nearest in a
-    mutual = torch.gather(best_ba, 1, best_ab) == torch.arange(a.shape[0])
-    return 1 - mutual.float().mean(1).numpy()
+    mutual = np.take_along_axis(best_ba, best_ab, 1) == np.arange(a.shape[0])
+    return 1 - mutual.mean(1)
 
 
-def feature_distances(images: list, encoder, size: int = 224) -> np.ndarray:
-    """(n, n) feature_distance between all images."""
-    f = patch_features(images, encoder, size)
-    return np.stack([feature_distance(f[k], f) for k in range(len(f))])
+def feature_distances(features: np.ndarray) -> np.ndarray:
+    """(n, P, D) unit-length patch tokens of n images -> (n, n) feature_distance between all of them."""
+    return np.stack([feature_distance(features[k], features) for k in range(len(features))])
 
 
 def rgbd_view(frame: dict) -> tuple:
@@ -577,9 +555,10 @@ def rgbd_view(frame: dict) -> tuple:
     return view, inside, labels
 
 
-def prepare(cfg, frames=()) -> dict:
-    """RGB-D: the ordered frame pairs of each scene whose co-visibility (or, with cfg.encoder, feature distance) lies
-    in cfg.band and that share enough identifiable objects, and the label vocabulary. Synthetic: nothing."""
+def prepare(cfg, embed=None) -> dict:
+    """RGB-D: the ordered frame pairs of each scene whose co-visibility (or, with cfg.encoder, the feature distance of
+    embed(images) -> (n, P, D) unit-length patch tokens) lies in cfg.band and that share enough identifiable objects,
+    and the label vocabulary. Synthetic: nothing."""
     if not cfg.rgbd:
         return {}
     need = 2 if cfg.kind == "spatial-multiview" else 1
@@ -597,7 +576,7 @@ def prepare(cfg, frames=()) -> dict:
                 skipped.append(f"{f} ({e})")
                 continue
             loaded.append((f, view, labels, frame["rgb"]))
-        dist = feature_distances([x[3] for x in loaded], cfg.encoder) if cfg.encoder and loaded else None
+        dist = feature_distances(embed([x[3] for x in loaded])) if cfg.encoder and loaded else None
         for i, (fa, va, la, _) in enumerate(loaded):
             for j, (fb, vb, lb, _) in enumerate(loaded):
                 if i == j or (dist is not None and j < i):

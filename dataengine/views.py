@@ -14,13 +14,17 @@ for a real frame it comes from a RANSAC floor plane when a floor is visible, els
 frame with Y flipped (recorded as `gravity` = "known" | "floor" | "camera").
 """
 
+import io
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-import scenes
+from dataengine import scenes
+from storage.atomic import write_file_atomically
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,7 +160,7 @@ def lift(depth: np.ndarray, K: np.ndarray, instance: np.ndarray, rng: np.random.
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A View: one image with its ground truth, exactly as it is stored (data.py writes it, datacheck.py reads it).
+# A View: one image with its ground truth, exactly as it is stored (data.py writes it, check.py reads it).
 
 
 @dataclass
@@ -262,3 +266,52 @@ def load_depth(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False).astype(np.float64)
     return np.asarray(Image.open(path)).astype(np.float64) / 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A view's files: its image and ground truth, written atomically with fixed encoder settings (same array, same bytes).
+
+
+def png_bytes(a: np.ndarray) -> bytes:
+    """A PNG of a (H, W) or (H, W, 3) uint8/uint16 array: every row with the "Sub" filter, zlib level 1. Fixed
+    settings give the same bytes for the same array; PIL's encoder spends 3x longer choosing filters per row."""
+    h, w = a.shape[:2]
+    bpp = (1 if a.ndim == 2 else a.shape[2]) * a.itemsize                    # bytes per pixel
+    rows = a.astype(a.dtype.newbyteorder(">")).view(np.uint8).reshape(h, w * bpp)
+    raw = np.empty((h, 1 + w * bpp), np.uint8)
+    raw[:, 0] = 1                                                             # filter type 1 = Sub
+    raw[:, 1:1 + bpp] = rows[:, :bpp]
+    np.subtract(rows[:, bpp:], rows[:, :-bpp], out=raw[:, 1 + bpp:])          # each byte minus the one a pixel left
+    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    head = struct.pack(">IIBBBBB", w, h, 8 * a.itemsize, 0 if a.ndim == 2 else 2, 0, 0, 0)
+    body = chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, a, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def save_png(path: Path, array: np.ndarray):
+    write_file_atomically(path, lambda tmp: tmp.write_bytes(png_bytes(array)))
+
+
+def save_view(out: Path, stem: str, view: View, image: str, depth: bool = True, semantic: bool = True) -> dict:
+    """Write a view's image and ground truth under out: instance ids (PNG), depth (uint16 millimetres up to 65.535 m,
+    float32 .npy beyond) and semantic ids when asked for. Returns their paths relative to out."""
+    files = dict(image=image, instance=f"gt/{stem}_instance.png")
+    save_png(out / image, view.rgb)
+    save_png(out / files["instance"], view.instance.astype(np.uint8 if view.instance.max() < 256 else np.uint16))
+    if semantic and view.semantic is not None:
+        files["semantic"] = f"gt/{stem}_semantic.png"
+        save_png(out / files["semantic"], view.semantic.astype(np.uint8))
+    if depth and view.depth.max() <= 65.535:
+        files["depth"] = f"gt/{stem}_depth.png"
+        save_png(out / files["depth"], np.round(view.depth * 1000).astype(np.uint16))
+    elif depth:
+        files["depth"] = f"gt/{stem}_depth.npy"
+        write_file_atomically(out / files["depth"],
+                              lambda tmp: tmp.write_bytes(npy_bytes(view.depth.astype(np.float32))))
+    return files

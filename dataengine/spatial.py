@@ -1,0 +1,207 @@
+"""
+The spatial conversation stage 3 trains on: one image and 12 question/answer pairs built from its 3D ground truth,
+pixel -> object -> scene -> caption. writer.py writes it as kind "spatial"; check.py recomputes every answer.
+
+    view, inside = views.synthetic_view(rng, 448)
+    conv, levels, points, records = conversation(view, inside, rng, order="forward")
+
+5 pixel-level turns (depth at a point, its 3D position, which of two points is closer, the displacement between two
+points), 4 object-level (left/right, in front/behind, above/below, taller/wider/bigger; each answer cites the
+pixel-level points that fell on those objects), 1 scene-level (distance between two objects, centre to centre and
+between their closest surfaces) and 2 captions. Every 3D answer is in the viewer-centred, gravity-aligned answer
+frame of views.py; relations compare bounding-cube centres (or extents for sizes) and call near-ties ties.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dataengine import scenes, views
+from dataengine.text import (CLOSER_WORDS, FORMS, PIXEL_KINDS, QUESTIONS, RELATIONS, TIE_DEPTH, Turn, article, cited,
+                             coord, cube_distance, listing, meters, ordered, picker, relation, to_conversation)
+from dataengine.views import View, save_view
+
+def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order: str = "forward"):
+    """-> (conversations [{"from", "value"}] x 24, levels x 12, points [{"px", "uv"}], turn records x 12)."""
+    H, W = view.depth.shape
+    pick = picker(rng)
+    # up to 4 focus objects; the 4 object turns and the scene turn ask about pairs spread over them
+    focus = [int(i) for i in rng.permutation(views.candidates(view, inside))[:4]]
+    uses = dict.fromkeys(focus, 0)
+
+    def least_used(exclude=None):
+        pool = [f for f in focus if f != exclude]
+        f = pick([f for f in pool if uses[f] == min(uses[g] for g in pool)])
+        uses[f] += 1
+        return f
+
+    object_kinds = ["left_right", "front_behind", "above_below", pick(["taller", "wider", "bigger"])]
+    pairs = [(a, least_used(a)) for a in (least_used() for _ in object_kinds)]
+    # the pixel-level points land on those objects: "closer" on the front/behind pair, "displacement" on the
+    # above/below pair, single points on objects not covered yet
+    pixel_kinds = sorted(list(PIXEL_KINDS) + [pick(PIXEL_KINDS)], key=PIXEL_KINDS.index)
+    two = {"closer": [pairs[1], pairs[3]], "displacement": [pairs[2], pairs[0]]}
+    wanted = [list(two[k].pop(0)) if k in two else None for k in pixel_kinds]
+    covered = {o for w in wanted if w for o in w}
+    for k, w in enumerate(wanted):
+        if w is None:
+            rest = [f for f in focus if f not in covered]
+            wanted[k] = [rest[0] if rest else pick(focus)]
+            covered.add(wanted[k][0])
+    flat = np.nonzero(inside.reshape(-1))[0]
+    owner = view.instance.reshape(-1)[flat]
+    px, taken = [], np.zeros((H, W), bool)        # points keep 2 pixels apart when the object allows it
+    for o in (o for w in wanted for o in w):
+        pool = flat[owner == o]
+        free = pool[~taken.reshape(-1)[pool]]
+        pool = free if len(free) else pool
+        r, c = divmod(int(pool[rng.integers(len(pool))]), W)
+        taken[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = True
+        px.append((c, r))
+    px = np.array(px)
+    facts = dict(P=[f"({coord((c + 0.5) / W)}, {coord((r + 0.5) / H)})" for c, r in px], on=view.instance[px[:, 1], px[:, 0]],
+                 names={o["id"]: o["name"] for o in view.objects}, cubes={o["id"]: o["cube"] for o in view.objects})
+    facts["d"], facts["xyz"] = views.point_facts(view, px)
+    turns, n = [], 0
+    for kind, objs in zip(pixel_kinds, wanted):
+        turns.append(pixel_turn(kind, list(range(n, n + len(objs))), facts, rng, pick))
+        n += len(objs)
+    turns += [object_turn(kind, a, b, facts, rng, pick) for kind, (a, b) in zip(object_kinds, pairs)]
+    a = least_used()
+    turns.append(scene_turn(a, least_used(a), facts, pick))
+    turns += caption_turns(view, facts, pick)
+    turns = ordered(turns, order, rng)
+    points = [dict(px=[int(c), int(r)], uv=[round((c + 0.5) / W, 3), round((r + 0.5) / H, 3)]) for c, r in px]
+    return to_conversation(turns), [t.level for t in turns], points, [t.record for t in turns]
+
+
+def pixel_turn(kind: str, idx: list, facts: dict, rng, pick) -> Turn:
+    P, d, xyz = facts["P"], facts["d"], facts["xyz"]
+    i, j = idx[0], idx[-1]
+    rec = dict(kind=kind, points=idx)
+    if kind == "depth":
+        a = pick([f"The depth at {P[i]} is {meters(d[i])} m.", f"{P[i]} lies at a depth of {meters(d[i])} m.",
+                  f"The point {P[i]} is {meters(d[i])} m from the camera along the viewing axis."])
+        return Turn("pixel", pick(QUESTIONS["depth"]).format(p=P[i]), a, rec)
+    if kind == "position":
+        x, y, z = (meters(v) for v in xyz[i])
+        a = pick([f"The point {P[i]} is at ({x}, {y}, {z}) m.", f"{P[i]} is at X = {x} m, Y = {y} m, Z = {z} m.",
+                  f"In the viewer's frame (X right, Y up, Z forward), {P[i]} is at ({x}, {y}, {z}) m."])
+        return Turn("pixel", pick(QUESTIONS["position"]).format(p=P[i]), a, rec)
+    if kind == "closer":
+        form, want = int(rng.integers(2)), int(rng.integers(2))      # yes/no or which; about "closer" or "farther"
+        out = 2 if abs(d[i] - d[j]) < TIE_DEPTH else int(d[i] > d[j])
+        if form == 0:      # the verdict keeps the question's order; Yes / No / Not clearly answers it
+            s, o, rel, prefix = i, j, out, ["No, ", "Yes, ", "Not clearly: "][2 if out == 2 else int(out == want)]
+        else:              # the verdict names the point that has the asked-about property first
+            s, o = (i, j) if out in (2, want) else (j, i)
+            rel, prefix = (2, "Neither: ") if out == 2 else (want, "")
+        a = (f"{prefix}{P[s]} is {CLOSER_WORDS[rel]} {P[o]}: depths {meters(d[s])} m and {meters(d[o])} m, "
+             f"a difference of {meters(abs(d[s] - d[o]))} m.")
+        question = pick(QUESTIONS["closer"][form][want]).format(p=P[i], q=P[j])
+        return Turn("pixel", question, a, dict(rec, form=FORMS[form], want=want))
+    v, dist = [meters(c) for c in xyz[j] - xyz[i]], meters(np.linalg.norm(xyz[j] - xyz[i]))
+    a = pick([f"From {P[i]} to {P[j]} the displacement is ({v[0]}, {v[1]}, {v[2]}) m, a distance of {dist} m.",
+              f"Going from {P[i]} to {P[j]} means moving ({v[0]}, {v[1]}, {v[2]}) m (X right, Y up, Z forward), "
+              f"{dist} m in all."])
+    return Turn("pixel", pick(QUESTIONS["displacement"]).format(p=P[i], q=P[j]), a, rec)
+
+
+def object_turn(kind: str, a: int, b: int, facts: dict, rng, pick) -> Turn:
+    """A relation between objects a and b from their cubes, citing the pixel-level points that fell on them."""
+    spec, names, cubes = RELATIONS[kind], facts["names"], facts["cubes"]
+    P, d, xyz = facts["P"], facts["d"], facts["xyz"]
+    A, B = names[a], names[b]
+    out, va, vb, margin = relation(kind, cubes[a], cubes[b])
+    form, want = int(rng.integers(2)), int(rng.integers(2))
+    if form == 0:
+        s, o, rel, prefix = a, b, out, ["No. ", "Yes. ", "Not clearly. "][2 if out == 2 else int(out == want)]
+    else:
+        s, o = (a, b) if out in (2, want) else (b, a)
+        rel, prefix = (2, "Neither. ") if out == 2 else (want, "")
+    value = {"X": lambda k: f" is at X = {meters(xyz[k, 0])} m", "Y": lambda k: f" is at Y = {meters(xyz[k, 1])} m",
+             "depth": lambda k: f" has depth {meters(d[k])} m"}.get(spec.get("cite"), lambda k: "")
+    cites = [f"{P[k]}{' on' if 'cite' in spec else ' is on'} the {names[x]}{value(k)}"
+             for x in (a, b) for k in cited(facts["on"], x)]
+    text = prefix
+    if cites:
+        text += pick(["Points on them: ", "From the points measured on them: ", "Evidence from the pixels: "])
+        text += "; ".join(cites) + ". "
+    if "axis" in spec:
+        axis = "XYZ"[spec["axis"]]
+        text += f"The {A}'s centre is at {axis} = {meters(va)} m and the {B}'s at {axis} = {meters(vb)} m. "
+    elif spec["measure"] == "volume":
+        ea, eb = (" x ".join(meters(v) for v in np.subtract(*cubes[x][::-1])) for x in (a, b))
+        text += f"The {A} measures {ea} m (width x height x depth) and the {B} {eb} m. "
+    else:
+        text += f"The {A} is {meters(va)} m {'tall' if spec['measure'] == 'height' else 'wide'} and the {B} {meters(vb)} m. "
+    by = f" by {meters(margin)} m" if rel != 2 and spec.get("measure") != "volume" else ""
+    text += f"{pick(['So', 'Hence', 'Therefore'])} the {names[s]} is {spec['words'][rel]} the {names[o]}{by}."
+    q = pick(spec["ask" if form == 0 else "which"][want]).format(a=A, b=B)
+    return Turn("object", q, text, dict(kind=kind, objects=[a, b], form=FORMS[form], want=want))
+
+
+def scene_turn(a: int, b: int, facts: dict, pick) -> Turn:
+    names, cubes = facts["names"], facts["cubes"]
+    centre, gap = cube_distance(cubes[a], cubes[b])
+    ca, cb = (", ".join(meters(v) for v in np.sum(cubes[x], 0) / 2) for x in (a, b))
+    text = pick([f"The {names[a]}'s centre is at ({ca}) m and the {names[b]}'s at ({cb}) m: they are {meters(centre)} m "
+                 f"apart centre to centre, and their closest surfaces are {meters(gap)} m apart.",
+                 f"Centre to centre: ({ca}) m for the {names[a]} and ({cb}) m for the {names[b]}, "
+                 f"{meters(centre)} m apart; between their closest surfaces there are {meters(gap)} m."])
+    return Turn("scene", pick(QUESTIONS["distance"]).format(a=names[a], b=names[b]), text,
+                dict(kind="distance", objects=[a, b]))
+
+
+def caption_turns(view: View, facts: dict, pick) -> list:
+    """The objects that are visible, left to right (with the room), and near to far (with what each stands on, from
+    the scene graph); a user's captions replace them when the RGB-D folder has some."""
+    names, (H, W) = facts["names"], view.depth.shape
+    counts = np.bincount(view.instance.reshape(-1), minlength=max(names) + 1)
+    visible = [o for o in view.objects if counts[o["id"]] >= views.min_pixels(H, W)]
+    items = listing([article(o["name"]) for o in sorted(visible, key=lambda o: o["cube"][0][0] + o["cube"][1][0])])
+    if view.captions:
+        first = Turn("caption", pick(QUESTIONS["caption_list"]), view.captions[0], dict(kind="caption_user"))
+    else:
+        text = pick([f"A room with {view.room}, holding {items}.", f"An indoor scene with {view.room}: {items}.",
+                     f"{items[0].upper()}{items[1:]} in a room with {view.room}."] if view.room else
+                    [f"A scene with {items}.", f"{items[0].upper()}{items[1:]}."])
+        first = Turn("caption", pick(QUESTIONS["caption_list"]), text, dict(kind="caption_list"))
+    if len(view.captions) > 1:
+        return [first, Turn("caption", pick(QUESTIONS["caption_user"]), view.captions[1], dict(kind="caption_user"))]
+    shown = {o["id"] for o in visible}
+    near = [f"the {o['name']}" + (f" (on the {names[o['on']]})" if o["on"] in shown else "")
+            for o in sorted(visible, key=lambda o: o["cube"][0][2] + o["cube"][1][2])]
+    text = pick(["From nearest to farthest: ", "Nearest first: "]) + listing(near) + "."
+    return [first, Turn("caption", pick(QUESTIONS["caption_depth"]), text, dict(kind="caption_depth"))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing (called by writer.py for kind "spatial").
+
+
+def prepare(spec, frames: list) -> list:
+    """The RGB-D frame folders (empty for the synthetic rooms)."""
+    return frames
+
+
+def make_sample(spec, index: int, out: Path, frames: list) -> str:
+    """Generate sample `index`, write its image and ground truth under out, and return its JSON line."""
+    rng = np.random.default_rng([spec.seed, index])
+    if spec.rgbd:
+        view, inside = views.rgbd_view(scenes.load_rgbd(frames[index % len(frames)]), rng)
+    else:
+        view, inside = views.synthetic_view(rng, spec.size)
+    conv, levels, points, turns = conversation(view, inside, rng, spec.order)
+    sid = f"{index:06d}"
+    H, W = view.depth.shape
+    files = save_view(out, sid, view, f"images/{sid}.png")
+    counts = np.bincount(view.instance.reshape(-1), minlength=max(o["id"] for o in view.objects) + 1)
+    meta = dict(source=view.source, seed=spec.seed, index=index, size=[H, W], depth=files["depth"],
+                instance=files["instance"], semantic=files.get("semantic"), K=view.K, cam_to_world=view.cam_to_world,
+                answer_from_camera=view.answer_from_camera, gravity=view.gravity, camera_height=view.camera_height,
+                cube_source="scene" if view.source == "synthetic" else "lifted", room=view.room,
+                min_pixels=views.min_pixels(H, W), objects=[dict(o, pixels=int(counts[o["id"]])) for o in view.objects],
+                points=points, turns=turns)
+    return json.dumps(dict(id=f"spatial-{sid}", image=files["image"], conversations=conv, levels=levels, meta=meta))

@@ -1,0 +1,171 @@
+"""
+The writer every kind of data goes through: one sample per index, seeded from (seed, index), so content never
+depends on --workers; shards of samples are written atomically and data.jsonl is assembled from them, so a re-run
+continues where one stopped. The builders are spatial.py ("spatial"), instruct.py ("captions", "instruct") and
+multiview.py ("multiview", "spatial-multiview"); each has prepare(spec, ...) and make_sample(spec, index, out, source).
+
+    write_dataset("spatial", "data/spatial", n=1000, seed=0, size=448, workers=2)     # -> data/spatial/data.jsonl
+
+A directory holds one kind: <kind>.json records the DatasetSpec, and a resumed run must match it.
+"""
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dataengine import instruct, multiview, scenes, spatial
+from storage.atomic import write_file_atomically, write_text_atomically
+
+KINDS = ("spatial", "captions", "instruct", "multiview", "spatial-multiview")
+ORDERED = ("spatial", "spatial-multiview")      # kinds whose turns go pixel -> object -> scene: --order applies
+ORDERS = ("forward", "reversed", "shuffled")
+
+
+@dataclass
+class DatasetSpec:     # what fixes a dataset's content; saved in <kind>.json, a resumed run must match it
+    seed: int = 0
+    size: int = 448
+    order: str | None = "forward"      # None for kinds without levels
+    rgbd: str | None = None
+    shard_size: int = 256
+    kind: str = "spatial"
+    band: list | None = None           # multi-view kinds: [lo, hi] of the co-visibility (or feature-distance) band
+    encoder: str | None = None         # multi-view kinds on RGB-D frames without poses: the encoder of that band
+
+
+def builder(kind: str):
+    """The module that builds samples of `kind`."""
+    return multiview if "multiview" in kind else instruct if kind in ("captions", "instruct") else spatial
+
+
+def prepare(spec: DatasetSpec, embed=None):
+    """What every sample needs from the source, computed once and handed to each worker: the RGB-D frame folders,
+    label vocabularies, view pairs. embed: images -> unit-length patch features, for the feature band."""
+    if "multiview" in spec.kind:
+        return multiview.prepare(spec, embed)
+    return builder(spec.kind).prepare(spec, rgbd_frames(spec.rgbd) if spec.rgbd else [])
+
+
+def rgbd_frames(root) -> list:
+    """Frame folders under root (root itself when it is one), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"--rgbd {root}: not a directory")
+    frames = [root] if (root / "labels.json").exists() else sorted(p for p in root.iterdir() if p.is_dir())
+    if not frames:
+        raise SystemExit(f"--rgbd {root}: no frame folders (rgb, depth, intrinsics, instance.png, labels.json)")
+    return [str(f) for f in frames]
+
+
+def fast_malloc():
+    """Keep large numpy temporaries on the heap. A 448x448 float32 image (800 KB) is above glibc's mmap threshold,
+    so every temporary is a fresh mmap whose pages fault in one by one: rendering is ~1.7x faster without that.
+    glibc only (elsewhere a no-op); affects this process's allocator, so only data generation calls it."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)    # M_MMAP_THRESHOLD (32 MB is glibc's largest)
+        libc.mallopt(-1, 64 << 20)    # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_worker = {}
+
+
+def _init(spec, out, source):
+    fast_malloc()
+    _worker.update(spec=spec, out=Path(out), source=source)
+
+
+def _job(index):
+    return index, builder(_worker["spec"].kind).make_sample(_worker["spec"], index, _worker["out"], _worker["source"])
+
+
+def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder) -> DatasetSpec:
+    """The spec of a dataset, its options checked (a ValueError names the one that is wrong)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: data.py writes {', '.join(KINDS)}")
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r}: expected forward, reversed or shuffled")
+    multi = "multiview" in kind
+    if (band is not None or encoder) and not multi:
+        raise ValueError(f"band / encoder select view pairs: they apply to the multi-view kinds, not {kind!r}")
+    if encoder and not rgbd:
+        raise ValueError("encoder: the feature-distance band pairs RGB-D frames without poses; give rgbd too")
+    if multi:
+        band = [float(b) for b in (band if band is not None else multiview.FEATURE_BAND if encoder else multiview.BAND)]
+        if len(band) != 2 or not 0 <= band[0] < band[1] <= (2 if encoder else 1):
+            raise ValueError(f"band {band}: expected [lo, hi] with 0 <= lo < hi <= {2 if encoder else 1}")
+    return DatasetSpec(seed, size, order if kind in ORDERED else None, str(Path(rgbd).resolve()) if rgbd else None,
+                       shard_size, kind, band, str(Path(encoder).resolve()) if encoder else None)
+
+
+def open_dataset(out: Path, spec: DatasetSpec):
+    """Create out (or reopen it for the same spec): refuses another kind's directory or other options."""
+    for sub in ("images", "gt", "shards"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    others = [k for k in KINDS if k != spec.kind and (out / f"{k}.json").exists()]
+    if others:
+        raise SystemExit(f"{out} holds {others[0]} data ({others[0]}.json): write {spec.kind} data to another --out")
+    manifest = out / f"{spec.kind}.json"
+    if manifest.exists():
+        old = json.loads(manifest.read_text())["config"]
+        if old != asdict(spec):
+            raise SystemExit(f"{out} was written with {old}, not {asdict(spec)}: use the same options or a new --out")
+    else:
+        info = dict(kind=spec.kind, config=asdict(spec), categories=list(scenes.CATEGORIES),
+                    frame="answers: X right, Y up (gravity), Z forward (horizontal), meters; pixels (u/W, v/H)")
+        write_text_atomically(manifest, json.dumps(info, indent=1))
+
+
+def write_dataset(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
+                  rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None,
+                  embed=None) -> Path:
+    """Write (or finish writing) n samples of `kind` (one of KINDS) to out; returns the path of its data.jsonl.
+    rgbd: a folder of RGB-D frame folders instead of the synthetic rooms (size then does not apply; multi-view kinds
+    want scene folders of frames, see multiview.py). order: turn order of the spatial kinds (ignored by the others).
+    band: multi-view kinds' [lo, hi] co-visibility band (default multiview.BAND), or the feature-distance band when
+    `encoder` (its path, recorded in the spec) pairs RGB-D frames that have no poses; embed computes its features."""
+    spec = dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder)
+    out = Path(out)
+    open_dataset(out, spec)
+    source = prepare(spec, embed)
+    fast_malloc()
+    plan = [(a, min(a + spec.shard_size, n)) for a in range(0, n, spec.shard_size)]
+    shard = lambda a, b: out / "shards" / f"{a:06d}-{b:06d}.jsonl"
+    todo = [(a, b) for a, b in plan if not shard(a, b).exists()]
+    indices = [i for a, b in todo for i in range(a, b)]
+    lines, t0, shown = {}, time.time(), 0.0
+    if workers > 1 and len(indices) > 1:
+        pool = mp.get_context("spawn").Pool(workers, _init, (spec, str(out), source))
+        results = pool.imap(_job, indices, chunksize=4)
+    else:
+        make = builder(kind).make_sample
+        pool, results = None, ((i, make(spec, i, out, source)) for i in indices)
+    try:
+        for done, (i, line) in enumerate(results, 1):
+            lines[i] = line
+            while todo and all(k in lines for k in range(*todo[0])):
+                a, b = todo.pop(0)
+                write_text_atomically(shard(a, b), "".join(lines.pop(k) + "\n" for k in range(a, b)))
+            if progress and (time.time() - shown > 0.5 or done == len(indices)):
+                shown, rate = time.time(), done / max(time.time() - t0, 1e-9)
+                eta = (len(indices) - done) / max(rate, 1e-9)
+                print(f"\r{kind} {n - len(indices) + done}/{n}  {rate:.1f} samples/s  eta {eta:.0f}s ",
+                      end="", file=sys.stderr)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if progress and indices:
+        print(file=sys.stderr)
+
+    def assemble(tmp):
+        with open(tmp, "w") as f:
+            for a, b in plan:
+                f.write(shard(a, b).read_text())
+    return write_file_atomically(out / "data.jsonl", assemble)

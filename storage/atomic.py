@@ -1,0 +1,61 @@
+"""
+Atomic writes and repo-relative paths: the one place that knows how to put a file or a directory on disk so that a
+reader, or a crash, never sees it half-written. Plain Python (no torch, no numpy): the data engine uses it too.
+
+    write_file_atomically(path, lambda tmp: tmp.write_text(text))      # tmp is a sibling; renamed over path
+    write_dir_atomically(out, lambda tmp: save_file(state, tmp / "model.safetensors"))
+    repo_path("weights/dinov2-s14")                                     # as given if it exists, else under the repo
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_file_atomically(path, write) -> Path:
+    """write(tmp_path), then rename over `path`. The temporary name is hidden and carries the pid, so concurrent
+    writers never share one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomically(path, text: str) -> Path:
+    return write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_dir_atomically(out, write) -> Path:
+    """Call write(tmp_dir) to fill a sibling temporary directory, then swap it in for `out`. The old directory is
+    moved aside before the new one takes its name, so at every instant `out` is either the old or the new one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def repo_path(path) -> Path:
+    """A path as given when it is absolute or exists from here; otherwise relative to the repository root, so that
+    the presets' `weights/...` and `data/...` work from any working directory."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else ROOT / p
