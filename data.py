@@ -65,6 +65,8 @@ HELP = {"spatial": "single-view spatial conversations, 12 turns pixel -> object 
         "captions": "one image and one caption turn, phrasings varied (stage 1, alignment)",
         "instruct": "single-view instruction QA from the scene graph: counting, colour, existence, attributes, "
                     "short and long descriptions (stage 2)",
+        "grounding": "single-view grounding: what is at (u, v), an object's box [x1, y1, x2, y2], which of two points "
+                     "lies on an object (stage 2: the coordinate interface)",
         "multiview": "two views of a scene in a co-visibility band: common, false-premise and multiple-choice "
                      "questions (stage 2)",
         "spatial-multiview": "two views of a scene: the same point across views, camera motion, relations and "

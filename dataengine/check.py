@@ -526,10 +526,53 @@ def _choice(q: str, a: str, right: str, where: str) -> list:
     return []
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Grounding (stage 2): every answer re-derived from the instance (and semantic) mask and the question's own text.
+
+POINT_TEXT = re.compile(r"\((\d\.\d{3}), (\d\.\d{3})\)")
+
+
+def _pixel(u: str, v: str, H: int, W: int) -> tuple:
+    """The pixel a normalized pixel-centre coordinate names (exact for images under 1000 px)."""
+    return int(float(v) * H), int(float(u) * W)
+
+
+def check_grounding(rec: dict, out: Path, stats: dict) -> list:
+    meta, conv = rec["meta"], rec["conversations"]
+    inst = np.asarray(Image.open(out / meta["instance"])).astype(np.int64)
+    sem = np.asarray(Image.open(out / meta["semantic"])).astype(np.int64) if meta.get("semantic") else None
+    H, W = inst.shape
+    names = {o["id"]: o["name"] for o in meta["objects"]}
+    what = lambda r, c: (f"no object: the {CATEGORIES[sem[r, c] - 1]}" if inst[r, c] == 0 and sem is not None
+                         else names.get(int(inst[r, c])))
+    bad = []
+    for t, turn in enumerate(meta["turns"]):
+        q, a, where = conv[2 * t]["value"], conv[2 * t + 1]["value"], f"turn {t} ({turn['kind']})"
+        points = [_pixel(u, v, H, W) for u, v in POINT_TEXT.findall(q)]
+        if turn["kind"] == "point":
+            name = what(*points[0])
+            if name is None or a.rstrip(".").lower() not in (name.lower(), f"the {name.lower()}"):
+                bad.append(f"{where}: {a!r} but the mask says {name!r} at {points[0]}")
+        elif turn["kind"] == "box":
+            mask = inst == turn["object"]
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            box = [cols[0] / W, rows[0] / H, (cols[-1] + 1) / W, (rows[-1] + 1) / H]
+            bad += _numbers(a, [(v, 2) for v in box], where)
+            if names[turn["object"]] not in q:
+                bad.append(f"{where}: the question does not name the {names[turn['object']]}")
+        elif turn["kind"] == "which":
+            said = [_pixel(u, v, H, W) for u, v in POINT_TEXT.findall(a)]
+            on = [int(inst[r, c]) == turn["object"] for r, c in points]
+            if len(points) != 2 or len(said) != 1 or sum(on) != 1 or said[0] != points[on.index(True)]:
+                bad.append(f"{where}: {a!r} is not the one of {points} on object {turn['object']}")
+        stats[f"grounding_{turn['kind']}"] = stats.get(f"grounding_{turn['kind']}", 0) + 1
+    return bad
+
+
 def check(out, limit: int | None = None) -> tuple:
     """Check every sample of out/data.jsonl -> (problems [str], stats {name: count})."""
     out, problems, stats = Path(out), [], {"samples": 0}
-    checkers = {"spatial": check_spatial, "captions": check_single, "instruct": check_single,
+    checkers = {"spatial": check_spatial, "captions": check_single, "instruct": check_single, "grounding": check_grounding,
                 "multiview": check_pair, "spatial-multiview": check_pair}
     with open(out / "data.jsonl") as f:
         for n, line in enumerate(f):

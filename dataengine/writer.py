@@ -16,10 +16,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dataengine import instruct, multiview, scenes, spatial
+from dataengine import grounding, instruct, multiview, scenes, spatial
 from storage.atomic import write_file_atomically, write_text_atomically
 
-KINDS = ("spatial", "captions", "instruct", "multiview", "spatial-multiview")
+KINDS = ("spatial", "captions", "instruct", "grounding", "multiview", "spatial-multiview")
 ORDERED = ("spatial", "spatial-multiview")      # kinds whose turns go pixel -> object -> scene: --order applies
 ORDERS = ("forward", "reversed", "shuffled")
 
@@ -38,6 +38,8 @@ class DatasetSpec:     # what fixes a dataset's content; saved in <kind>.json, a
 
 def builder(kind: str):
     """The module that builds samples of `kind`."""
+    if kind == "grounding":
+        return grounding
     return multiview if "multiview" in kind else instruct if kind in ("captions", "instruct") else spatial
 
 
