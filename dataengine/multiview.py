@@ -155,7 +155,7 @@ def states(pair: Pair) -> dict:
         else:       # a label seen once, lifted under its plain name, is identifiable; twice or more it is not
             named = {o["name"]: o for o in view.objects if o["name"] == o["category"]}
             found = {}
-            for c in set(labels.values()):
+            for c in sorted(set(labels.values())):     # sorted: a set's order changes with PYTHONHASHSEED
                 seen = [i for i, l in labels.items() if l == c and counts[i] > 0]
                 ok = len(seen) == 1 and c in named and counts[named[c]["id"]] >= min_px
                 found[c] = ("visible" if ok else "absent" if not seen else "unclear", named.get(c))
