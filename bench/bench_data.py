@@ -28,8 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
-from dataengine import scenes  # noqa: E402
-from dataengine import views  # noqa: E402
+from dataengine import scenes, spatial, views, writer  # noqa: E402
 
 STAGES = {   # profile function name -> stage
     "render": "render (ray casting, shading, shadows)", "random_scene": "scene + camera sampling",
@@ -62,18 +61,18 @@ def throughput(n, size, workers):
 
 
 def profile(n, size):
-    data.fast_malloc()
+    writer.fast_malloc()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for sub in ("images", "gt"):
             (out / sub).mkdir()
-        cfg = data.Config(seed=1, size=size)
-        data.make_sample(cfg, 10 ** 6, out)                     # warm-up
+        spec = writer.DatasetSpec(seed=1, size=size)
+        spatial.make_sample(spec, 10 ** 6, out, [])              # warm-up
         prof = cProfile.Profile()
         t0 = time.process_time()
         prof.enable()
         for i in range(n):
-            data.make_sample(cfg, i, out)
+            spatial.make_sample(spec, i, out, [])
         prof.disable()
         cpu = time.process_time() - t0
     stats = pstats.Stats(prof).stats                            # {(file, line, name): (cc, nc, tt, ct, callers)}

@@ -71,7 +71,7 @@ def main():
     if (encoder / "config.json").exists():
         t0 = time.time()
         images = [im for p in pairs for im in p[1:]]
-        f = multiview.patch_features(images, encoder)
+        f = data.encoder_embedding(encoder)(images)
         d = np.array([multiview.feature_distance(f[2 * i], f[2 * i + 1:2 * i + 2])[0] for i in range(len(pairs))])
         rho = np.corrcoef(ranks(covis), ranks(d))[0, 1]
         q10, q50, q90 = np.percentile(d[inside], [10, 50, 90])

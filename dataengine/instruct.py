@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dataengine import scenes, views
-from dataengine.text import TIE_CENTRE, Turn, article, listing, meters, picker, to_conversation
+from dataengine.text import NUMBER_WORDS, TIE_CENTRE, Turn, article, listing, meters, picker, place, to_conversation
 from dataengine.views import save_view
 
 CAPTION_PROMPTS = ["Describe the image concisely.", "Provide a brief description of the given image.",
@@ -35,8 +35,6 @@ CAPTION_PROMPTS = ["Describe the image concisely.", "Provide a brief description
                    "Render a clear and concise summary of the photo."]
 LONG_PROMPTS = ["Describe the image in detail.", "Give a detailed description of this scene.",
                 "Describe every object in the picture and where it is.", "Explain the layout of this scene in detail."]
-NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-THIRDS = (("left", "centre", "right"), ("upper", "middle", "lower"))
 THIRD_MARGIN = 0.03     # position questions skip objects whose centroid is this close to a border between thirds
 QA_TURNS = 4            # instruction-QA turns per image, plus one description
 
@@ -47,23 +45,20 @@ def plural(word: str) -> str:
     return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
 
 
-def centre_x(o) -> float:
-    return (o["cube"][0][0] + o["cube"][1][0]) / 2
-
-
-def facts_of(view: views.View, labels: dict) -> dict:
-    """What the questions need: visible objects left to right, and per category the ids that are visible (>= min
-    pixels) or only slivers (fewer); labels = {instance id: category} of every instance id the frame knows."""
+def facts_of(view: views.View) -> dict:
+    """What the questions need: visible objects left to right, and per category (view.labels) the ids that are
+    visible (>= min pixels) or only slivers (fewer)."""
     H, W = view.instance.shape
-    counts = np.bincount(view.instance.reshape(-1), minlength=max(labels, default=0) + 1)
+    counts = np.bincount(view.instance.reshape(-1), minlength=max(view.labels, default=0) + 1)
     min_px = views.min_pixels(H, W)
     visible, sliver = {}, {}
-    for i, c in labels.items():
+    for i, c in view.labels.items():
         if counts[i] >= min_px:
             visible.setdefault(c, []).append(i)
         elif counts[i] > 0:
             sliver.setdefault(c, []).append(i)
-    objects = sorted((o for o in view.objects if counts[o["id"]] >= min_px), key=centre_x)
+    objects = sorted((o for o in view.objects if counts[o["id"]] >= min_px),
+                     key=lambda o: o["cube"][0][0] + o["cube"][1][0])       # left to right
     return dict(objects=objects, by_id={o["id"]: o for o in view.objects}, visible=visible, sliver=sliver,
                 synthetic=view.source == "synthetic",
                 names={o["id"]: o["name"] for o in view.objects}, room=view.room, size=(H, W), instance=view.instance)
@@ -116,10 +111,7 @@ def long_description(facts: dict, pick) -> tuple:
 def caption_conversation(facts: dict, user_captions, rng) -> tuple:
     pick = picker(rng)
     prompt = pick(CAPTION_PROMPTS)
-    if user_captions:
-        text, rec = pick(list(user_captions)), dict(kind="caption_user")
-    else:
-        text, rec = caption(facts, pick)
+    text, rec = (pick(list(user_captions)), dict(kind="caption_user")) if user_captions else caption(facts, pick)
     question = f"<image>\n{prompt}" if rng.random() < 0.8 else f"{prompt}\n<image>"
     return [{"from": "human", "value": question}, {"from": "gpt", "value": text}], ["caption"], [rec]
 
@@ -166,10 +158,11 @@ def exists_turn(facts, vocabulary, rng, pick):
     of a visible category has."""
     present = sorted(facts["visible"])
     absent = [c for c in vocabulary if c not in facts["visible"] and c not in facts["sliver"]]
+    ask = lambda c: pick([f"Is there a {c} in the image?", f"Can you see a {c}?", f"Does the picture show a {c}?"])
     r = rng.random()
     if present and (r < 0.5 or not absent):
         c = pick(present)
-        q = pick([f"Is there a {c} in the image?", f"Can you see a {c}?", f"Does the picture show a {c}?"])
+        q = ask(c)
         if not facts["synthetic"]:
             n = len(facts["visible"][c])
             return q, f"Yes, there is {'one' if n == 1 else NUMBER_WORDS[min(n, 10)]} {c if n == 1 else plural(c)}.", \
@@ -187,8 +180,7 @@ def exists_turn(facts, vocabulary, rng, pick):
     if not absent:
         return None
     c = pick(absent)
-    q = pick([f"Is there a {c} in the image?", f"Can you see a {c}?", f"Does the picture show a {c}?"])
-    return q, f"No, there is no {c} in the image.", dict(kind="exists", category=c)
+    return ask(c), f"No, there is no {c} in the image.", dict(kind="exists", category=c)
 
 
 def support_turn(facts, vocabulary, rng, pick):
@@ -211,12 +203,6 @@ def thirds(facts, i):
     if min(abs(u - b) for b in (1 / 3, 2 / 3)) < THIRD_MARGIN or min(abs(v - b) for b in (1 / 3, 2 / 3)) < THIRD_MARGIN:
         return None
     return min(int(u * 3), 2), min(int(v * 3), 2)
-
-
-def place(col: int, row: int) -> str:
-    if (col, row) == (1, 1):
-        return "centre"
-    return THIRDS[0][col] if row == 1 else THIRDS[1][row] if col == 1 else f"{THIRDS[1][row]} {THIRDS[0][col]}"
 
 
 def position_turn(facts, vocabulary, rng, pick):
@@ -252,12 +238,8 @@ def instruct_conversation(facts: dict, vocabulary: list, rng) -> tuple:
             turns.append(made)
         if len(turns) == QA_TURNS:
             break
-    if rng.random() < 0.5:
-        text, rec = caption(facts, pick)
-        turns.append((pick(CAPTION_PROMPTS), text, rec))
-    else:
-        text, rec = long_description(facts, pick)
-        turns.append((pick(LONG_PROMPTS), text, rec))
+    text, rec = caption(facts, pick) if rng.random() < 0.5 else long_description(facts, pick)
+    turns.append((pick(CAPTION_PROMPTS if rec["kind"] == "caption" else LONG_PROMPTS), text, rec))
     turns = [Turn(rec["kind"], q, a, rec) for q, a, rec in (turns[k] for k in rng.permutation(len(turns)))]
     return to_conversation(turns), [t.level for t in turns], [t.record for t in turns]
 
@@ -266,9 +248,9 @@ def instruct_conversation(facts: dict, vocabulary: list, rng) -> tuple:
 # Writing (called by writer.py for kinds "captions" and "instruct").
 
 
-def prepare(cfg, frames: list) -> dict:
+def prepare(cfg, embed=None) -> dict:
     """The RGB-D frame folders and the label vocabulary over all of them (for "is there a <label>?" questions)."""
-    labels = set()
+    frames, labels = scenes.frame_folders(cfg.rgbd) if cfg.rgbd else [], set()
     for f in frames:
         raw = json.loads((Path(f) / "labels.json").read_text())
         labels |= {v.strip() for v in raw.values() if isinstance(v, str) and v.strip()}
@@ -278,26 +260,20 @@ def prepare(cfg, frames: list) -> dict:
 def make_sample(cfg, index: int, out, source: dict) -> str:
     rng = np.random.default_rng([cfg.seed, index])
     if cfg.rgbd:
-        frame = scenes.load_rgbd(source["frames"][index % len(source["frames"])])
-        view, _ = views.rgbd_view(frame, rng)
-        labels = {i: c for i, c in frame["labels"].items() if c.lower() not in scenes.FLOOR_LABELS}
-        vocabulary = source["vocabulary"]
+        view, _ = views.rgbd_view(scenes.load_rgbd(source["frames"][index % len(source["frames"])]), rng)
     else:
         view, _ = views.synthetic_view(rng, cfg.size)
-        labels = {o["id"]: o["category"] for o in view.objects}
-        vocabulary = list(scenes.OBJECT_CATEGORIES)
-    facts = facts_of(view, labels)
+    vocabulary, facts = source["vocabulary"] if cfg.rgbd else list(scenes.OBJECT_CATEGORIES), facts_of(view)
     if cfg.kind == "captions":
         conv, levels, turns = caption_conversation(facts, view.captions, rng)
     else:
         conv, levels, turns = instruct_conversation(facts, vocabulary, rng)
-    sid = f"{index:06d}"
+    sid, (H, W) = f"{index:06d}", view.instance.shape
     files = save_view(out, sid, view, f"images/{sid}.png", depth=False, semantic=False)
-    H, W = view.instance.shape
-    counts = np.bincount(view.instance.reshape(-1), minlength=max(labels, default=0) + 1)
+    counts = np.bincount(view.instance.reshape(-1), minlength=max(view.labels, default=0) + 1)
     meta = dict(kind=cfg.kind, source=view.source, seed=cfg.seed, index=index, size=[H, W],
                 instance=files["instance"], K=view.K, answer_from_camera=view.answer_from_camera, gravity=view.gravity,
-                room=view.room, min_pixels=views.min_pixels(H, W), labels={str(i): c for i, c in labels.items()},
+                room=view.room, min_pixels=views.min_pixels(H, W), labels={str(i): c for i, c in view.labels.items()},
                 vocabulary=vocabulary, objects=[dict(o, pixels=int(counts[o["id"]])) for o in view.objects],
                 turns=turns)
     return json.dumps(dict(id=f"{cfg.kind}-{sid}", image=files["image"], conversations=conv, levels=levels, meta=meta))

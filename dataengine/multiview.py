@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from dataengine import scenes, views
-from dataengine.text import (RELATIONS, TIE_CENTRE, Turn, article, coord, listing, meters, ordered, picker, relation,
-                             to_conversation)
+from dataengine.text import (DIRECTIONS, RELATIONS, TIE_CENTRE, Turn, article, coord, listing, meters, ordered, picker,
+                             relation, to_conversation)
 from dataengine.views import View, save_view
 
 BAND = (0.35, 0.65)             # co-visibility of view 1 in view 2
@@ -107,6 +107,13 @@ def covisibility(depth_a, K_a, pose_a, depth_b, K_b, pose_b, stride: int = 1) ->
     return float(np.mean(visibility(depth_b, u, v, cam_b[:, 2]) == SEEN))
 
 
+def covis_both(va: View, vb: View) -> list:
+    """[view a in view b, b in a], both sampling every stride_for(a's size)-th pixel (meta's covis_stride)."""
+    s = stride_for(*va.depth.shape)
+    return [covisibility(x.depth, x.K, x.cam_to_world, y.depth, y.K, y.cam_to_world, s)
+            for x, y in ((va, vb), (vb, va))]
+
+
 def motion(view_a: View, view_b: View):
     """Camera B's centre in A's answer frame (3,), and how far B is turned from A about the vertical, in degrees
     (+ = to the left)."""
@@ -125,7 +132,6 @@ def motion(view_a: View, view_b: View):
 class Pair:
     views: list                      # [View, View]
     insides: list                    # [(H, W) bool] mask interiors, where points are sampled
-    labels: list                     # [{instance id: category}] per view: every instance id the frame knows
     covis: list | None = None        # [view 1 in view 2, view 2 in view 1]; None without poses
     feature_distance: float | None = None
     absent: list = field(default_factory=list)      # names of objects that neither view shows (false premises)
@@ -140,8 +146,8 @@ def states(pair: Pair) -> dict:
     """name -> [(state, object) in view 1, in view 2]; state "visible" (object: its dict, with the cube in that view's
     answer frame), "absent" or "unclear" (object None)."""
     out = {}
-    for k, (view, labels) in enumerate(zip(pair.views, pair.labels)):
-        counts = np.bincount(view.instance.reshape(-1), minlength=max(labels, default=0) + 1)
+    for k, view in enumerate(pair.views):
+        labels, counts = view.labels, np.bincount(view.instance.reshape(-1), minlength=max(view.labels, default=0) + 1)
         min_px = views.min_pixels(*view.instance.shape)
         if view.source == "synthetic":
             found = {o["name"]: ("visible" if counts[o["id"]] >= min_px else "absent" if counts[o["id"]] == 0 else
@@ -149,31 +155,13 @@ def states(pair: Pair) -> dict:
         else:       # a label seen once, lifted under its plain name, is identifiable; twice or more it is not
             named = {o["name"]: o for o in view.objects if o["name"] == o["category"]}
             found = {}
-            for c in set(labels.values()):
+            for c in sorted(set(labels.values())):     # sorted: a set's order changes with PYTHONHASHSEED
                 seen = [i for i, l in labels.items() if l == c and counts[i] > 0]
                 ok = len(seen) == 1 and c in named and counts[named[c]["id"]] >= min_px
                 found[c] = ("visible" if ok else "absent" if not seen else "unclear", named.get(c))
-        for name in found:
-            out.setdefault(name, [("absent", None), ("absent", None)])
         for name, (state, o) in found.items():
-            out[name][k] = (state, o if state == "visible" else None)
+            out.setdefault(name, [("absent", None), ("absent", None)])[k] = (state, o if state == "visible" else None)
     return out
-
-
-def synthetic_view_of(scene: scenes.Scene, camera: scenes.Camera, size: int) -> tuple:
-    """(View, interior mask) of one camera, stored as views.synthetic_view stores its views."""
-    r = scenes.render(scene, camera, size, size)
-    r["depth"] = views.stored(r["depth"])
-    R_cw, origin = camera.cam_to_world[:3, :3], camera.cam_to_world[:3, 3]
-    R = np.round(views.answer_rotation(R_cw[2]), 6)          # R_cw[2] = world up in camera coordinates
-    objects = [dict(id=i + 1, name=o.name, category=o.category, colour=o.colour,
-                    cube=np.round(o.cube(R @ R_cw.T, origin), 4).tolist(), on=o.on)
-               for i, o in enumerate(scene.objects)]
-    room = f"{'an' if scene.floor[0] in 'aeiou' else 'a'} {scene.floor} floor and {scene.wall_colour} walls"
-    view = View(r["rgb"], views.stored(r["depth"]), r["instance"], r["semantic"], np.round(r["K"], 4).tolist(),
-                R.tolist(), np.round(camera.cam_to_world, 6).tolist(), "known", objects, room,
-                camera_height=round(float(origin[2]), 4))
-    return view, views.interior(view.instance, views.erosion(size, size), view.depth)
 
 
 def nearby_camera(rng, scene: scenes.Scene, cam: scenes.Camera) -> scenes.Camera:
@@ -182,7 +170,6 @@ def nearby_camera(rng, scene: scenes.Scene, cam: scenes.Camera) -> scenes.Camera
     Lx, Ly, _ = scene.room
     pos, forward = cam.cam_to_world[:3, 3], cam.cam_to_world[:3, 2]
     centres = np.array([np.mean([p.centre for p in o.parts], 0) for o in scene.objects])
-    new = pos
     for _ in range(100):
         step, heading = rng.uniform(0.3, 2.2), rng.uniform(0, 2 * np.pi)
         new = pos + (step * np.cos(heading), step * np.sin(heading), rng.uniform(-0.3, 0.3))
@@ -219,14 +206,10 @@ def synthetic_pair(rng, size: int, band=BAND, shared: int = 2, screen: int = 48)
                              cam_b.cam_to_world)
             if not band[0] - 0.08 <= c <= band[1] + 0.08:
                 continue
-            full_a = full_a or synthetic_view_of(scene, cam_a, size)
-            (va, inside_a), (vb, inside_b) = full_a, synthetic_view_of(scene, cam_b, size)
-            s = stride_for(size, size)
-            cov = [covisibility(x.depth, x.K, x.cam_to_world, y.depth, y.K, y.cam_to_world, s)
-                   for x, y in ((va, vb), (vb, va))]
-            labels = {o["id"]: o["category"] for o in va.objects}
-            pair = Pair([va, vb], [inside_a, inside_b], [labels, labels], cov)
-            if (band[0] <= cov[0] <= band[1] and len(views.candidates(va, inside_a)) >= 2
+            full_a = full_a or views.scene_view(scene, cam_a, size)
+            (va, inside_a), (vb, inside_b) = full_a, views.scene_view(scene, cam_b, size)
+            pair = Pair([va, vb], [inside_a, inside_b], covis_both(va, vb))
+            if (band[0] <= pair.covis[0] <= band[1] and len(views.candidates(va, inside_a)) >= 2
                     and len(views.candidates(vb, inside_b)) >= 2 and len(both_visible(pair)) >= shared):
                 names = {o.name for o in scene.objects}
                 unused = [f"{c} {k}" for k in scenes.OBJECT_CATEGORIES for c in scenes.COLOURS
@@ -255,32 +238,37 @@ def direction(t) -> int | None:
     return int(t[0] > 0) if x > z else 2 + int(t[2] < 0)
 
 
-DIRECTIONS = ("to the left", "to the right", "forward", "backward")
-
-
 def vqa_conversation(pair: Pair, rng) -> tuple:
-    pick = picker(rng)
-    st = states(pair)
-    both = both_visible(pair)
+    """VQA_TURNS turns in random order: the common ones, then one "is there", one false premise and one multiple
+    choice when the pair has subjects for them, then more "is there" and false premises."""
+    pick, st, both = picker(rng), states(pair), both_visible(pair)
     only = [(n, k) for n, s in st.items() for k in (0, 1) if s[k][0] == "visible" and s[1 - k][0] == "absent"]
-    nowhere = list(pair.absent)
+    turns = common_turns(pair, st, both, pick)
+    made = (exists_turn(st, only, pair.absent, rng, pick),
+            premise_turn(st, only, pair.absent, rng, pick) if (pair.absent or only) else None,
+            choice_turn(pair, st, both, only, rng, pick))
+    turns += [t for t in made if t]
+    while len(turns) < VQA_TURNS:
+        maker = premise_turn if (pair.absent or only) and rng.random() < 0.5 else exists_turn
+        turns.append(maker(st, only, pair.absent, rng, pick))
+    return assemble([turns[k] for k in rng.permutation(len(turns))])
 
-    def common():
-        q = pick(["Which objects can be seen in both views?", "What do the two views have in common?",
-                  "Name the objects that appear in both images."])
-        a = f"Both views show {listing([article(n) for n in both])}." if both else \
-            "No object is clearly visible in both views."
-        return Turn("common", q, a, dict(kind="common"))
 
-    def nearer():
+def common_turns(pair: Pair, st: dict, both: list, pick) -> list:
+    """Which objects both views show; which view shows one of them closer; how the camera moved (with poses)."""
+    q = pick(["Which objects can be seen in both views?", "What do the two views have in common?",
+              "Name the objects that appear in both images."])
+    a = f"Both views show {listing([article(n) for n in both])}." if both else \
+        "No object is clearly visible in both views."
+    turns = [Turn("common", q, a, dict(kind="common"))]
+    if both:
         n = pick(both)
         out, z1, z2 = closer(st[n][0][1], st[n][1][1])
         q = pick([f"Which view shows the {n} closer to the camera?", f"In which image is the {n} nearer?"])
         a = (f"{['View 1', 'View 2', 'About the same in both'][out]}: the {n}'s centre is {meters(z1)} m ahead of the "
              f"camera in view 1 and {meters(z2)} m in view 2.")
-        return Turn("common", q, a, dict(kind="closer", object=n))
-
-    def moved():
+        turns.append(Turn("common", q, a, dict(kind="closer", object=n)))
+    if pair.posed:
         t, yaw = motion(*pair.views)
         deg = int(round(abs(yaw)))
         turn = f"turned {deg} degrees to the {'left' if yaw > 0 else 'right'}" if deg else "kept its heading"
@@ -290,82 +278,78 @@ def vqa_conversation(pair: Pair, rng) -> tuple:
         a = (f"The camera moved {meters(abs(t[0]))} m to the {'right' if t[0] >= 0 else 'left'}, {meters(abs(t[2]))} m "
              f"{'forward' if t[2] >= 0 else 'backward'} and {meters(abs(t[1]))} m {'up' if t[1] >= 0 else 'down'}, "
              f"and {turn}.")
-        return Turn("common", q, a, dict(kind="motion"))
+        turns.append(Turn("common", q, a, dict(kind="motion")))
+    return turns
 
-    def exists():
-        k = int(rng.integers(2))
-        yes = [n for n in st if st[n][k][0] == "visible"]
-        other = [n for n, j in only if j != k]
-        r = rng.random()
-        if yes and (r < 0.5 or not (other or nowhere)):
-            n, level, rec = pick(yes), "common", {}
-            a = f"Yes, view {k + 1} shows {article(n)}."
-        elif other and (r < 0.75 or not nowhere):
-            n, level = pick(other), "adversarial"
-            a, rec = f"No, there is no {n} in view {k + 1}; only view {2 - k} shows it.", {}
-        else:
-            n, level = pick(nowhere), "adversarial"
-            a, rec = f"No, there is no {n} in view {k + 1}, nor in view {2 - k}.", dict(absent=[n])
-        q = pick([f"Is there {article(n)} in view {k + 1}?", f"Does the {ORDINAL[k]} image show {article(n)}?"])
-        return Turn(level, q, a, dict(kind="exists", object=n, view=k, **rec))
 
-    def premise():
-        k = int(rng.integers(2))
-        if nowhere and (rng.random() < 0.6 or not only):
-            n = pick(nowhere)
-            seen_k = [m for m in st if st[m][k][0] == "visible"]
-            options = [(f"Which view shows the {n} closer to the camera?",
-                        f"Neither view shows it: there is no {n} in either image."),
-                       (f"What is the {n} standing on in view {k + 1}?",
-                        f"There is no {n} in view {k + 1}, nor in view {2 - k}.")]
-            if seen_k:
-                m = pick(seen_k)
-                options.append((f"How far apart are the {n} and the {m} in view {k + 1}?",
-                                f"There is no {n} in view {k + 1}, nor in view {2 - k}; only the {m} is there."))
-            q, a = pick(options)
-            return Turn("adversarial", q, a, dict(kind="premise", object=n, view=k, absent=[n]))
-        n, j = pick(only)
-        q = pick([f"Which view shows the {n} closer to the camera?", f"In which image is the {n} nearer?"])
-        a = f"Only view {j + 1} shows the {n}; there is no {n} in view {2 - j}, so the two cannot be compared."
-        return Turn("adversarial", q, a, dict(kind="premise_one", object=n, view=j))
+def exists_turn(st: dict, only: list, nowhere: list, rng, pick) -> Turn:
+    """Is there a <object> in view k: one it shows, one only the other view shows, or one neither shows."""
+    k = int(rng.integers(2))
+    yes = [n for n in st if st[n][k][0] == "visible"]
+    other = [n for n, j in only if j != k]
+    r = rng.random()
+    if yes and (r < 0.5 or not (other or nowhere)):
+        n, level, rec = pick(yes), "common", {}
+        a = f"Yes, view {k + 1} shows {article(n)}."
+    elif other and (r < 0.75 or not nowhere):
+        n, level = pick(other), "adversarial"
+        a, rec = f"No, there is no {n} in view {k + 1}; only view {2 - k} shows it.", {}
+    else:
+        n, level = pick(nowhere), "adversarial"
+        a, rec = f"No, there is no {n} in view {k + 1}, nor in view {2 - k}.", dict(absent=[n])
+    q = pick([f"Is there {article(n)} in view {k + 1}?", f"Does the {ORDINAL[k]} image show {article(n)}?"])
+    return Turn(level, q, a, dict(kind="exists", object=n, view=k, **rec))
 
-    def choice():
-        kinds = []
-        distractors = nowhere + [n for n, _ in only]
-        if both and len(distractors) >= 2:
-            kinds.append("choice_common")
-        if both:
-            kinds.append("choice_closer")
-        if pair.posed and direction(motion(*pair.views)[0]) is not None:
-            kinds.append("choice_direction")
-        if not kinds:
-            return None
-        kind = pick(kinds)
-        if kind == "choice_common":
-            right = pick(both)
-            wrong = [distractors[i] for i in rng.choice(len(distractors), min(3, len(distractors)), replace=False)]
-            options, q = [f"the {n}" for n in [right] + wrong], "Which of these objects can be seen in both views?"
-            rec = dict(kind=kind)
-        elif kind == "choice_closer":
-            n = pick(both)
-            options, right = ["view 1", "view 2", "about the same in both"], None
-            right = options[closer(st[n][0][1], st[n][1][1])[0]]
-            q, rec = f"Which view shows the {n} closer to the camera?", dict(kind=kind, object=n)
-        else:
-            options, right = list(DIRECTIONS), DIRECTIONS[direction(motion(*pair.views)[0])]
-            q, rec = "Which way did the camera mainly move from view 1 to view 2?", dict(kind=kind)
-        right = f"the {right}" if kind == "choice_common" else right
-        options = [options[i] for i in rng.permutation(len(options))]
-        letters = "ABCD"[:len(options)]
-        q += "".join(f"\n{L}. {o}" for L, o in zip(letters, options)) + "\nAnswer with the option's letter."
-        return Turn("choice", q, f"{letters[options.index(right)]}. {right}", dict(rec, options=options))
 
-    turns = [common()] + ([nearer()] if both else []) + ([moved()] if pair.posed else [])
-    turns += [t for t in (exists(), premise() if (nowhere or only) else None, choice()) if t]
-    while len(turns) < VQA_TURNS:
-        turns.append(premise() if (nowhere or only) and rng.random() < 0.5 else exists())
-    turns = [turns[k] for k in rng.permutation(len(turns))]
-    return assemble(turns)
+def premise_turn(st: dict, only: list, nowhere: list, rng, pick) -> Turn:
+    """A false premise: a question about an object neither view shows, or comparing one that only one view shows."""
+    k = int(rng.integers(2))
+    if nowhere and (rng.random() < 0.6 or not only):
+        n = pick(nowhere)
+        seen_k = [m for m in st if st[m][k][0] == "visible"]
+        options = [(f"Which view shows the {n} closer to the camera?",
+                    f"Neither view shows it: there is no {n} in either image."),
+                   (f"What is the {n} standing on in view {k + 1}?",
+                    f"There is no {n} in view {k + 1}, nor in view {2 - k}.")]
+        if seen_k:
+            m = pick(seen_k)
+            options.append((f"How far apart are the {n} and the {m} in view {k + 1}?",
+                            f"There is no {n} in view {k + 1}, nor in view {2 - k}; only the {m} is there."))
+        q, a = pick(options)
+        return Turn("adversarial", q, a, dict(kind="premise", object=n, view=k, absent=[n]))
+    n, j = pick(only)
+    q = pick([f"Which view shows the {n} closer to the camera?", f"In which image is the {n} nearer?"])
+    a = f"Only view {j + 1} shows the {n}; there is no {n} in view {2 - j}, so the two cannot be compared."
+    return Turn("adversarial", q, a, dict(kind="premise_one", object=n, view=j))
+
+
+def choice_turn(pair: Pair, st: dict, both: list, only: list, rng, pick) -> Turn | None:
+    """Multiple choice A-D: the object both views show, the view that shows one closer, or the main direction of the
+    camera's motion (None when the pair has none of these)."""
+    distractors = pair.absent + [n for n, _ in only]
+    kinds = (["choice_common"] if both and len(distractors) >= 2 else []) + (["choice_closer"] if both else [])
+    if pair.posed and direction(motion(*pair.views)[0]) is not None:
+        kinds.append("choice_direction")
+    if not kinds:
+        return None
+    kind = pick(kinds)
+    if kind == "choice_common":
+        right = pick(both)
+        wrong = [distractors[i] for i in rng.choice(len(distractors), min(3, len(distractors)), replace=False)]
+        options, q = [f"the {n}" for n in [right] + wrong], "Which of these objects can be seen in both views?"
+        right, rec = f"the {right}", dict(kind=kind)
+    elif kind == "choice_closer":
+        n = pick(both)
+        options = ["view 1", "view 2", "about the same in both"]
+        right = options[closer(st[n][0][1], st[n][1][1])[0]]
+        q, rec = f"Which view shows the {n} closer to the camera?", dict(kind=kind, object=n)
+    else:
+        options, right = list(DIRECTIONS), DIRECTIONS[direction(motion(*pair.views)[0])]
+        q, rec = "Which way did the camera mainly move from view 1 to view 2?", dict(kind=kind)
+    options = [options[i] for i in rng.permutation(len(options))]
+    letters = "ABCD"[:len(options)]
+    q += "".join(f"\n{L}. {o}" for L, o in zip(letters, options)) + "\nAnswer with the option's letter."
+    return Turn("choice", q, f"{letters[options.index(right)]}. {right}", dict(rec, options=options))
 
 
 def assemble(turns: list) -> tuple:
@@ -374,7 +358,8 @@ def assemble(turns: list) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 3: multi-view spatial turns, pixel -> object -> scene.
+# Stage 3: multi-view spatial turns, pixel -> object -> scene. The points asked about are drawn from pools of each
+# view's interior object pixels; `points` collects them (meta "points").
 
 
 def uv(x, size) -> str:
@@ -387,126 +372,133 @@ def spatial_conversation(pair: Pair, rng, order: str = "forward") -> tuple:
     """-> (conversation, levels, points [{"view", "px", "uv"}], records)."""
     if not pair.posed:
         raise ValueError("spatial-multiview questions need both views' poses (pose.txt)")
-    pick = picker(rng)
-    V = pair.views
-    size = [v.depth.shape for v in V]
-    st = states(pair)
-    both = both_visible(pair)
-    # per view: interior pixels on objects, and what the other view shows of each
-    pools = []
-    for s in (0, 1):
-        t = 1 - s
-        rows, cols = np.nonzero(pair.insides[s] & (V[s].instance > 0))
-        cam, cam_t, u, v = transfer(V[s].depth, V[s].K, V[s].cam_to_world, V[t].K, V[t].cam_to_world, cols, rows)
-        pools.append(dict(cols=cols, rows=rows, cam=cam, cam_t=cam_t, u=u, v=v,
-                          state=visibility(V[t].depth, u, v, cam_t[:, 2]), on=V[s].instance[rows, cols]))
-    points = []
-
-    def point(s, want=None, on=None):
-        """A pool pixel of view s (index into points): with state `want` and on object id `on` when possible."""
-        p = pools[s]
-        ok = np.ones(len(p["cols"]), bool) if want is None else p["state"] == want
-        if on is not None and (ok & (p["on"] == on)).any():
-            ok &= p["on"] == on
-        if not ok.any():
-            ok = p["state"] != UNKNOWN if (p["state"] != UNKNOWN).any() else np.ones(len(ok), bool)
-        j = int(rng.choice(np.nonzero(ok)[0]))
-        c, r = int(p["cols"][j]), int(p["rows"][j])
-        H, W = size[s]
-        points.append(dict(view=s, px=[c, r], uv=[round((c + 0.5) / W, 3), round((r + 0.5) / H, 3)], j=j))
-        return len(points) - 1
-
-    def R(s):
-        return np.array(V[s].answer_from_camera)
-
-    def match(s):
-        t, want = 1 - s, SEEN if rng.random() < 0.7 else pick([OUTSIDE, HIDDEN])
-        k = point(s, want)
-        p, j = pools[s], points[k]["j"]
-        c, r = points[k]["px"]
-        P, Q = uv((c + 0.5, r + 0.5), size[s]), uv((p["u"][j], p["v"][j]), size[t])
-        z, state = p["cam_t"][j, 2], p["state"][j]
-        if state == SEEN:
-            a = f"It appears at {Q} in view {t + 1}, {meters(z)} m deep there ({meters(p['cam'][j, 2])} m in view {s + 1})."
-        elif state == OUTSIDE:
-            a = f"It is outside view {t + 1}'s field of view, so view {t + 1} does not show it."
-        elif state == HIDDEN:
-            there = V[t].depth[int(p["v"][j]), int(p["u"][j])]
-            a = (f"It is hidden in view {t + 1}: it would appear at {Q}, {meters(z)} m deep, but a nearer surface covers "
-                 f"it there, {meters(there)} m deep.")
-        else:
-            a = f"View {t + 1} has no depth at {Q}, where it would appear, so it cannot be confirmed."
-        q = pick([f"Where does the point {P} of view {s + 1} appear in view {t + 1}?",
-                  f"Find the point {P} of the {ORDINAL[s]} image in the {ORDINAL[t]} image."])
-        return Turn("pixel", q, a, dict(kind="match", point=k))
-
-    def position():
-        s = int(rng.integers(2))
-        t, k = 1 - s, point(s, SEEN)
-        p, j = pools[s], points[k]["j"]
-        here, there = (", ".join(meters(x) for x in vec) for vec in (R(s) @ p["cam"][j], R(t) @ p["cam_t"][j]))
-        P = uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), size[s])
-        q = pick([f"Where is the point {P} of view {s + 1} in 3D, in view {t + 1}'s frame?",
-                  f"Give the 3D position of the point {P} of view {s + 1} relative to camera {t + 1}."])
-        a = f"In view {t + 1}'s frame it is at ({there}) m; in view {s + 1}'s frame it is at ({here}) m."
-        return Turn("pixel", q, a, dict(kind="position_across", point=k))
-
-    used = set()
-
-    def relation_across(kind):
-        pairs = [(a, b) for a in both for b in both if a != b]
-        fresh = [ab for ab in pairs if frozenset(ab) not in used] or pairs
-        A, B = fresh[int(rng.integers(len(fresh)))]
-        used.add(frozenset((A, B)))
-        spec, axis = RELATIONS[kind], "XYZ"[RELATIONS[kind]["axis"]]
-        texts = []
-        for v in (0, 1):
-            out, va, vb, _ = relation(kind, st[A][v][1]["cube"], st[B][v][1]["cube"])
-            texts.append(f"In view {v + 1} the {A} is {spec['words'][out]} the {B} ({axis} = {meters(va)} m and "
-                         f"{meters(vb)} m).")
-        q = pick({"left_right": [f"Is the {A} left or right of the {B} in each view?",
-                                 f"Compare the {A} and the {B} from left to right in both views."],
-                  "front_behind": [f"Is the {A} in front of or behind the {B} in each view?",
-                                   f"Which is nearer to the camera in each view, the {A} or the {B}?"],
-                  "above_below": [f"Is the {A} above or below the {B} in each view?",
-                                  f"Which is higher up in each view, the {A} or the {B}?"]}[kind])
-        return Turn("object", q, " ".join(texts), dict(kind="relation_across", relation=kind, objects=[A, B]))
-
-    def camera():
-        t, yaw = motion(*V)
-        deg = int(round(abs(yaw)))
-        turn = f"turned {deg} degrees to the {'left' if yaw > 0 else 'right'}" if deg else "facing the same way"
-        q = pick(["Where is the second camera relative to the first?", "How did the camera move from view 1 to view 2?",
-                  "Give the position and heading of camera 2 in view 1's frame."])
-        a = (f"Camera 2 is at ({', '.join(meters(x) for x in t)}) m in view 1's frame (X right, Y up, Z forward), "
-             f"{meters(np.linalg.norm(t))} m from camera 1, {turn}.")
-        return Turn("scene", q, a, dict(kind="camera_motion"))
-
-    def distance():
-        ids = [st[n][0][1]["id"] for n in both]
-        a_id = pick(ids)
-        b_id = pick([i for i in ids if i != a_id] or ids)
-        k1, k2 = point(0, SEEN, a_id), point(0, SEEN, b_id)
-        p, js = pools[0], [points[k]["j"] for k in (k1, k2)]
-        here = [R(0) @ p["cam"][j] for j in js]
-        there = [R(1) @ p["cam_t"][j] for j in js]
-        P = [uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), size[0]) for k in (k1, k2)]
-        Q = [uv((p["u"][j], p["v"][j]), size[1]) for j in js]
-        fmt = lambda x: "(" + ", ".join(meters(c) for c in x) + ")"
-        q = (f"The points {P[0]} and {P[1]} of view 1 appear at {Q[0]} and {Q[1]} in view 2. How far apart are they "
-             "in 3D?")
-        a = (f"In view 1's frame they are at {fmt(here[0])} m and {fmt(here[1])} m; in view 2's at {fmt(there[0])} m "
-             f"and {fmt(there[1])} m. Either way they are {meters(np.linalg.norm(here[0] - here[1]))} m apart.")
-        return Turn("scene", q, a, dict(kind="distance_across", points=[k1, k2]))
-
+    pick, st, both = picker(rng), states(pair), both_visible(pair)
+    pools, points, used = point_pools(pair), [], set()
     relations = [str(r) for r in rng.choice(["left_right", "front_behind", "above_below"], 2, replace=False,
                                             p=[0.45, 0.45, 0.1])]
-    turns = [match(0), match(1), position()] + [relation_across(r) for r in relations] + [camera(), distance()]
+    turns = [match_turn(pair, pools, points, s, rng, pick) for s in (0, 1)]
+    turns += [position_across_turn(pair, pools, points, rng, pick)]
+    turns += [relation_across_turn(kind, st, both, used, rng, pick) for kind in relations]
+    turns += [camera_turn(pair, pick), distance_across_turn(pair, st, both, pools, points, rng, pick)]
     turns = ordered(turns, order, rng)
     for p in points:
         del p["j"]
     conv, levels, records = assemble(turns)
     return conv, levels, points, records
+
+
+def point_pools(pair: Pair) -> list:
+    """Per view: its interior pixels on objects, their 3D points in both cameras, where they land in the other view
+    and what that view shows there (SEEN, OUTSIDE, HIDDEN, UNKNOWN)."""
+    V, pools = pair.views, []
+    for s, t in ((0, 1), (1, 0)):
+        rows, cols = np.nonzero(pair.insides[s] & (V[s].instance > 0))
+        cam, cam_t, u, v = transfer(V[s].depth, V[s].K, V[s].cam_to_world, V[t].K, V[t].cam_to_world, cols, rows)
+        pools.append(dict(cols=cols, rows=rows, cam=cam, cam_t=cam_t, u=u, v=v, size=V[s].depth.shape,
+                          state=visibility(V[t].depth, u, v, cam_t[:, 2]), on=V[s].instance[rows, cols]))
+    return pools
+
+
+def draw_point(pools: list, points: list, s: int, rng, want=None, on=None) -> int:
+    """A pool pixel of view s, added to points (its index): with state `want` and on object id `on` when possible."""
+    p = pools[s]
+    ok = np.ones(len(p["cols"]), bool) if want is None else p["state"] == want
+    if on is not None and (ok & (p["on"] == on)).any():
+        ok &= p["on"] == on
+    if not ok.any():
+        ok = p["state"] != UNKNOWN if (p["state"] != UNKNOWN).any() else np.ones(len(ok), bool)
+    j = int(rng.choice(np.nonzero(ok)[0]))
+    c, r = int(p["cols"][j]), int(p["rows"][j])
+    H, W = p["size"]
+    points.append(dict(view=s, px=[c, r], uv=[round((c + 0.5) / W, 3), round((r + 0.5) / H, 3)], j=j))
+    return len(points) - 1
+
+
+def match_turn(pair: Pair, pools: list, points: list, s: int, rng, pick) -> Turn:
+    """Where a point of view s appears in the other view, or that it is outside it or hidden there."""
+    t, want = 1 - s, SEEN if rng.random() < 0.7 else pick([OUTSIDE, HIDDEN])
+    k = draw_point(pools, points, s, rng, want)
+    p, j = pools[s], points[k]["j"]
+    c, r = points[k]["px"]
+    P, Q = uv((c + 0.5, r + 0.5), p["size"]), uv((p["u"][j], p["v"][j]), pools[t]["size"])
+    z, state = p["cam_t"][j, 2], p["state"][j]
+    if state == SEEN:
+        a = f"It appears at {Q} in view {t + 1}, {meters(z)} m deep there ({meters(p['cam'][j, 2])} m in view {s + 1})."
+    elif state == OUTSIDE:
+        a = f"It is outside view {t + 1}'s field of view, so view {t + 1} does not show it."
+    elif state == HIDDEN:
+        there = pair.views[t].depth[int(p["v"][j]), int(p["u"][j])]
+        a = (f"It is hidden in view {t + 1}: it would appear at {Q}, {meters(z)} m deep, but a nearer surface covers "
+             f"it there, {meters(there)} m deep.")
+    else:
+        a = f"View {t + 1} has no depth at {Q}, where it would appear, so it cannot be confirmed."
+    q = pick([f"Where does the point {P} of view {s + 1} appear in view {t + 1}?",
+              f"Find the point {P} of the {ORDINAL[s]} image in the {ORDINAL[t]} image."])
+    return Turn("pixel", q, a, dict(kind="match", point=k))
+
+
+def xyz(v) -> str:
+    return ", ".join(meters(x) for x in v)
+
+
+def position_across_turn(pair: Pair, pools: list, points: list, rng, pick) -> Turn:
+    """A point's 3D position in both views' answer frames."""
+    s = int(rng.integers(2))
+    t, k = 1 - s, draw_point(pools, points, s, rng, SEEN)
+    p, j, R = pools[s], points[k]["j"], [np.array(v.answer_from_camera) for v in pair.views]
+    P = uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), p["size"])
+    q = pick([f"Where is the point {P} of view {s + 1} in 3D, in view {t + 1}'s frame?",
+              f"Give the 3D position of the point {P} of view {s + 1} relative to camera {t + 1}."])
+    a = (f"In view {t + 1}'s frame it is at ({xyz(R[t] @ p['cam_t'][j])}) m; in view {s + 1}'s frame it is at "
+         f"({xyz(R[s] @ p['cam'][j])}) m.")
+    return Turn("pixel", q, a, dict(kind="position_across", point=k))
+
+
+def relation_across_turn(kind: str, st: dict, both: list, used: set, rng, pick) -> Turn:
+    """A relation between two objects in each view (it may flip between views); pairs not `used` yet come first."""
+    pairs = [(a, b) for a in both for b in both if a != b]
+    fresh = [ab for ab in pairs if frozenset(ab) not in used] or pairs
+    A, B = fresh[int(rng.integers(len(fresh)))]
+    used.add(frozenset((A, B)))
+    words, axis, texts = RELATIONS[kind]["words"], "XYZ"[RELATIONS[kind]["axis"]], []
+    for v in (0, 1):
+        out, va, vb, _ = relation(kind, st[A][v][1]["cube"], st[B][v][1]["cube"])
+        texts.append(f"In view {v + 1} the {A} is {words[out]} the {B} ({axis} = {meters(va)} m and {meters(vb)} m).")
+    q = pick({"left_right": [f"Is the {A} left or right of the {B} in each view?",
+                             f"Compare the {A} and the {B} from left to right in both views."],
+              "front_behind": [f"Is the {A} in front of or behind the {B} in each view?",
+                               f"Which is nearer to the camera in each view, the {A} or the {B}?"],
+              "above_below": [f"Is the {A} above or below the {B} in each view?",
+                              f"Which is higher up in each view, the {A} or the {B}?"]}[kind])
+    return Turn("object", q, " ".join(texts), dict(kind="relation_across", relation=kind, objects=[A, B]))
+
+
+def camera_turn(pair: Pair, pick) -> Turn:
+    """Where camera 2 is in view 1's answer frame, and how it turned."""
+    t, yaw = motion(*pair.views)
+    deg = int(round(abs(yaw)))
+    turn = f"turned {deg} degrees to the {'left' if yaw > 0 else 'right'}" if deg else "facing the same way"
+    q = pick(["Where is the second camera relative to the first?", "How did the camera move from view 1 to view 2?",
+              "Give the position and heading of camera 2 in view 1's frame."])
+    a = (f"Camera 2 is at ({xyz(t)}) m in view 1's frame (X right, Y up, Z forward), {meters(np.linalg.norm(t))} m "
+         f"from camera 1, {turn}.")
+    return Turn("scene", q, a, dict(kind="camera_motion"))
+
+
+def distance_across_turn(pair: Pair, st: dict, both: list, pools: list, points: list, rng, pick) -> Turn:
+    """Two points of view 1 on two objects both views show: their 3D distance, from either view's frame."""
+    ids = [st[n][0][1]["id"] for n in both]
+    a_id = pick(ids)
+    b_id = pick([i for i in ids if i != a_id] or ids)
+    k1, k2 = draw_point(pools, points, 0, rng, SEEN, a_id), draw_point(pools, points, 0, rng, SEEN, b_id)
+    p, js, R = pools[0], [points[k]["j"] for k in (k1, k2)], [np.array(v.answer_from_camera) for v in pair.views]
+    here, there = [R[0] @ p["cam"][j] for j in js], [R[1] @ p["cam_t"][j] for j in js]
+    P = [uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), p["size"]) for k in (k1, k2)]
+    Q = [uv((p["u"][j], p["v"][j]), pools[1]["size"]) for j in js]
+    q = f"The points {P[0]} and {P[1]} of view 1 appear at {Q[0]} and {Q[1]} in view 2. How far apart are they in 3D?"
+    a = (f"In view 1's frame they are at ({xyz(here[0])}) m and ({xyz(here[1])}) m; in view 2's at ({xyz(there[0])}) m "
+         f"and ({xyz(there[1])}) m. Either way they are {meters(np.linalg.norm(here[0] - here[1]))} m apart.")
+    return Turn("scene", q, a, dict(kind="distance_across", points=[k1, k2]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,13 +538,10 @@ def feature_distances(features: np.ndarray) -> np.ndarray:
 
 
 def rgbd_view(frame: dict) -> tuple:
-    """(View, interior, labels without the floor) of a frame; the RANSAC gravity is seeded by the frame's name so that
-    a frame looks the same in every pair."""
+    """(View, interior) of a frame; the RANSAC gravity is seeded by the frame's name so that a frame looks the same
+    in every pair."""
     seed = int.from_bytes(frame["name"].encode()[-8:].rjust(8, b"\0"), "little")
-    view, inside = views.rgbd_view(frame, np.random.default_rng(seed))
-    view.depth = views.stored(view.depth)
-    labels = {i: c for i, c in frame["labels"].items() if c.lower() not in scenes.FLOOR_LABELS}
-    return view, inside, labels
+    return views.rgbd_view(frame, np.random.default_rng(seed))
 
 
 def prepare(cfg, embed=None) -> dict:
@@ -571,17 +560,15 @@ def prepare(cfg, embed=None) -> dict:
             if frame["cam_to_world"] is None and not cfg.encoder:
                 raise SystemExit(f"{f}: no pose.txt; co-visibility needs poses (or pair such frames with --encoder)")
             try:
-                view, _, labels = rgbd_view(frame)
+                loaded.append((f, rgbd_view(frame)[0], frame["rgb"]))
             except ValueError as e:
                 skipped.append(f"{f} ({e})")
-                continue
-            loaded.append((f, view, labels, frame["rgb"]))
-        dist = feature_distances(embed([x[3] for x in loaded])) if cfg.encoder and loaded else None
-        for i, (fa, va, la, _) in enumerate(loaded):
-            for j, (fb, vb, lb, _) in enumerate(loaded):
+        dist = feature_distances(embed([x[2] for x in loaded])) if cfg.encoder and loaded else None
+        for i, (fa, va, _) in enumerate(loaded):
+            for j, (fb, vb, _) in enumerate(loaded):
                 if i == j or (dist is not None and j < i):
                     continue
-                pair = Pair([va, vb], [None, None], [la, lb])
+                pair = Pair([va, vb], [None, None])
                 if len(both_visible(pair)) < need or (need == 2 and not pair.posed):
                     continue
                 if dist is not None:
@@ -604,20 +591,16 @@ def rgbd_pair(source: dict, index: int, rng) -> Pair:
     fa, fb, dist = source["pairs"][index % len(source["pairs"])]
     if dist is not None and rng.random() < 0.5:         # feature pairs are unordered
         fa, fb = fb, fa
-    built = [rgbd_view(scenes.load_rgbd(f)) for f in (fa, fb)]
-    pair = Pair([b[0] for b in built], [b[1] for b in built], [b[2] for b in built], None, dist, [], [fa, fb])
-    if pair.posed:
-        s = stride_for(*pair.views[0].depth.shape)
-        pair.covis = [covisibility(x.depth, x.K, x.cam_to_world, y.depth, y.K, y.cam_to_world, s)
-                      for x, y in (pair.views, pair.views[::-1])]
-    seen = {c for labels, view in zip(pair.labels, pair.views)
-            for i, c in labels.items() if (view.instance == i).any()}
+    (va, inside_a), (vb, inside_b) = (rgbd_view(scenes.load_rgbd(f)) for f in (fa, fb))
+    pair = Pair([va, vb], [inside_a, inside_b], None, dist, [], [fa, fb])
+    pair.covis = covis_both(va, vb) if pair.posed else None
+    seen = {c for view in pair.views for i, c in view.labels.items() if (view.instance == i).any()}
     pair.absent = [c for c in source["vocabulary"] if c not in seen]
     return pair
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Writing (called by data.make_sample for the two multi-view kinds).
+# Writing (called by writer.py for kinds "multiview" and "spatial-multiview").
 
 
 def make_sample(cfg, index: int, out, source: dict) -> str:
@@ -633,7 +616,7 @@ def make_sample(cfg, index: int, out, source: dict) -> str:
     for k, view in enumerate(pair.views):
         files = save_view(out, f"{sid}_{k}", view, f"images/{sid}_{k}.png", semantic=False)
         H, W = view.depth.shape
-        labels = pair.labels[k]
+        labels = view.labels
         counts = np.bincount(view.instance.reshape(-1), minlength=max([*labels, *(o["id"] for o in view.objects)]) + 1)
         metas.append(dict(image=files["image"], size=[H, W], depth=files["depth"], instance=files["instance"],
                           K=view.K, cam_to_world=view.cam_to_world, answer_from_camera=view.answer_from_camera,

@@ -208,9 +208,7 @@ def _build(rng, category: str, small: bool):
 
 
 def _material(rng, colour: str, role: int):
-    """(rgb, rgb2, pattern, scale) of a part; role as in _build."""
-    if role == 2:   # poles and bases are metal; spheres of a plant are foliage (role 2 parts of a plant)
-        return None
+    """(rgb, rgb2, pattern, scale) of a part in the object's own colour; role 0 or 1 as in _build."""
     base = np.array(COLOURS[colour]) * (0.75 if role == 1 else 1.0) * rng.uniform(0.9, 1.05)
     pattern = rng.choice(["plain", "stripes", "checker", "marble", "speckle"], p=[0.4, 0.15, 0.15, 0.15, 0.15])
     second = base * rng.uniform(0.55, 0.75) if rng.random() < 0.6 else base + (1 - base) * rng.uniform(0.2, 0.35)
@@ -225,7 +223,7 @@ def _place(rng, spec, pos, yaw: float, colour: str, category: str):
     own = {0: _material(rng, colour, 0), 1: _material(rng, colour, 1)}
     parts = []
     for kind, (x, y, z), size, role in spec:
-        if role == 2:
+        if role == 2:   # poles and bases are metal; spheres of a plant are foliage
             rgb = leaf if (category == "plant" and kind == "sphere") else metal
             mat = (rgb, tuple(c * 0.7 for c in rgb), "marble" if rgb is leaf else "plain", 0.05)
         else:
@@ -552,6 +550,17 @@ def _shadow_test(scene: Scene, parts, p, sid, size: int = 256):
 FLOOR_LABELS = ("floor", "ground", "carpet", "rug", "floor mat")
 
 
+def frame_folders(root) -> list:
+    """The frame folders under root (root itself when it is one), sorted, as strings."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"--rgbd {root}: not a directory")
+    frames = [root] if (root / "labels.json").exists() else sorted(p for p in root.iterdir() if p.is_dir())
+    if not frames:
+        raise SystemExit(f"--rgbd {root}: no frame folders (rgb, depth, intrinsics, instance.png, labels.json)")
+    return [str(f) for f in frames]
+
+
 def load_rgbd(folder) -> dict:
     """Read and validate one RGB-D frame folder (format above). Returns name, rgb uint8 (H, W, 3), depth float32
     (H, W) meters (0 = unknown), K (3, 3), instance int32 (H, W), labels {id: str}, captions [str], cam_to_world
@@ -561,19 +570,21 @@ def load_rgbd(folder) -> dict:
     def fail(message):
         raise ValueError(f"RGB-D folder {folder}: {message}")
 
-    def one(names, what):           # the single existing file among names, or None
+    def one(names, what="", missing=None):      # the single existing file among names; None or fail(missing)
         found = [folder / n for n in names if (folder / n).exists()]
         if len(found) > 1:
             fail(f"both {found[0].name} and {found[1].name} exist; keep one {what}")
+        if not found and missing:
+            fail(missing)
         return found[0] if found else None
 
     if not folder.is_dir():
         fail("not a directory")
-    path = one(("rgb.png", "rgb.jpg", "rgb.jpeg"), "image") or fail("missing rgb.png (or rgb.jpg)")
-    rgb = np.asarray(Image.open(path).convert("RGB"))
+    rgb = np.asarray(Image.open(one(("rgb.png", "rgb.jpg", "rgb.jpeg"), "image", "missing rgb.png (or rgb.jpg)"))
+                     .convert("RGB"))
     H, W = rgb.shape[:2]
-    path = one(("depth.npy", "depth.png"), "depth map") or fail(
-        "missing depth: expected depth.npy (float meters) or depth.png (uint16 millimeters)")
+    path = one(("depth.npy", "depth.png"), "depth map",
+               "missing depth: expected depth.npy (float meters) or depth.png (uint16 millimeters)")
     if path.suffix == ".npy":
         depth = np.load(path, allow_pickle=False)
         if depth.dtype.kind != "f":
@@ -590,8 +601,8 @@ def load_rgbd(folder) -> dict:
         fail(f"{path.name} has {int((~np.isfinite(depth)).sum())} NaN/inf values; mark unknown depth with 0")
     if (depth < 0).any() or not (depth > 0).any():
         fail(f"{path.name} has negative or no positive depths (range {depth.min():.3f} .. {depth.max():.3f})")
-    path = one(("intrinsics.json", "intrinsics.txt"), "intrinsics file") or fail(
-        "missing intrinsics.json (fx, fy, cx, cy) or intrinsics.txt (3x3 or 4x4 matrix)")
+    path = one(("intrinsics.json", "intrinsics.txt"), "intrinsics file",
+               "missing intrinsics.json (fx, fy, cx, cy) or intrinsics.txt (3x3 or 4x4 matrix)")
     if path.suffix == ".json":
         k = json.loads(path.read_text())
         if not ("K" in k or all(n in k for n in ("fx", "fy", "cx", "cy"))):
@@ -604,14 +615,12 @@ def load_rgbd(folder) -> dict:
         K = m.reshape(3, 3) if m.size == 9 else m.reshape(4, 4)[:3, :3]   # ScanNet writes 4x4
     if K.shape != (3, 3) or K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], (0, 0, 1)):
         fail(f"intrinsics {K.tolist()} are not a pinhole matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]")
-    if not (folder / "instance.png").exists():
-        fail("missing instance.png (uint8/uint16 instance ids, 0 = no object)")
-    instance = np.asarray(Image.open(folder / "instance.png"))
+    instance = np.asarray(Image.open(one(["instance.png"], missing="missing instance.png (uint8/uint16 instance ids, "
+                                                                   "0 = no object)")))
     if instance.shape != (H, W) or instance.dtype.kind not in "ui":
         fail(f"instance.png has shape {instance.shape} ({instance.dtype}); expected {(H, W)} integer ids, as rgb")
-    if not (folder / "labels.json").exists():
-        fail('missing labels.json ({"<instance id>": "<category>", ...})')
-    raw = json.loads((folder / "labels.json").read_text())
+    raw = json.loads(one(["labels.json"], missing='missing labels.json ({"<instance id>": "<category>", ...})')
+                     .read_text())
     if not isinstance(raw, dict) or not all(isinstance(v, str) and v.strip() for v in raw.values()):
         fail("labels.json must map instance ids to non-empty strings")
     if not all(k.strip().isdigit() for k in raw):
@@ -620,12 +629,11 @@ def load_rgbd(folder) -> dict:
     unknown = sorted(set(np.unique(instance).tolist()) - {0} - set(labels))
     if unknown:
         fail(f"instance.png has ids {unknown} with no label in labels.json")
-    captions = []
-    if (folder / "captions.txt").exists():
-        captions = [c.strip() for c in (folder / "captions.txt").read_text().splitlines() if c.strip()]
-    pose = None
-    if (folder / "pose.txt").exists():
-        pose = np.array((folder / "pose.txt").read_text().split(), float)
+    path = one(["captions.txt"])
+    captions = [c.strip() for c in path.read_text().splitlines() if c.strip()] if path else []
+    path, pose = one(["pose.txt"]), None
+    if path:
+        pose = np.array(path.read_text().split(), float)
         if pose.size != 16:
             fail(f"pose.txt holds {pose.size} numbers; expected a 4x4 cam_to_world matrix")
         pose = pose.reshape(4, 4)

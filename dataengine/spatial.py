@@ -19,8 +19,10 @@ import numpy as np
 
 from dataengine import scenes, views
 from dataengine.text import (CLOSER_WORDS, FORMS, PIXEL_KINDS, QUESTIONS, RELATIONS, TIE_DEPTH, Turn, article, cited,
-                             coord, cube_distance, listing, meters, ordered, picker, relation, to_conversation)
+                             coord, cube_distance, listing, meters, ordered, picker, relation, relation_questions,
+                             to_conversation)
 from dataengine.views import View, save_view
+
 
 def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order: str = "forward"):
     """-> (conversations [{"from", "value"}] x 24, levels x 12, points [{"px", "uv"}], turn records x 12)."""
@@ -60,8 +62,9 @@ def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order
         taken[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = True
         px.append((c, r))
     px = np.array(px)
-    facts = dict(P=[f"({coord((c + 0.5) / W)}, {coord((r + 0.5) / H)})" for c, r in px], on=view.instance[px[:, 1], px[:, 0]],
-                 names={o["id"]: o["name"] for o in view.objects}, cubes={o["id"]: o["cube"] for o in view.objects})
+    facts = dict(P=[f"({coord((c + 0.5) / W)}, {coord((r + 0.5) / H)})" for c, r in px],
+                 on=view.instance[px[:, 1], px[:, 0]], names={o["id"]: o["name"] for o in view.objects},
+                 cubes={o["id"]: o["cube"] for o in view.objects})
     facts["d"], facts["xyz"] = views.point_facts(view, px)
     turns, n = [], 0
     for kind, objs in zip(pixel_kinds, wanted):
@@ -135,10 +138,11 @@ def object_turn(kind: str, a: int, b: int, facts: dict, rng, pick) -> Turn:
         ea, eb = (" x ".join(meters(v) for v in np.subtract(*cubes[x][::-1])) for x in (a, b))
         text += f"The {A} measures {ea} m (width x height x depth) and the {B} {eb} m. "
     else:
-        text += f"The {A} is {meters(va)} m {'tall' if spec['measure'] == 'height' else 'wide'} and the {B} {meters(vb)} m. "
+        size = "tall" if spec["measure"] == "height" else "wide"
+        text += f"The {A} is {meters(va)} m {size} and the {B} {meters(vb)} m. "
     by = f" by {meters(margin)} m" if rel != 2 and spec.get("measure") != "volume" else ""
     text += f"{pick(['So', 'Hence', 'Therefore'])} the {names[s]} is {spec['words'][rel]} the {names[o]}{by}."
-    q = pick(spec["ask" if form == 0 else "which"][want]).format(a=A, b=B)
+    q = pick(relation_questions(kind, form, want)).format(a=A, b=B)
     return Turn("object", q, text, dict(kind=kind, objects=[a, b], form=FORMS[form], want=want))
 
 
@@ -146,8 +150,8 @@ def scene_turn(a: int, b: int, facts: dict, pick) -> Turn:
     names, cubes = facts["names"], facts["cubes"]
     centre, gap = cube_distance(cubes[a], cubes[b])
     ca, cb = (", ".join(meters(v) for v in np.sum(cubes[x], 0) / 2) for x in (a, b))
-    text = pick([f"The {names[a]}'s centre is at ({ca}) m and the {names[b]}'s at ({cb}) m: they are {meters(centre)} m "
-                 f"apart centre to centre, and their closest surfaces are {meters(gap)} m apart.",
+    text = pick([f"The {names[a]}'s centre is at ({ca}) m and the {names[b]}'s at ({cb}) m: they are "
+                 f"{meters(centre)} m apart centre to centre, and their closest surfaces are {meters(gap)} m apart.",
                  f"Centre to centre: ({ca}) m for the {names[a]} and ({cb}) m for the {names[b]}, "
                  f"{meters(centre)} m apart; between their closest surfaces there are {meters(gap)} m."])
     return Turn("scene", pick(QUESTIONS["distance"]).format(a=names[a], b=names[b]), text,
@@ -181,9 +185,9 @@ def caption_turns(view: View, facts: dict, pick) -> list:
 # Writing (called by writer.py for kind "spatial").
 
 
-def prepare(spec, frames: list) -> list:
+def prepare(spec, embed=None) -> list:
     """The RGB-D frame folders (empty for the synthetic rooms)."""
-    return frames
+    return scenes.frame_folders(spec.rgbd) if spec.rgbd else []
 
 
 def make_sample(spec, index: int, out: Path, frames: list) -> str:
@@ -194,8 +198,7 @@ def make_sample(spec, index: int, out: Path, frames: list) -> str:
     else:
         view, inside = views.synthetic_view(rng, spec.size)
     conv, levels, points, turns = conversation(view, inside, rng, spec.order)
-    sid = f"{index:06d}"
-    H, W = view.depth.shape
+    sid, (H, W) = f"{index:06d}", view.depth.shape
     files = save_view(out, sid, view, f"images/{sid}.png")
     counts = np.bincount(view.instance.reshape(-1), minlength=max(o["id"] for o in view.objects) + 1)
     meta = dict(source=view.source, seed=spec.seed, index=index, size=[H, W], depth=files["depth"],

@@ -5,7 +5,7 @@ it imports nothing of ours, so every builder (spatial.py, instruct.py, multiview
 import it.
 
     turns = [Turn("pixel", "What is the depth at (0.241, 0.766)?", "2.35 m.", {"kind": "depth", "points": [0]})]
-    conversation = to_conversation(turns)        # [{"from": "human", "value": "<image>\nWhat is ..."}, {"from": "gpt", ...}]
+    conversation = to_conversation(turns)   # [{"from": "human", "value": "<image>\nWhat is ..."}, {"from": "gpt", ...}]
 """
 
 from typing import NamedTuple
@@ -18,46 +18,48 @@ TIE_CENTRE = 0.10    # m: cube centres closer than this along an axis are level
 TIE_RATIO = 1.10     # sizes within this ratio of each other are "about as tall / wide / big"
 
 # Object relations: words = (A less than B, A more than B, a tie) along an answer-frame axis (cube centres) or a
-# measure (cube extents); "ask" = yes/no questions about words[0] / words[1]; "which" = questions wanting them.
+# measure (cube extents). A question wanting words[k] asks "Is the {a} <words[k]> the {b}?" or ASK[words[k]] (yes/no),
+# or "Which is <MOST[kind][k]>, the {a} or the {b}?" or WHICH[words[k]] (relation_questions).
 RELATIONS = {
-    "left_right": dict(
-        axis=0, cite="X", words=("to the left of", "to the right of", "roughly level, left to right, with"),
-        ask=(["Is the {a} to the left of the {b}?", "From the camera's viewpoint, is the {a} left of the {b}?"],
-             ["Is the {a} to the right of the {b}?", "Does the {a} appear to the right of the {b}?"]),
-        which=(["Which is further to the left, the {a} or the {b}?", "Which of the {a} and the {b} is further left?"],
-               ["Which is further to the right, the {a} or the {b}?", "Which of the two is further right, the {a} or "
-                "the {b}?"])),
-    "front_behind": dict(
-        axis=2, cite="depth", words=("in front of", "behind", "about as far away as"),
-        ask=(["Is the {a} in front of the {b}?", "Is the {a} closer to the camera than the {b}?"],
-             ["Is the {a} behind the {b}?", "Is the {a} farther from the camera than the {b}?"]),
-        which=(["Which is nearer to the camera, the {a} or the {b}?", "Which is in front, the {a} or the {b}?"],
-               ["Which is farther back, the {a} or the {b}?", "Which of the {a} and the {b} is further away?"])),
-    "above_below": dict(
-        axis=1, cite="Y", words=("below", "above", "at about the same height as"),
-        ask=(["Is the {a} below the {b}?", "Is the {a} lower than the {b}?"],
-             ["Is the {a} above the {b}?", "Is the {a} higher up than the {b}?"]),
-        which=(["Which is lower, the {a} or the {b}?", "Which of the {a} and the {b} sits lower?"],
-               ["Which is higher, the {a} or the {b}?", "Which of the {a} and the {b} is higher up?"])),
-    "taller": dict(
-        measure="height", words=("shorter than", "taller than", "about as tall as"),
-        ask=(["Is the {a} shorter than the {b}?", "Is the {a} less tall than the {b}?"],
-             ["Is the {a} taller than the {b}?", "Does the {a} stand taller than the {b}?"]),
-        which=(["Which is shorter, the {a} or the {b}?", "Which of the {a} and the {b} is shorter?"],
-               ["Which is taller, the {a} or the {b}?", "Which of the {a} and the {b} is taller?"])),
-    "wider": dict(
-        measure="width", words=("narrower than", "wider than", "about as wide as"),
-        ask=(["Is the {a} narrower than the {b}?", "Does the {a} look narrower than the {b}?"],
-             ["Is the {a} wider than the {b}?", "Is the {a} broader than the {b}, left to right?"]),
-        which=(["Which is narrower, the {a} or the {b}?", "Which of the {a} and the {b} is narrower?"],
-               ["Which is wider, the {a} or the {b}?", "Which of the {a} and the {b} is wider?"])),
-    "bigger": dict(
-        measure="volume", words=("smaller than", "bigger than", "about as big as"),
-        ask=(["Is the {a} smaller than the {b}?", "Does the {a} take up less space than the {b}?"],
-             ["Is the {a} bigger than the {b}?", "Is the {a} larger than the {b}?"]),
-        which=(["Which is smaller, the {a} or the {b}?", "Which of the {a} and the {b} is smaller?"],
-               ["Which is bigger, the {a} or the {b}?", "Which of the {a} and the {b} is larger?"])),
+    "left_right": dict(axis=0, cite="X", words=("to the left of", "to the right of",
+                                                "roughly level, left to right, with")),
+    "front_behind": dict(axis=2, cite="depth", words=("in front of", "behind", "about as far away as")),
+    "above_below": dict(axis=1, cite="Y", words=("below", "above", "at about the same height as")),
+    "taller": dict(measure="height", words=("shorter than", "taller than", "about as tall as")),
+    "wider": dict(measure="width", words=("narrower than", "wider than", "about as wide as")),
+    "bigger": dict(measure="volume", words=("smaller than", "bigger than", "about as big as")),
 }
+ASK = {
+    "to the left of": "From the camera's viewpoint, is the {a} left of the {b}?",
+    "to the right of": "Does the {a} appear to the right of the {b}?",
+    "in front of": "Is the {a} closer to the camera than the {b}?",
+    "behind": "Is the {a} farther from the camera than the {b}?",
+    "below": "Is the {a} lower than the {b}?",
+    "above": "Is the {a} higher up than the {b}?",
+    "shorter than": "Is the {a} less tall than the {b}?",
+    "taller than": "Does the {a} stand taller than the {b}?",
+    "narrower than": "Does the {a} look narrower than the {b}?",
+    "wider than": "Is the {a} broader than the {b}, left to right?",
+    "smaller than": "Does the {a} take up less space than the {b}?",
+    "bigger than": "Is the {a} larger than the {b}?",
+}
+WHICH = {
+    "to the left of": "Which of the {a} and the {b} is further left?",
+    "to the right of": "Which of the two is further right, the {a} or the {b}?",
+    "in front of": "Which is in front, the {a} or the {b}?",
+    "behind": "Which of the {a} and the {b} is further away?",
+    "below": "Which of the {a} and the {b} sits lower?",
+    "above": "Which of the {a} and the {b} is higher up?",
+    "shorter than": "Which of the {a} and the {b} is shorter?",
+    "taller than": "Which of the {a} and the {b} is taller?",
+    "narrower than": "Which of the {a} and the {b} is narrower?",
+    "wider than": "Which of the {a} and the {b} is wider?",
+    "smaller than": "Which of the {a} and the {b} is smaller?",
+    "bigger than": "Which of the {a} and the {b} is larger?",
+}
+MOST = {"left_right": ("further to the left", "further to the right"), "front_behind": ("nearer to the camera",
+        "farther back"), "above_below": ("lower", "higher"), "taller": ("shorter", "taller"),
+        "wider": ("narrower", "wider"), "bigger": ("smaller", "bigger")}
 CLOSER_WORDS = ("closer than", "farther than", "at about the same depth as")
 FORMS = ("yesno", "which")      # a question asks "is A <words[want]> B?" or "which is <words[want]>, A or B?"
 PIXEL_KINDS = ("depth", "position", "closer", "displacement")
@@ -82,6 +84,10 @@ QUESTIONS = {
     "caption_user": ["Describe the image in other words.", "Describe the picture once more, differently."],
 }
 
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+DIRECTIONS = ("to the left", "to the right", "forward", "backward")     # of a camera motion, in the answer frame
+THIRDS = (("left", "centre", "right"), ("upper", "middle", "lower"))    # columns and rows of the image
+
 
 def meters(x) -> str:
     """A length or coordinate in meters as the answers write it: 2 decimals."""
@@ -91,6 +97,13 @@ def meters(x) -> str:
 def coord(x) -> str:
     """A normalized image coordinate as the questions write it: 3 decimals."""
     return f"{round(float(x), 3) + 0.0:.3f}"
+
+
+def place(col: int, row: int) -> str:
+    """A cell of the image's 3 x 3 grid in words: "centre", "left", "upper right", ..."""
+    if (col, row) == (1, 1):
+        return "centre"
+    return THIRDS[0][col] if row == 1 else THIRDS[1][row] if col == 1 else f"{THIRDS[1][row]} {THIRDS[0][col]}"
 
 
 def article(name: str) -> str:
@@ -120,6 +133,14 @@ def relation(kind: str, a, b):
     ea, eb = a[1] - a[0], b[1] - b[0]
     va, vb = {"height": (ea[1], eb[1]), "width": (ea[0], eb[0]), "volume": (ea.prod(), eb.prod())}[spec["measure"]]
     return (2 if max(va, vb) < TIE_RATIO * min(va, vb) else int(va > vb)), va, vb, abs(va - vb)
+
+
+def relation_questions(kind: str, form: int, want: int) -> list:
+    """The phrasings of a question wanting RELATIONS[kind]["words"][want]: yes/no (form 0) or "which" (form 1)."""
+    word = RELATIONS[kind]["words"][want]
+    if form == 0:
+        return [f"Is the {{a}} {word} the {{b}}?", ASK[word]]
+    return [f"Which is {MOST[kind][want]}, the {{a}} or the {{b}}?", WHICH[word]]
 
 
 def cube_distance(a, b):

@@ -5,6 +5,7 @@ scenes.py), and the lifting that turns a depth map and instance masks into gravi
     frame = scenes.load_rgbd("my_frames/0001")      # a real RGB-D frame folder, validated
     lifted = lift(frame["depth"], frame["K"], frame["instance"], rng)   # answer frame, gravity source, cubes
     view, inside = synthetic_view(rng, 448)         # what data.py asks questions about: a View + mask interiors
+    view, inside = scene_view(scene, camera, 448)   # one given camera on one given scene
     view, inside = rgbd_view(frame, rng)
 
 The answer frame (every 3D answer in data.py) is viewer-centred and gravity-aligned: origin at the camera, Y up
@@ -17,7 +18,7 @@ frame with Y flipped (recorded as `gravity` = "known" | "floor" | "camera").
 import io
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,30 +54,29 @@ def answer_rotation(up=None) -> np.ndarray:
     return np.stack([np.cross(forward, up), up, forward])
 
 
+NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))     # 4 first, then 8
+
+
 def interior(instance: np.ndarray, radius: int, depth: np.ndarray | None = None) -> np.ndarray:
     """(H, W) bool: pixels at least `radius` pixels (square window) inside their instance region and the image,
     and, given depth, with valid depth and no depth jump to a 4-neighbour (> 2 cm + 5 %)."""
     if radius <= 0:
         return np.ones(instance.shape, bool) if depth is None else depth > 0
+    H, W = instance.shape
+    shifted = lambda a, dr, dc: a[1 + dr:H - 1 + dr, 1 + dc:W - 1 + dc]     # (H - 2, W - 2): a's neighbours
     ok = np.zeros(instance.shape, bool)
     ok[1:-1, 1:-1] = True
-    c = instance[1:-1, 1:-1]
-    for dr, dc in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
-        ok[1:-1, 1:-1] &= c == instance[1 + dr:instance.shape[0] - 1 + dr, 1 + dc:instance.shape[1] - 1 + dc]
+    for dr, dc in NEIGHBOURS:
+        ok[1:-1, 1:-1] &= instance[1:-1, 1:-1] == shifted(instance, dr, dc)
     if depth is not None:
         d = depth[1:-1, 1:-1]
         ok[1:-1, 1:-1] &= d > 0
-        for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-            nb = depth[1 + dr:depth.shape[0] - 1 + dr, 1 + dc:depth.shape[1] - 1 + dc]
-            ok[1:-1, 1:-1] &= np.abs(nb - d) <= 0.02 + 0.05 * d
+        for dr, dc in NEIGHBOURS[:4]:
+            ok[1:-1, 1:-1] &= np.abs(shifted(depth, dr, dc) - d) <= 0.02 + 0.05 * d
     for _ in range(radius - 1):     # erode the boolean map: all 8 neighbours must be ok too
-        e = ok.copy()
-        e[1:] &= ok[:-1]
-        e[:-1] &= ok[1:]
-        e2 = e.copy()
-        e2[:, 1:] &= e[:, :-1]
-        e2[:, :-1] &= e[:, 1:]
-        ok = e2
+        before = ok.copy()
+        for dr, dc in NEIGHBOURS:
+            ok[1:-1, 1:-1] &= shifted(before, dr, dc)
     return ok
 
 
@@ -138,25 +138,21 @@ def lift(depth: np.ndarray, K: np.ndarray, instance: np.ndarray, rng: np.random.
     cubes {instance id: (2, 3) [min, max] in the answer frame} from each object's eroded mask."""
     points = unproject(depth, K)                                                     # (H, W, 3)
     valid = depth > 0
-    gravity, height = ("known", None) if up is not None else ("camera", None)
+    gravity, height = "known" if up is not None else "camera", None
     if up is None:
         floor = np.isin(instance, list(floor_ids)) if len(floor_ids) else instance == 0
         found = floor_up(points[floor & valid], rng, min_points=int(0.03 * depth.size))
         if found is not None:
-            up, height = found
-            gravity = "floor"
+            (up, height), gravity = found, "floor"
     R = answer_rotation(up)
     inside = interior(instance, radius, depth)
     ids = instance[inside]
     order = np.argsort(ids, kind="stable")
     ids, pts = ids[order], (points[inside] @ R.T)[order]                            # (N, 3) answer frame
     uniq, starts = np.unique(ids, return_index=True)
-    cubes = {}
-    for i, a, b in zip(uniq.tolist(), starts, np.r_[starts[1:], len(ids)]):
-        cube = None if i == 0 or i in floor_ids else robust_cube(pts[a:b])
-        if cube is not None:
-            cubes[i] = cube
-    return dict(R=R, gravity=gravity, camera_height=height, cubes=cubes)
+    cubes = {i: robust_cube(pts[a:b]) for i, a, b in zip(uniq.tolist(), starts, np.r_[starts[1:], len(ids)])
+             if i != 0 and i not in floor_ids}
+    return dict(R=R, gravity=gravity, camera_height=height, cubes={i: c for i, c in cubes.items() if c is not None})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,6 +174,7 @@ class View:
     captions: tuple = ()         # the user's captions (RGB-D folders)
     source: str = "synthetic"
     camera_height: float | None = None
+    labels: dict = field(default_factory=dict)     # {instance id: category} of every id the frame knows, but floors
 
 
 def stored(depth: np.ndarray) -> np.ndarray:
@@ -203,23 +200,27 @@ def candidates(view: View, inside: np.ndarray) -> list:
     return [o["id"] for o in view.objects if counts[o["id"]] >= min_pixels(*view.depth.shape)]
 
 
+def scene_view(scene: scenes.Scene, camera: scenes.Camera, size: int) -> tuple:
+    """(View, interior mask) of one camera on a synthetic scene: exact cubes in the answer frame, gravity known."""
+    r = scenes.render(scene, camera, size, size)
+    R_cw, origin = camera.cam_to_world[:3, :3], camera.cam_to_world[:3, 3]
+    R = np.round(answer_rotation(R_cw[2]), 6)      # R_cw[2] = world up in camera coordinates
+    objects = [dict(id=i + 1, name=o.name, category=o.category, colour=o.colour,
+                    cube=np.round(o.cube(R @ R_cw.T, origin), 4).tolist(), on=o.on)
+               for i, o in enumerate(scene.objects)]
+    room = f"{'an' if scene.floor[0] in 'aeiou' else 'a'} {scene.floor} floor and {scene.wall_colour} walls"
+    view = View(r["rgb"], stored(r["depth"]), r["instance"], r["semantic"], np.round(r["K"], 4).tolist(), R.tolist(),
+                np.round(camera.cam_to_world, 6).tolist(), "known", objects, room, (), "synthetic",
+                round(float(origin[2]), 4), {o["id"]: o["category"] for o in objects})
+    return view, interior(view.instance, erosion(size, size), view.depth)
+
+
 def synthetic_view(rng: np.random.Generator, size: int) -> tuple:
     """A random room and camera showing at least 2 objects well enough to ask about -> (View, interior mask)."""
     for _ in range(100):
         scene = scenes.random_scene(rng)
         for _ in range(3):
-            camera = scenes.random_camera(rng, scene)
-            r = scenes.render(scene, camera, size, size)
-            R_cw, origin = camera.cam_to_world[:3, :3], camera.cam_to_world[:3, 3]
-            R = np.round(answer_rotation(R_cw[2]), 6)      # R_cw[2] = world up in camera coordinates
-            objects = [dict(id=i + 1, name=o.name, category=o.category, colour=o.colour,
-                            cube=np.round(o.cube(R @ R_cw.T, origin), 4).tolist(), on=o.on)
-                       for i, o in enumerate(scene.objects)]
-            room = f"{'an' if scene.floor[0] in 'aeiou' else 'a'} {scene.floor} floor and {scene.wall_colour} walls"
-            view = View(r["rgb"], stored(r["depth"]), r["instance"], r["semantic"], np.round(r["K"], 4).tolist(),
-                        R.tolist(), np.round(camera.cam_to_world, 6).tolist(), "known", objects, room,
-                        camera_height=round(float(origin[2]), 4))
-            inside = interior(view.instance, erosion(size, size), view.depth)
+            view, inside = scene_view(scene, scenes.random_camera(rng, scene), size)
             if len(candidates(view, inside)) >= 2:
                 return view, inside
     raise RuntimeError("no view with 2 visible objects in 300 tries: check random_scene / random_camera")
@@ -245,7 +246,7 @@ def rgbd_view(frame: dict, rng: np.random.Generator) -> tuple:
     pose = None if frame["cam_to_world"] is None else np.round(frame["cam_to_world"], 6).tolist()
     view = View(frame["rgb"], depth, frame["instance"], None, np.round(frame["K"], 4).tolist(),
                 np.round(lifted["R"], 6).tolist(), pose, lifted["gravity"], objects, None, tuple(frame["captions"]),
-                "rgbd", lifted["camera_height"])
+                "rgbd", lifted["camera_height"], {i: c for i, c in frame["labels"].items() if i not in floor_ids})
     inside = interior(view.instance, erosion(*depth.shape), depth)
     if len(objects) < 2 or len(candidates(view, inside)) < 2:
         raise ValueError(f"RGB-D frame {frame['name']}: fewer than 2 labelled objects with {min_pixels(*depth.shape)} "
@@ -294,24 +295,22 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(path: Path, array: np.ndarray):
-    write_file_atomically(path, lambda tmp: tmp.write_bytes(png_bytes(array)))
-
-
 def save_view(out: Path, stem: str, view: View, image: str, depth: bool = True, semantic: bool = True) -> dict:
     """Write a view's image and ground truth under out: instance ids (PNG), depth (uint16 millimetres up to 65.535 m,
     float32 .npy beyond) and semantic ids when asked for. Returns their paths relative to out."""
-    files = dict(image=image, instance=f"gt/{stem}_instance.png")
-    save_png(out / image, view.rgb)
-    save_png(out / files["instance"], view.instance.astype(np.uint8 if view.instance.max() < 256 else np.uint16))
+    files = {}
+
+    def put(key: str, path: str, data: bytes):
+        files[key] = path
+        write_file_atomically(out / path, lambda tmp: tmp.write_bytes(data))
+
+    put("image", image, png_bytes(view.rgb))
+    ids = view.instance.astype(np.uint8 if view.instance.max() < 256 else np.uint16)
+    put("instance", f"gt/{stem}_instance.png", png_bytes(ids))
     if semantic and view.semantic is not None:
-        files["semantic"] = f"gt/{stem}_semantic.png"
-        save_png(out / files["semantic"], view.semantic.astype(np.uint8))
+        put("semantic", f"gt/{stem}_semantic.png", png_bytes(view.semantic.astype(np.uint8)))
     if depth and view.depth.max() <= 65.535:
-        files["depth"] = f"gt/{stem}_depth.png"
-        save_png(out / files["depth"], np.round(view.depth * 1000).astype(np.uint16))
+        put("depth", f"gt/{stem}_depth.png", png_bytes(np.round(view.depth * 1000).astype(np.uint16)))
     elif depth:
-        files["depth"] = f"gt/{stem}_depth.npy"
-        write_file_atomically(out / files["depth"],
-                              lambda tmp: tmp.write_bytes(npy_bytes(view.depth.astype(np.float32))))
+        put("depth", f"gt/{stem}_depth.npy", npy_bytes(view.depth.astype(np.float32)))
     return files

@@ -2,7 +2,9 @@
 The writer every kind of data goes through: one sample per index, seeded from (seed, index), so content never
 depends on --workers; shards of samples are written atomically and data.jsonl is assembled from them, so a re-run
 continues where one stopped. The builders are spatial.py ("spatial"), instruct.py ("captions", "instruct") and
-multiview.py ("multiview", "spatial-multiview"); each has prepare(spec, ...) and make_sample(spec, index, out, source).
+multiview.py ("multiview", "spatial-multiview"); each has prepare(spec, embed) -> source, what every sample needs
+(RGB-D frame folders, label vocabularies, view pairs; embed: images -> patch features, for the feature band), and
+make_sample(spec, index, out, source) -> one JSON line.
 
     write_dataset("spatial", "data/spatial", n=1000, seed=0, size=448, workers=2)     # -> data/spatial/data.jsonl
 
@@ -41,25 +43,6 @@ def builder(kind: str):
     if kind == "grounding":
         return grounding
     return multiview if "multiview" in kind else instruct if kind in ("captions", "instruct") else spatial
-
-
-def prepare(spec: DatasetSpec, embed=None):
-    """What every sample needs from the source, computed once and handed to each worker: the RGB-D frame folders,
-    label vocabularies, view pairs. embed: images -> unit-length patch features, for the feature band."""
-    if "multiview" in spec.kind:
-        return multiview.prepare(spec, embed)
-    return builder(spec.kind).prepare(spec, rgbd_frames(spec.rgbd) if spec.rgbd else [])
-
-
-def rgbd_frames(root) -> list:
-    """Frame folders under root (root itself when it is one), sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise SystemExit(f"--rgbd {root}: not a directory")
-    frames = [root] if (root / "labels.json").exists() else sorted(p for p in root.iterdir() if p.is_dir())
-    if not frames:
-        raise SystemExit(f"--rgbd {root}: no frame folders (rgb, depth, intrinsics, instance.png, labels.json)")
-    return [str(f) for f in frames]
 
 
 def fast_malloc():
@@ -135,7 +118,7 @@ def write_dataset(kind: str, out, n: int, seed: int = 0, size: int = 448, order:
     spec = dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder)
     out = Path(out)
     open_dataset(out, spec)
-    source = prepare(spec, embed)
+    source = builder(kind).prepare(spec, embed)
     fast_malloc()
     plan = [(a, min(a + spec.shard_size, n)) for a in range(0, n, spec.shard_size)]
     shard = lambda a, b: out / "shards" / f"{a:06d}-{b:06d}.jsonl"

@@ -178,6 +178,18 @@ def test_png_writer_round_trips():
         assert back.dtype.itemsize == a.itemsize and (back == a).all()
 
 
+def write_frame(f: Path, scene, v: dict, depth_scale: float = 1.0, posed: bool = False):
+    """A view rendered by the synthetic world (scenes.render) as an RGB-D frame folder, labels from the categories."""
+    f.mkdir(parents=True)
+    Image.fromarray(v["rgb"]).save(f / "rgb.png")
+    np.save(f / "depth.npy", v["depth"] * depth_scale)
+    Image.fromarray(v["instance"].astype(np.uint8)).save(f / "instance.png")
+    (f / "labels.json").write_text(json.dumps({str(i + 1): o.category for i, o in enumerate(scene.objects)}))
+    (f / "intrinsics.txt").write_text(" ".join(map(str, v["K"].ravel())))
+    if posed:
+        (f / "pose.txt").write_text(" ".join(map(str, v["cam_to_world"].ravel())))
+
+
 def test_rgbd_folders(tmp_path):
     # real-data path on frames rendered by the synthetic world: labels from the categories, no gravity given
     root = tmp_path / "frames"
@@ -185,13 +197,7 @@ def test_rgbd_folders(tmp_path):
         rng = np.random.default_rng(10 + k)
         scene = scenes.random_scene(rng, n_objects=5)
         v = scenes.render(scene, scenes.random_camera(rng, scene), 96, 128)
-        f = root / f"frame{k}"
-        f.mkdir(parents=True)
-        Image.fromarray(v["rgb"]).save(f / "rgb.png")
-        np.save(f / "depth.npy", v["depth"] * (1 + 19 * k))     # frame1 is 20x larger: depth beyond 65 m
-        Image.fromarray(v["instance"].astype(np.uint8)).save(f / "instance.png")
-        (f / "labels.json").write_text(json.dumps({str(i + 1): o.category for i, o in enumerate(scene.objects)}))
-        (f / "intrinsics.txt").write_text(" ".join(map(str, v["K"].ravel())))
+        write_frame(root / f"frame{k}", scene, v, depth_scale=1 + 19 * k)     # frame1 is 20x larger: beyond 65 m
     (root / "frame1" / "captions.txt").write_text("A user's caption.\n")
     records = build(tmp_path / "out", n=4, rgbd=str(root))
     assert datacheck.check(tmp_path / "out")[0] == []

@@ -5,12 +5,11 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import data
 from dataengine import check as datacheck
 from dataengine import scenes
-from test_data import tamper
+from test_data import tamper, write_frame
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +93,7 @@ def test_rgbd_frames(tmp_path):
     for k in range(2):
         rng = np.random.default_rng(30 + k)
         scene = scenes.random_scene(rng, n_objects=6)
-        v = scenes.render(scene, scenes.random_camera(rng, scene), 72, 96)
-        f = root / f"frame{k}"
-        f.mkdir(parents=True)
-        Image.fromarray(v["rgb"]).save(f / "rgb.png")
-        np.save(f / "depth.npy", v["depth"])
-        Image.fromarray(v["instance"].astype(np.uint8)).save(f / "instance.png")
-        (f / "labels.json").write_text(json.dumps({str(i + 1): o.category for i, o in enumerate(scene.objects)}))
-        (f / "intrinsics.txt").write_text(" ".join(map(str, v["K"].ravel())))
+        write_frame(root / f"frame{k}", scene, scenes.render(scene, scenes.random_camera(rng, scene), 72, 96))
     (root / "frame1" / "captions.txt").write_text("A user's own caption.\n")
     for kind in ("captions", "instruct"):
         data.generate(kind, tmp_path / kind, 6, rgbd=root, progress=False)

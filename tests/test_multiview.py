@@ -13,7 +13,7 @@ import data
 from dataengine import check as datacheck
 from dataengine import multiview
 from dataengine import scenes
-from test_data import tamper
+from test_data import tamper, write_frame
 
 
 def wall_camera(x, distance_to_wall, W=100, H=60):
@@ -192,16 +192,7 @@ def write_frames(root: Path, posed: bool):
         scene = scenes.random_scene(rng, n_objects=6)
         first = scenes.random_camera(rng, scene)
         for k, cam in enumerate([first] + [multiview.nearby_camera(rng, scene, first) for _ in range(2)]):
-            v = scenes.render(scene, cam, 72, 96)
-            f = root / f"scene{s}" / f"frame{k}"
-            f.mkdir(parents=True)
-            Image.fromarray(v["rgb"]).save(f / "rgb.png")
-            np.save(f / "depth.npy", v["depth"])
-            Image.fromarray(v["instance"].astype(np.uint8)).save(f / "instance.png")
-            (f / "labels.json").write_text(json.dumps({str(i + 1): o.category for i, o in enumerate(scene.objects)}))
-            (f / "intrinsics.txt").write_text(" ".join(map(str, v["K"].ravel())))
-            if posed:
-                (f / "pose.txt").write_text(" ".join(map(str, v["cam_to_world"].ravel())))
+            write_frame(root / f"scene{s}" / f"frame{k}", scene, scenes.render(scene, cam, 72, 96), posed=posed)
 
 
 def test_rgbd_pairs_with_poses(tmp_path):
