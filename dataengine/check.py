@@ -28,7 +28,7 @@ from PIL import Image
 
 from dataengine.scenes import CATEGORIES
 from dataengine.text import (CLOSER_WORDS, DIRECTIONS, LEVEL_COUNTS, NUMBER_WORDS, PIXEL_KINDS, RELATIONS, TIE_CENTRE,
-                             TIE_DEPTH, cited, coord, cube_distance, place, relation)
+                             TIE_DEPTH, coord, cube_distance, place, relation)
 from dataengine.views import load_depth
 
 NUMBER = re.compile(r"-?\d+\.\d+")
@@ -125,40 +125,37 @@ def _pixel_turn(kind: str, q: str, a: str, turn: dict, level: str, f: dict, wher
     bad = [] if level == "pixel" and all(P(k) in q for k in ks) else [
         f"{where}: level {level} or the question does not name its points"]
     if kind == "depth":
-        return bad + _numbers(a, pt(ks[0]) + [(d[ks[0]], 2)], where)
+        return bad + _numbers(a, [(d[ks[0]], 2)], where)
     if kind == "position":
-        return bad + _numbers(a, pt(ks[0]) + [(v, 2) for v in xyz[ks[0]]], where)
+        return bad + _numbers(a, [(v, 2) for v in xyz[ks[0]]], where)
     if kind == "displacement":
         v = xyz[ks[1]] - xyz[ks[0]]
-        return bad + _numbers(a, pt(ks[0]) + pt(ks[1]) + [(c, 2) for c in v] + [(np.linalg.norm(v), 2)], where)
-    m = re.search(r"(\([\d.]+, [\d.]+\)) is (" + "|".join(CLOSER_WORDS) + r") (\([\d.]+, [\d.]+\))", a)
+        return bad + _numbers(a, [(c, 2) for c in v] + [(np.linalg.norm(v), 2)], where)
+    m = re.search(r"[Tt]he (first|second) point is (" + "|".join(CLOSER_WORDS) + r") the (first|second):", a)
     i, j = ks
-    if not m or {m.group(1), m.group(3)} != {P(i), P(j)}:
-        return bad + [f"{where}: no verdict '<point> is closer than / farther than / ... <point>'"]
-    s, o = (i, j) if m.group(1) == P(i) else (j, i)
+    if not m or m.group(1) == m.group(3):
+        return bad + [f"{where}: no verdict 'the first / second point is closer than / ... the second / first'"]
+    s, o = (i, j) if m.group(1) == "first" else (j, i)
     rel = lambda x, y: 2 if abs(d[x] - d[y]) < TIE_DEPTH else int(d[x] > d[y])
     bad += _verdict(where, a, turn, rel(i, j), rel(s, o), CLOSER_WORDS.index(m.group(2)), stats)
-    return bad + _numbers(a, pt(s) + pt(o) + [(d[s], 2), (d[o], 2), (abs(d[s] - d[o]), 2)], where)
+    return bad + _numbers(a, [(d[s], 2), (d[o], 2)], where)
 
 
 def _relation_turn(kind: str, q: str, a: str, turn: dict, level: str, f: dict, where: str, stats: dict) -> list:
-    """The verdict 'the <A> is <relation> the <B>' from the cubes, the cited points and the values compared."""
+    """The verdict 'the <A> is <relation> the <B>' from the cubes, and the values compared."""
     spec, (ia, ib), objs, pt = RELATIONS[kind], turn["objects"], f["objs"], f["pt"]
     names = "|".join(re.escape(objs[x]["name"]) for x in (ia, ib))
-    m = re.search(f"the ({names}) is ({'|'.join(spec['words'])}) the ({names})[ .]", a)
+    m = re.search(f"[Tt]he ({names}) is ({'|'.join(spec['words'])}) the ({names})[ :]", a)
     if level != "object" or not all(objs[x]["name"] in q for x in (ia, ib)) or not m or m.group(1) == m.group(3):
         return [f"{where}: level {level}, names missing from the question, or no 'the <A> is <rel> the <B>'"]
     s, o = (ia, ib) if m.group(1) == objs[ia]["name"] else (ib, ia)
-    out, va, vb, margin = relation(kind, objs[ia]["cube"], objs[ib]["cube"])
-    said = relation(kind, objs[s]["cube"], objs[o]["cube"])[0]
+    out = relation(kind, objs[ia]["cube"], objs[ib]["cube"])[0]
+    said, vs, vo, margin = relation(kind, objs[s]["cube"], objs[o]["cube"])
     bad = _verdict(where, a, turn, out, said, spec["words"].index(m.group(2)), stats)
-    value = {"X": lambda k: [(f["xyz"][k, 0], 2)], "Y": lambda k: [(f["xyz"][k, 1], 2)],
-             "depth": lambda k: [(f["d"][k], 2)]}.get(spec.get("cite"), lambda k: [])
-    expected = [v for x in (ia, ib) for k in cited(f["on"], x) for v in pt(k) + value(k)]
     if spec.get("measure") == "volume":
-        expected += [(v, 2) for x in (ia, ib) for v in np.subtract(*objs[x]["cube"][::-1])]
+        expected = [(v, 2) for x in (s, o) for v in np.subtract(*objs[x]["cube"][::-1])]
     else:
-        expected += [(va, 2), (vb, 2)] + ([(margin, 2)] if said != 2 else [])
+        expected = ([(margin, 2)] if said != 2 else []) + [(vs, 2), (vo, 2)]
     return bad + _numbers(a, expected, where)
 
 
@@ -590,7 +587,8 @@ def check_grounding(rec: dict, out: Path, stats: dict) -> list:
 def check(out, limit: int | None = None) -> tuple:
     """Check every sample of out/data.jsonl -> (problems [str], stats {name: count})."""
     out, problems, stats = Path(out), [], {"samples": 0}
-    checkers = {"spatial": check_spatial, "captions": check_single, "instruct": check_single, "grounding": check_grounding,
+    checkers = {"spatial": check_spatial, "captions": check_single, "instruct": check_single,
+                "grounding": check_grounding,
                 "multiview": check_pair, "spatial-multiview": check_pair}
     with open(out / "data.jsonl") as f:
         for n, line in enumerate(f):

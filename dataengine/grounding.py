@@ -112,9 +112,9 @@ def conversation(view: views.View, rng) -> tuple:
 # Writing (called by writer.py for kind "grounding").
 
 
-def prepare(spec, frames: list) -> list:
+def prepare(spec, embed=None) -> list:
     """The RGB-D frame folders (empty for the synthetic rooms)."""
-    return frames
+    return scenes.frame_folders(spec.rgbd) if spec.rgbd else []
 
 
 def make_sample(spec, index: int, out, frames: list) -> str:

@@ -6,10 +6,14 @@ pixel -> object -> scene -> caption. writer.py writes it as kind "spatial"; chec
     conv, levels, points, records = conversation(view, inside, rng, order="forward")
 
 5 pixel-level turns (depth at a point, its 3D position, which of two points is closer, the displacement between two
-points), 4 object-level (left/right, in front/behind, above/below, taller/wider/bigger; each answer cites the
-pixel-level points that fell on those objects), 1 scene-level (distance between two objects, centre to centre and
-between their closest surfaces) and 2 captions. Every 3D answer is in the viewer-centred, gravity-aligned answer
-frame of views.py; relations compare bounding-cube centres (or extents for sizes) and call near-ties ties.
+points), 4 object-level (left/right, in front/behind, above/below, taller/wider/bigger: the verdict and the values it
+rests on), 1 scene-level (distance between two objects, centre to centre and between their closest surfaces) and 2
+captions. Every 3D answer is in the viewer-centred, gravity-aligned answer frame of views.py; relations compare
+bounding-cube centres (or extents for sizes) and call near-ties ties.
+
+Answers are concise and carry the image, not the question: "2.35 m.", "(0.12, -0.40, 2.35) m.", "Yes, the first
+point is closer than the second: 2.10 m vs 2.35 m." -- no query coordinate is echoed, so nearly every supervised
+number is one the encoder must supply (tools/answer_stats.py measures the share).
 """
 
 import json
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dataengine import scenes, views
-from dataengine.text import (CLOSER_WORDS, FORMS, PIXEL_KINDS, QUESTIONS, RELATIONS, TIE_DEPTH, Turn, article, cited,
+from dataengine.text import (CLOSER_WORDS, FORMS, PIXEL_KINDS, QUESTIONS, RELATIONS, TIE_DEPTH, Turn, article,
                              coord, cube_distance, listing, meters, ordered, picker, relation, relation_questions,
                              to_conversation)
 from dataengine.views import View, save_view
@@ -80,18 +84,14 @@ def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order
 
 
 def pixel_turn(kind: str, idx: list, facts: dict, rng, pick) -> Turn:
+    """A question about one or two points; the answer is only what the image tells (no echoed coordinates)."""
     P, d, xyz = facts["P"], facts["d"], facts["xyz"]
     i, j = idx[0], idx[-1]
     rec = dict(kind=kind, points=idx)
     if kind == "depth":
-        a = pick([f"The depth at {P[i]} is {meters(d[i])} m.", f"{P[i]} lies at a depth of {meters(d[i])} m.",
-                  f"The point {P[i]} is {meters(d[i])} m from the camera along the viewing axis."])
-        return Turn("pixel", pick(QUESTIONS["depth"]).format(p=P[i]), a, rec)
+        return Turn("pixel", pick(QUESTIONS["depth"]).format(p=P[i]), f"{meters(d[i])} m.", rec)
     if kind == "position":
-        x, y, z = (meters(v) for v in xyz[i])
-        a = pick([f"The point {P[i]} is at ({x}, {y}, {z}) m.", f"{P[i]} is at X = {x} m, Y = {y} m, Z = {z} m.",
-                  f"In the viewer's frame (X right, Y up, Z forward), {P[i]} is at ({x}, {y}, {z}) m."])
-        return Turn("pixel", pick(QUESTIONS["position"]).format(p=P[i]), a, rec)
+        return Turn("pixel", pick(QUESTIONS["position"]).format(p=P[i]), f"({vector(xyz[i])}) m.", rec)
     if kind == "closer":
         form, want = int(rng.integers(2)), int(rng.integers(2))      # yes/no or which; about "closer" or "farther"
         out = 2 if abs(d[i] - d[j]) < TIE_DEPTH else int(d[i] > d[j])
@@ -100,62 +100,55 @@ def pixel_turn(kind: str, idx: list, facts: dict, rng, pick) -> Turn:
         else:              # the verdict names the point that has the asked-about property first
             s, o = (i, j) if out in (2, want) else (j, i)
             rel, prefix = (2, "Neither: ") if out == 2 else (want, "")
-        a = (f"{prefix}{P[s]} is {CLOSER_WORDS[rel]} {P[o]}: depths {meters(d[s])} m and {meters(d[o])} m, "
-             f"a difference of {meters(abs(d[s] - d[o]))} m.")
+        nth = {i: "first", j: "second"}
+        a = capitalized(f"{prefix}the {nth[s]} point is {CLOSER_WORDS[rel]} the {nth[o]}: {meters(d[s])} m vs "
+                        f"{meters(d[o])} m.")
         question = pick(QUESTIONS["closer"][form][want]).format(p=P[i], q=P[j])
         return Turn("pixel", question, a, dict(rec, form=FORMS[form], want=want))
-    v, dist = [meters(c) for c in xyz[j] - xyz[i]], meters(np.linalg.norm(xyz[j] - xyz[i]))
-    a = pick([f"From {P[i]} to {P[j]} the displacement is ({v[0]}, {v[1]}, {v[2]}) m, a distance of {dist} m.",
-              f"Going from {P[i]} to {P[j]} means moving ({v[0]}, {v[1]}, {v[2]}) m (X right, Y up, Z forward), "
-              f"{dist} m in all."])
+    v = xyz[j] - xyz[i]
+    a = f"({vector(v)}) m, {meters(np.linalg.norm(v))} m apart."
     return Turn("pixel", pick(QUESTIONS["displacement"]).format(p=P[i], q=P[j]), a, rec)
 
 
 def object_turn(kind: str, a: int, b: int, facts: dict, rng, pick) -> Turn:
-    """A relation between objects a and b from their cubes, citing the pixel-level points that fell on them."""
+    """A relation between objects a and b from their cubes: the verdict, then the values it rests on (the first
+    object named first)."""
     spec, names, cubes = RELATIONS[kind], facts["names"], facts["cubes"]
-    P, d, xyz = facts["P"], facts["d"], facts["xyz"]
-    A, B = names[a], names[b]
-    out, va, vb, margin = relation(kind, cubes[a], cubes[b])
+    out = relation(kind, cubes[a], cubes[b])[0]
     form, want = int(rng.integers(2)), int(rng.integers(2))
     if form == 0:
-        s, o, rel, prefix = a, b, out, ["No. ", "Yes. ", "Not clearly. "][2 if out == 2 else int(out == want)]
+        s, o, rel, prefix = a, b, out, ["No, ", "Yes, ", "Not clearly: "][2 if out == 2 else int(out == want)]
     else:
         s, o = (a, b) if out in (2, want) else (b, a)
-        rel, prefix = (2, "Neither. ") if out == 2 else (want, "")
-    value = {"X": lambda k: f" is at X = {meters(xyz[k, 0])} m", "Y": lambda k: f" is at Y = {meters(xyz[k, 1])} m",
-             "depth": lambda k: f" has depth {meters(d[k])} m"}.get(spec.get("cite"), lambda k: "")
-    cites = [f"{P[k]}{' on' if 'cite' in spec else ' is on'} the {names[x]}{value(k)}"
-             for x in (a, b) for k in cited(facts["on"], x)]
-    text = prefix
-    if cites:
-        text += pick(["Points on them: ", "From the points measured on them: ", "Evidence from the pixels: "])
-        text += "; ".join(cites) + ". "
-    if "axis" in spec:
-        axis = "XYZ"[spec["axis"]]
-        text += f"The {A}'s centre is at {axis} = {meters(va)} m and the {B}'s at {axis} = {meters(vb)} m. "
-    elif spec["measure"] == "volume":
-        ea, eb = (" x ".join(meters(v) for v in np.subtract(*cubes[x][::-1])) for x in (a, b))
-        text += f"The {A} measures {ea} m (width x height x depth) and the {B} {eb} m. "
-    else:
-        size = "tall" if spec["measure"] == "height" else "wide"
-        text += f"The {A} is {meters(va)} m {size} and the {B} {meters(vb)} m. "
+        rel, prefix = (2, "Neither: ") if out == 2 else (want, "")
+    _, vs, vo, margin = relation(kind, cubes[s], cubes[o])
     by = f" by {meters(margin)} m" if rel != 2 and spec.get("measure") != "volume" else ""
-    text += f"{pick(['So', 'Hence', 'Therefore'])} the {names[s]} is {spec['words'][rel]} the {names[o]}{by}."
-    q = pick(relation_questions(kind, form, want)).format(a=A, b=B)
+    if "axis" in spec:
+        values = f"centres at {'XYZ'[spec['axis']]} = {meters(vs)} m and {meters(vo)} m"
+    elif spec["measure"] == "volume":
+        values = " and ".join(" x ".join(meters(v) for v in np.subtract(*cubes[x][::-1])) + " m" for x in (s, o))
+    else:
+        values = f"{meters(vs)} m and {meters(vo)} m {'tall' if spec['measure'] == 'height' else 'wide'}"
+    text = capitalized(f"{prefix}the {names[s]} is {spec['words'][rel]} the {names[o]}{by}: {values}.")
+    q = pick(relation_questions(kind, form, want)).format(a=names[a], b=names[b])
     return Turn("object", q, text, dict(kind=kind, objects=[a, b], form=FORMS[form], want=want))
 
 
 def scene_turn(a: int, b: int, facts: dict, pick) -> Turn:
     names, cubes = facts["names"], facts["cubes"]
     centre, gap = cube_distance(cubes[a], cubes[b])
-    ca, cb = (", ".join(meters(v) for v in np.sum(cubes[x], 0) / 2) for x in (a, b))
-    text = pick([f"The {names[a]}'s centre is at ({ca}) m and the {names[b]}'s at ({cb}) m: they are "
-                 f"{meters(centre)} m apart centre to centre, and their closest surfaces are {meters(gap)} m apart.",
-                 f"Centre to centre: ({ca}) m for the {names[a]} and ({cb}) m for the {names[b]}, "
-                 f"{meters(centre)} m apart; between their closest surfaces there are {meters(gap)} m."])
+    ca, cb = (vector(np.sum(cubes[x], 0) / 2) for x in (a, b))
+    text = f"Centres at ({ca}) m and ({cb}) m: {meters(centre)} m apart, {meters(gap)} m between the closest surfaces."
     return Turn("scene", pick(QUESTIONS["distance"]).format(a=names[a], b=names[b]), text,
                 dict(kind="distance", objects=[a, b]))
+
+
+def vector(v) -> str:
+    return ", ".join(meters(c) for c in v)
+
+
+def capitalized(text: str) -> str:
+    return text[0].upper() + text[1:]
 
 
 def caption_turns(view: View, facts: dict, pick) -> list:

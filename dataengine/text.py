@@ -21,10 +21,9 @@ TIE_RATIO = 1.10     # sizes within this ratio of each other are "about as tall 
 # measure (cube extents). A question wanting words[k] asks "Is the {a} <words[k]> the {b}?" or ASK[words[k]] (yes/no),
 # or "Which is <MOST[kind][k]>, the {a} or the {b}?" or WHICH[words[k]] (relation_questions).
 RELATIONS = {
-    "left_right": dict(axis=0, cite="X", words=("to the left of", "to the right of",
-                                                "roughly level, left to right, with")),
-    "front_behind": dict(axis=2, cite="depth", words=("in front of", "behind", "about as far away as")),
-    "above_below": dict(axis=1, cite="Y", words=("below", "above", "at about the same height as")),
+    "left_right": dict(axis=0, words=("to the left of", "to the right of", "roughly level, left to right, with")),
+    "front_behind": dict(axis=2, words=("in front of", "behind", "about as far away as")),
+    "above_below": dict(axis=1, words=("below", "above", "at about the same height as")),
     "taller": dict(measure="height", words=("shorter than", "taller than", "about as tall as")),
     "wider": dict(measure="width", words=("narrower than", "wider than", "about as wide as")),
     "bigger": dict(measure="volume", words=("smaller than", "bigger than", "about as big as")),
@@ -116,11 +115,6 @@ def listing(items) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Relations between objects, from their cubes.
-
-
-def cited(on: np.ndarray, obj: int) -> list:
-    """The pixel-level points an object-level answer cites for obj: the first two that fell on it."""
-    return [k for k in range(len(on)) if on[k] == obj][:2]
 
 
 def relation(kind: str, a, b):

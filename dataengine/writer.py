@@ -40,9 +40,9 @@ class DatasetSpec:     # what fixes a dataset's content; saved in <kind>.json, a
 
 def builder(kind: str):
     """The module that builds samples of `kind`."""
-    if kind == "grounding":
-        return grounding
-    return multiview if "multiview" in kind else instruct if kind in ("captions", "instruct") else spatial
+    if "multiview" in kind:
+        return multiview
+    return instruct if kind in ("captions", "instruct") else grounding if kind == "grounding" else spatial
 
 
 def fast_malloc():

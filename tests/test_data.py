@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,15 @@ def test_conversation_format(dataset):
         assert meta["gravity"] == "known" and meta["cube_source"] == "scene" and len(meta["K"]) == 3
         R = np.array(meta["answer_from_camera"])
         assert np.allclose(R @ R.T, np.eye(3), atol=1e-5)
-    # the object-level answers cite pixel-level points that fell on both of their objects
-    cites = [conv["value"].count(" on the ") + conv["value"].count(" is on the ")
-             for r in records for conv, level in zip(r["conversations"][1::2], r["levels"]) if level == "object"]
-    assert np.mean([c >= 2 for c in cites]) > 0.9
+    # answers carry the image, not the question: no answer echoes a query coordinate, and every pixel- and
+    # object-level answer holds a number the conversation has not shown before it
+    for r in records:
+        conv = r["conversations"]
+        for k, level in enumerate(r["levels"]):
+            answer, before = conv[2 * k + 1]["value"], " ".join(m["value"] for m in conv[:2 * k + 1])
+            assert not re.search(r"\(\d\.\d{3}, \d\.\d{3}\)", answer)
+            if level in ("pixel", "object"):
+                assert any(x not in before for x in re.findall(r"-?\d+\.\d+", answer)), answer
     # several phrasings per question type
     depth_questions = {r["conversations"][0]["value"].split("(")[0] for r in records}
     assert len(depth_questions) >= 3
