@@ -118,10 +118,8 @@ def save_checkpoint(out_dir: Path, step: int, vlm, opt, cfg, keep_last: int = 2,
     path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
     params = trained_state(vlm)
     name_of = {id(p): n for n, p in vlm.named_parameters() if p.requires_grad}
-    moments = {}
-    for p, st in opt.state.items():
-        for key, value in st.items():  # step, exp_avg, exp_avg_sq
-            moments[f"{name_of[id(p)]}::{key}"] = gathered(value.detach()).reshape(-1 if key == "step" else value.shape)
+    moments = {f"{name_of[id(p)]}::{key}": gathered(value.detach()).reshape(-1 if key == "step" else value.shape)
+               for p, st in opt.state.items() for key, value in st.items()}  # step, exp_avg, exp_avg_sq
     if master:
         rng = {"rng::cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
