@@ -114,12 +114,8 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.pos, self.max_len = 0, max_len
         self.layers = [_LayerCache(self, i) for i in range(n_layers)]
-
-    @property
-    def max_len(self):
-        return self.k.shape[3]
 
 
 class _LayerCache:
@@ -143,20 +139,9 @@ class _LayerCache:
 class Attention(nn.Module):
     """Multi-head attention (B, T, dim) -> (B, T, dim), with the switches every supported family needs."""
 
-    def __init__(
-        self,
-        dim: int,
-        n_heads: int,
-        n_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        q_bias: bool = False,
-        k_bias: bool = False,
-        v_bias: bool = False,
-        o_bias: bool = False,
-        qk_norm: bool = False,
-        norm_eps: float = 1e-6,
-        causal: bool = False,
-    ):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 q_bias: bool = False, k_bias: bool = False, v_bias: bool = False, o_bias: bool = False,
+                 qk_norm: bool = False, norm_eps: float = 1e-6, causal: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
@@ -180,27 +165,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        y = attend(q, k, v, rope, mask, cache, self.causal)  # (B, T, H*hd)
-        return self.o_proj(y)
-
-
-def attend(q, k, v, rope=None, mask=None, cache=None, causal=False):
-    """RoPE, cache, then SDPA. q (B, H, T, hd), k/v (B, Hkv, T, hd) -> (B, T, H*hd)."""
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    if cache is not None:
-        k, v = cache.update(k, v)  # (B, Hkv, S, hd), S = tokens cached so far
-    Tq, S = q.shape[2], k.shape[2]
-    is_causal = False
-    if mask is None and causal and Tq > 1:
-        if Tq == S:
-            is_causal = True
-        else:  # a chunk after cached context: query i sees keys up to S - Tq + i
-            mask = torch.ones(Tq, S, dtype=torch.bool, device=q.device).tril(S - Tq)
-    y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
-    )  # (B, H, T, hd)
-    return y.transpose(1, 2).flatten(2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, S, hd), S = tokens cached so far
+        S, is_causal = k.shape[2], False
+        if mask is None and self.causal and T > 1:
+            if T == S:
+                is_causal = True
+            else:  # a chunk after cached context: query i sees keys up to S - T + i
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,11 +200,9 @@ class DualChannelAttention(nn.Module):
         super().__init__()
         if attn.q_norm is not None:
             raise ValueError("DualChannelAttention supports attention without q/k norm (the ViT families)")
-        dim = attn.o_proj.out_features
-        self.attn = attn
-        self.attn_plus = copy.deepcopy(attn)
-        self.gate = nn.Parameter(torch.zeros(dim, device=attn.o_proj.weight.device, dtype=attn.o_proj.weight.dtype))
-        self.attn.requires_grad_(False)
+        w = attn.o_proj.weight
+        self.attn, self.attn_plus = attn.requires_grad_(False), copy.deepcopy(attn).requires_grad_(True)
+        self.gate = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
 
     def forward(self, x, rope=None, mask=None, cache=None):
         if cache is not None:
@@ -248,10 +223,7 @@ def add_dual_channel(model: nn.Module) -> nn.Module:
     for name, attn in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        dual = DualChannelAttention(attn)
-        dual.attn_plus.requires_grad_(True)
-        dual.gate.requires_grad_(True)
-        setattr(parent, child, dual)
+        setattr(parent, child, DualChannelAttention(attn))
     return model
 
 
@@ -265,8 +237,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int):
         super().__init__()
         self.base = base
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         base.requires_grad_(False)
 

@@ -9,13 +9,9 @@ on the same held-out probe set with the same seeds and budget, spatial-QA accura
     python eval.py --qa data/heldout --answers answers.jsonl   # score a VLM's answers to held-out conversations
 
 Writes report.json (every number), report.md (the table) and report.png (bar charts + a depth panel) to --out
-(default runs/NAME/eval for --run, else runs/eval) and prints the table.
-
-Features are computed once per (encoder, probe set, settings), without gradients, and cached in the probe set's
-cache/ directory (fp16 safetensors; ~0.8 MB per image for a ViT-S), so re-running a comparison only trains the heads.
-Spatial QA stays independent of the model: `evaluate_qa(samples, answer_fn)` takes any
-`answer_fn(samples, turn_index) -> list[str]` (the VLM's batched KV-cache generation in practice), parses the answers
-(numbers with units, signs and thousands separators; yes/no; relation words) and scores them per level and type.
+(default runs/NAME/eval for --run, else runs/eval) and prints the table. Features are cached in the probe set's
+cache/ directory (~0.8 MB per image for a ViT-S; evaluation/suite.py), so re-running a comparison only trains the
+heads; spatial QA parses free-form answers and scores them per level and type (evaluation/qa.py).
 """
 
 import argparse
@@ -72,41 +68,78 @@ def run_qa(run: str, samples: list, args) -> dict:
         out[name], answers = evaluate_qa(samples, answer)
         out_dir = Path(args.out or repo_path(args.runs_dir) / run / "eval")
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(out_dir / f"answers-stage{stage}.jsonl",
-                              "".join(json.dumps({"id": s["id"], "answers": a}) + "\n" for s, a in zip(samples, answers)))
+        lines = [json.dumps({"id": s["id"], "answers": a}) + "\n" for s, a in zip(samples, answers)]
+        write_text_atomically(out_dir / f"answers-stage{stage}.jsonl", "".join(lines))
         del vlm
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description="Frozen-encoder probes (depth lin.1/lin.4, segmentation, "
                                  "classification, retrieval) and spatial QA; baseline vs boosted.")
-    ap.add_argument("--vision", action="append", default=[], help="encoder directory (load_vit); repeat to compare, "
-                    "the first is the baseline")
-    ap.add_argument("--run", help="runs/RUN/stage3: compare its base_vision (baseline) with its boosted export")
-    ap.add_argument("--runs-dir", default="runs", help="where train.py's runs are (train.py --runs-dir)")
-    ap.add_argument("--probes", default=DEFAULT_PROBES, help=f"probe set directory (default {DEFAULT_PROBES}; "
-                    "made if missing)")
-    ap.add_argument("--n-images", type=int, default=480, help="views in a newly made probe set (2 per scene)")
-    ap.add_argument("--probe-seed", type=int, default=0, help="seed of a newly made probe set")
-    ap.add_argument("--make-probes", action="store_true", help="only write the probe set (replacing it) and exit")
-    ap.add_argument("--rgbd", help="also run the depth probes on RGB-D frame folders (scenes.load_rgbd format)")
-    ap.add_argument("--qa", help="held-out spatial conversations (a data.py directory) to score --answers against")
-    ap.add_argument("--answers", action="append", default=[], help="NAME=answers.jsonl ({'id', 'answers': [str per "
-                    "turn]} per line), repeatable: one QA column each; without it, --run's VLMs answer (stage 2 "
-                    "before the boost, stage 3 after)")
-    ap.add_argument("--qa-samples", type=int, default=24, help="held-out conversations the VLMs answer")
-    ap.add_argument("--qa-context", default="none", choices=["none", "gold"], help="ask each question alone "
-                    "(none) or after the conversation's own earlier turns (gold, as in training; slower)")
-    ap.add_argument("--qa-max-new", type=int, default=160, help="tokens generated per answer at most")
-    ap.add_argument("--out", help="report directory (default runs/RUN/eval with --run, else runs/eval)")
-    ap.add_argument("--image-size", type=int, default=224, help="dense-probe input side (rounded to the patch size)")
-    ap.add_argument("--crop-size", type=int, default=112, help="object-crop input side (rounded to the patch size)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every probe head and batch order")
-    ap.add_argument("--quick", action="store_true", help="a tenth of the training steps: a smoke test, not a result")
-    ap.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = ap.parse_args(argv)
+    add = ap.add_argument
+    add("--vision", action="append", default=[], help="encoder directory (load_vit); repeat to compare, the "
+        "first is the baseline")
+    add("--run", help="runs/RUN/stage3: compare its base_vision (baseline) with its boosted export")
+    add("--runs-dir", default="runs", help="where train.py's runs are (train.py --runs-dir)")
+    add("--probes", default=DEFAULT_PROBES, help=f"probe set directory (default {DEFAULT_PROBES}; made if missing)")
+    add("--n-images", type=int, default=480, help="views in a newly made probe set (2 per scene)")
+    add("--probe-seed", type=int, default=0, help="seed of a newly made probe set")
+    add("--make-probes", action="store_true", help="only write the probe set (replacing it) and exit")
+    add("--rgbd", help="also run the depth probes on RGB-D frame folders (scenes.load_rgbd format)")
+    add("--qa", help="held-out spatial conversations (a data.py directory) to score --answers against")
+    add("--answers", action="append", default=[], help="NAME=answers.jsonl ({'id', 'answers': [str per turn]} per "
+        "line), repeatable: one QA column each; without it, --run's VLMs answer (stage 2 before the boost, stage 3 "
+        "after)")
+    add("--qa-samples", type=int, default=24, help="held-out conversations the VLMs answer")
+    add("--qa-context", default="none", choices=["none", "gold"], help="ask each question alone (none) or after the "
+        "conversation's own earlier turns (gold, as in training; slower)")
+    add("--qa-max-new", type=int, default=160, help="tokens generated per answer at most")
+    add("--out", help="report directory (default runs/RUN/eval with --run, else runs/eval)")
+    add("--image-size", type=int, default=224, help="dense-probe input side (rounded to the patch size)")
+    add("--crop-size", type=int, default=112, help="object-crop input side (rounded to the patch size)")
+    add("--seed", type=int, default=0, help="seed of every probe head and batch order")
+    add("--quick", action="store_true", help="a tenth of the training steps: a smoke test, not a result")
+    add("--no-cache", action="store_true", help="do not read or write cached features")
+    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return ap, ap.parse_args(argv)
+
+
+def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tuple[list, list, list]:
+    """Every probe on every encoder (the probe set made first if missing), each encoder's entry added to report.
+    Returns (names, results, examples)."""
+    if not (Path(args.probes) / "index.json").exists():
+        print(f"no probe set at {args.probes}: making the default one ({args.n_images} held-out views, "
+              f"seed {args.probe_seed}); later runs reuse it")
+        probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, overwrite=True)
+    ps = probes.load_probe_set(args.probes, args.crop_size)
+    rgbd = probes.load_rgbd_set(args.rgbd, args.image_size) if args.rgbd else None
+    report["probe_set"] = {"path": str(ps.root), "fingerprint": ps.fingerprint, "images": len(ps.images),
+                           "train_images": int(ps.train.sum()), "objects": len(ps.crops)}
+    names, results, examples = [], [], []
+    for name, path in encoders:
+        print(f"{name}: {path}")
+        vit, t = load_vit(path), time.time()
+        res, ex = run_probes(vit, ps, cfg, args.image_size, args.crop_size, not args.no_cache)
+        if rgbd is not None:
+            more, _ = run_probes(vit, rgbd, cfg, args.image_size, args.crop_size, not args.no_cache)
+            res.update({f"rgbd_{k}": v for k, v in more.items() if k != "time_s"})
+        res["time_s"]["total"] = round(time.time() - t, 1)
+        dual = dual_channel_stats(vit)
+        if dual:
+            res["dual_channel"] = dual
+            print("  dual channel, per layer: σ(a) mean " + " ".join(f"{d['gate_mean']:.3f}" for d in dual)
+                  + " | ‖W+ − W‖/‖W‖ " + " ".join(f"{d['rel_change']:.4f}" for d in dual))
+        names.append(name)
+        results.append(res)
+        examples.append(ex)
+        report["encoders"].append({"name": name, "path": str(path), "fingerprint": fingerprint(vit), "results": res})
+        del vit
+    return names, results, examples
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -123,36 +156,8 @@ def main(argv=None):
         cfg = cfg.shortened(0.1)
     runs = repo_path(args.runs_dir)
     out = Path(args.out or (runs / args.run / "eval" if args.run else runs / "eval"))
-    names, results, examples, report = [], [], [], {"config": asdict(cfg), "encoders": [], "argv": sys.argv[1:]}
-    if encoders:
-        if not (Path(args.probes) / "index.json").exists():
-            print(f"no probe set at {args.probes}: making the default one ({args.n_images} held-out views, "
-                  f"seed {args.probe_seed}); later runs reuse it")
-            probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, overwrite=True)
-        ps = probes.load_probe_set(args.probes, args.crop_size)
-        rgbd = probes.load_rgbd_set(args.rgbd, args.image_size) if args.rgbd else None
-        report["probe_set"] = {"path": str(ps.root), "fingerprint": ps.fingerprint, "images": len(ps.images),
-                               "train_images": int(ps.train.sum()), "objects": len(ps.crops)}
-        for name, path in encoders:
-            print(f"{name}: {path}")
-            vit = load_vit(path)
-            t = time.time()
-            res, ex = run_probes(vit, ps, cfg, args.image_size, args.crop_size, not args.no_cache)
-            if rgbd is not None:
-                more, _ = run_probes(vit, rgbd, cfg, args.image_size, args.crop_size, not args.no_cache)
-                res.update({f"rgbd_{k}": v for k, v in more.items() if k != "time_s"})
-            res["time_s"]["total"] = round(time.time() - t, 1)
-            dual = dual_channel_stats(vit)
-            if dual:
-                res["dual_channel"] = dual
-                print("  dual channel, per layer: σ(a) mean " + " ".join(f"{d['gate_mean']:.3f}" for d in dual)
-                      + " | ‖W+ − W‖/‖W‖ " + " ".join(f"{d['rel_change']:.4f}" for d in dual))
-            names.append(name)
-            results.append(res)
-            examples.append(ex)
-            report["encoders"].append({"name": name, "path": str(path), "fingerprint": fingerprint(vit),
-                                       "results": res})
-            del vit
+    report = {"config": asdict(cfg), "encoders": [], "argv": sys.argv[1:]}
+    names, results, examples = probe_encoders(encoders, args, cfg, report) if encoders else ([], [], [])
     qa = None
     if args.qa:
         samples = load_conversations(args.qa, limit=args.qa_samples)

@@ -1,7 +1,7 @@
 """
 The language model f_L: Llama / SmolLM2, Qwen2 and Qwen3 decoders in one class, loaded from HF-layout safetensors
-or a GGUF file, with a chunked supervised loss and KV-cache generation. The tokenizer lives in language/tokenizer.py and is
-re-exported here.
+or a GGUF file, with a chunked supervised loss and KV-cache generation. The tokenizer lives in language/tokenizer.py
+and is re-exported here.
 
     lm, tok = load_llm("weights/smollm2-135m-instruct")   # or a .gguf file
     logits = lm(idx)                                        # (B, T) -> (B, T, V), equal to transformers' logits
@@ -16,6 +16,7 @@ The families differ only in switches: Qwen2 has q/k/v biases and (usually) an un
 and k per head, Llama-3 rescales RoPE frequencies. All attention goes through attention.Attention (SDPA, GQA).
 """
 
+import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,13 +25,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from attention import Attention, KVCache, RMSNorm, rope_1d
-from language.tokenizer import Tokenizer, gguf_tokenizer_files
-from storage.atomic import write_dir_atomically
-from storage.tensors import read_safetensors
+from language.tokenizer import Tokenizer, gguf_field, gguf_tokenizer_files
+from storage.tensors import listed, read_safetensors, state_diff, write_model_dir
 
 __all__ = ["LLMConfig", "LLM", "Tokenizer", "load_llm", "save_llm", "gguf_to_hf", "block_causal"]
 
@@ -267,8 +266,7 @@ class LLM(nn.Module):
             valid = torch.cat([pad_mask, pad_mask.new_ones(B, max_new_tokens)], 1)  # (B, T + new) keys that exist
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
             # pad queries see themselves: a row with no key makes SDPA return NaN, which 0-weights would then spread
-            mask = (causal & valid[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=dev)  # (B, T, T)
-            mask = mask[:, None]
+            mask = ((causal & valid[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=dev))[:, None]  # (B, 1, T, T)
             next_pos = positions[:, -1] + 1
         h = self.hidden(embeds=x, positions=positions, mask=mask, cache=cache)[:, -1]  # (B, D)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
@@ -284,11 +282,8 @@ class LLM(nn.Module):
             step_mask = None if valid is None else valid[:, None, None, : cache.pos + 1]  # (B, 1, 1, S)
             h = self.hidden(token[:, None], positions=next_pos[:, None], mask=step_mask, cache=cache)[:, -1]
             next_pos = next_pos + 1
-        stop_set, result = set(stop_ids), []
-        for row in out[:, :n].tolist():
-            cut = next((j for j, t in enumerate(row) if t in stop_set), len(row))
-            result.append(row[:cut])
-        return result
+        stop_set = set(stop_ids)
+        return [row[:next((j for j, t in enumerate(row) if t in stop_set), len(row))] for row in out[:, :n].tolist()]
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -310,15 +305,20 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 def block_causal(segments: torch.Tensor):
     """Packing several samples into one row. segments (B, T) ints, equal along each sample's consecutive run ->
     positions (B, T) restarting at 0 in each sample, and mask (B, 1, T, T) bool: causal within a sample, nothing
-    across. Pass both to hidden(); the loss needs weights 0 on each sample's first token (render's mask is)."""
-    B, T = segments.shape
-    idx = torch.arange(T, device=segments.device).expand(B, T)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    first = torch.where(starts, idx, 0).cummax(1).values  # (B, T) index of the sample's first token
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    mask = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T)
-    return idx - first, mask[:, None]
+    across. Pass both to hidden(); the loss needs weights 0 on each sample's first token (render's mask is).
+    Built in numpy, block by block (collate calls it for every packed batch): a fresh np.zeros costs nothing until
+    written, and small torch ops pay for intra-op thread hand-offs: ~10x faster than comparing all pairs in torch."""
+    seg = segments.cpu().numpy()
+    B, T = seg.shape
+    starts = np.ones((B, T), bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = np.maximum.accumulate(np.where(starts, np.arange(T), 0), axis=1)  # (B, T) index of the sample's start
+    mask, tril = np.zeros((B, 1, T, T), bool), np.tri(T, dtype=bool)
+    for r in range(B):
+        bounds = np.flatnonzero(starts[r]).tolist() + [T]
+        for a, b in zip(bounds, bounds[1:]):
+            mask[r, 0, a:b, a:b] = tril[:b - a, :b - a]
+    return torch.from_numpy(np.arange(T) - first).to(segments.device), torch.from_numpy(mask).to(segments.device)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -353,7 +353,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                         grad_w += (g.T @ hc).float()
         # kept on ctx (they are neither inputs nor outputs) so that backward can scale them in place and hand them
         # over: no second (V, D) buffer
-        ctx.grads = (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.grads = tuple(g if g is None else g.to(t.dtype) for g, t in ((grad_h, h), (grad_w, weight)))
         return total
 
     @staticmethod
@@ -404,18 +404,12 @@ def from_state_dict(cfg: LLMConfig, sd: dict, dtype=None, source: str = "checkpo
         head = sd.pop("lm_head.weight", None)
         if head is not None and not (emb in sd and torch.equal(head, sd[emb])):
             raise ValueError(f"{source}: the config ties the embeddings but lm_head.weight differs from {emb}")
-    missing = sorted(expected.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - expected.keys())
-    shapes = [f"{k}: {tuple(sd[k].shape)} in the checkpoint, {expected[k]} expected"
-              for k in sorted(expected.keys() & sd.keys()) if tuple(sd[k].shape) != expected[k]]
-    if missing or unexpected or shapes:
-        def listed(names):
-            return ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-        problems = [f"missing keys: {listed(missing)}" if missing else "",
-                    f"unexpected keys: {listed(unexpected)}" if unexpected else "",
-                    f"mis-shaped keys: {listed(shapes)}" if shapes else ""]
-        raise ValueError(f"{source}: the weights do not match the {cfg.model_type} config; "
-                         + "; ".join(p for p in problems if p))
+    missing, unexpected, bad = state_diff(expected, sd)
+    shapes = [f"{k}: {a} in the checkpoint, {b} expected" for k, a, b in bad]
+    problems = [f"{what} keys: {listed(names)}" for what, names in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if names]
+    if problems:
+        raise ValueError(f"{source}: the weights do not match the {cfg.model_type} config; " + "; ".join(problems))
     dtype = dtype or sd[emb].dtype
     sd = {k: v.to(dtype) for k, v in sd.items()}
     if cfg.tie_embeddings:
@@ -428,8 +422,8 @@ def from_state_dict(cfg: LLMConfig, sd: dict, dtype=None, source: str = "checkpo
 
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+                    "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -453,13 +447,8 @@ def read_gguf(reader, source: str = "gguf") -> tuple[LLMConfig, dict]:
     """Config and dequantized fp32 tensors (HF names, q/k permutation undone) of a llama-architecture GGUF."""
     import gguf
 
-    def field(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    def f32(x):  # GGUF stores floats as f32: 1e-5 comes back as 9.99999975e-06; take the shortest decimal
-        return float(str(np.float32(x)))
-
+    field = functools.partial(gguf_field, reader)
+    f32 = lambda x: float(str(np.float32(x)))  # GGUF floats are f32: 1e-5 reads 9.99999975e-06; the shortest decimal
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported (supported: 'llama')")
@@ -485,10 +474,8 @@ def read_gguf(reader, source: str = "gguf") -> tuple[LLMConfig, dict]:
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         w = torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are views of the read-only map
         name = _hf_name(t.name)
-        if name.endswith("self_attn.q_proj.weight"):
-            w = _unpermute(w, n_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = _unpermute(w, n_kv)
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            w = _unpermute(w, n_heads if ".q_proj." in name else n_kv)
         sd[name] = w
     return cfg, sd
 
@@ -497,39 +484,24 @@ def gguf_to_hf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
     """Write a GGUF checkpoint as an HF-layout directory that both load_llm and transformers'
     LlamaForCausalLM.from_pretrained read: config.json, model.safetensors (dequantized, in `dtype`, HF key names,
     q/k permutation undone), tokenizer.json (the checkpoint's real pre-tokenizer, e.g. SmolLM2's
-    Sequence[Digits, ByteLevel]), tokenizer_config.json (special tokens, chat template). Written into a temporary
-    sibling directory that then replaces out_dir, so a reader never sees a half-written directory."""
+    Sequence[Digits, ByteLevel]), tokenizer_config.json (special tokens, chat template); atomically."""
     import gguf
 
-    gguf_path, out = Path(gguf_path), Path(out_dir)
     reader = gguf.GGUFReader(gguf_path)
     cfg, sd = read_gguf(reader, str(gguf_path))
     tj, tok_config = gguf_tokenizer_files(reader)
     from_state_dict(cfg, {k: v.to("meta") for k, v in sd.items()}, source=str(gguf_path))  # strict key check
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    config = cfg.to_hf()
-    vocab = tj["model"]["vocab"]
-    for key in ("bos", "eos", "pad"):
-        name = tok_config.get(f"{key}_token")
-        config[f"{key}_token_id"] = vocab.get(name) if name is not None else None
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-
-    def write(tmp):
-        save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-        for name, obj in (("config.json", config), ("tokenizer.json", tj), ("tokenizer_config.json", tok_config)):
-            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    write_dir_atomically(out, write)
-    return out
+    config = {**cfg.to_hf(), **{f"{k}_token_id": tj["model"]["vocab"].get(tok_config.get(f"{k}_token"))
+                                for k in ("bos", "eos", "pad")}, "torch_dtype": str(dtype).removeprefix("torch.")}
+    files = {"config.json": config, "tokenizer.json": tj, "tokenizer_config.json": tok_config}
+    return write_model_dir(out_dir, {k: v.to(dtype) for k, v in sd.items()}, files)
 
 
 def save_llm(lm, tok, out: Path) -> Path:
     """An LLM as an HF-layout dir (config.json, model.safetensors in transformers' names) plus our tokenizer cache
     (tokenizer.tiktoken + .json), which `load_llm` reads back."""
-    def write(tmp):
-        (tmp / "config.json").write_text(json.dumps(lm.cfg.to_hf(), indent=2))
-        state = {k: v for k, v in lm.state_dict().items() if not (lm.cfg.tie_embeddings and k == "lm_head.weight")}
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        tok.save(tmp / "tokenizer.tiktoken")
-    return write_dir_atomically(out, write)
+    state = {k: v for k, v in lm.state_dict().items() if not (lm.cfg.tie_embeddings and k == "lm_head.weight")}
+    save_tok = lambda tmp: tok.save(tmp / "tokenizer.tiktoken")
+    return write_model_dir(out, state, {"config.json": lm.cfg.to_hf()}, save_tok)

@@ -19,11 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import save_file
 
 from attention import Attention, DualChannelAttention, add_dual_channel, rope_2d
-from storage.atomic import write_dir_atomically
-from storage.tensors import read_safetensors
+from storage.tensors import listed, read_safetensors, state_diff, write_model_dir
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -105,7 +103,7 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.heads = cfg.heads
         self.probe = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.dim, cfg.dim))  # q, k, v stacked, as nn.MultiheadAttention
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.dim, cfg.dim))  # q, k, v stacked (nn.MultiheadAttention)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.dim))
         self.out_proj = nn.Linear(cfg.dim, cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -128,8 +126,7 @@ class ViT(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.cfg = cfg
-        D = cfg.dim
+        self.cfg, D = cfg, cfg.dim
         self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.cls_token else None
         self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, D)) if cfg.n_registers else None
@@ -150,25 +147,19 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(self.head.probe, std=0.02)
             nn.init.xavier_uniform_(self.head.in_proj_weight)
 
-    @property
-    def dim(self):
-        return self.cfg.dim
-
     def grid(self, height, width):
         p = self.cfg.patch_size
         if height % p or width % p:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         return height // p, width // p
 
-    def embed(self, pixels, masked=None):
-        """pixels (B, 3, H, W) -> tokens before the first block (B, T, D); masked (B, h*w) bool -> mask_token."""
+    def embed(self, pixels):
+        """pixels (B, 3, H, W) -> tokens before the first block (B, T, D)."""
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
         B = pixels.shape[0]
         h, w = self.grid(*pixels.shape[2:])
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, h*w, D)
-        if masked is not None:
-            x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
         if self.cfg.family == "dinov2":  # positions cover [CLS, patches]; registers are added after, position-free
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self._positions(h, w)
             if self.register_tokens is not None:
@@ -193,9 +184,8 @@ class ViT(nn.Module):
         return torch.cat([table[:, :n_cls], grid], dim=1)
 
     def _rope(self, h, w, device):
-        if not self.cfg.rope_theta:
-            return None
-        return rope_2d(h, w, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device=device)
+        theta = self.cfg.rope_theta
+        return rope_2d(h, w, self.cfg.dim // self.cfg.heads, theta, device=device) if theta else None
 
     def blocks_forward(self, x, rope=None, keep=(), stop=None):
         """Run the blocks (all, or up to block index `stop`); return the last hidden state computed and the
@@ -210,25 +200,21 @@ class ViT(nn.Module):
                 kept.append(x)
         return x, kept
 
-    def forward(self, pixels, masked=None):
-        x = self.embed(pixels, masked)
-        x, _ = self.blocks_forward(x, self._rope(*self.grid(*pixels.shape[2:]), pixels.device))
+    def forward(self, pixels):
+        x, _ = self.blocks_forward(self.embed(pixels), self._rope(*self.grid(*pixels.shape[2:]), pixels.device))
         return self.norm(x)  # (B, T, D)
 
     def pool(self, tokens):
         """One vector per image: SigLIP's attention-pooling head when present, else the CLS token. (B, D)"""
         if self.head is not None:
             return self.head(tokens)
-        if self.cls_token is None:
-            return tokens.mean(1)
-        return tokens[:, 0]
+        return tokens[:, 0] if self.cls_token is not None else tokens.mean(1)
 
     def patch_grid(self, pixels, layer=-1):
         """The patch tokens of block `layer` after the final norm, (B, h, w, D), running no block past it: what the
         VLM's projector reads."""
         h, w = self.grid(*pixels.shape[2:])
-        stop = layer % len(self.blocks)
-        x, _ = self.blocks_forward(self.embed(pixels), self._rope(h, w, pixels.device), stop=stop)
+        x, _ = self.blocks_forward(self.embed(pixels), self._rope(h, w, pixels.device), stop=layer % len(self.blocks))
         return self.norm(x[:, self.cfg.n_prefix:]).reshape(x.shape[0], h, w, -1)
 
     def features(self, pixels, layers=(-1,)):
@@ -242,14 +228,10 @@ class ViT(nn.Module):
         n, B = self.cfg.n_prefix, pixels.shape[0]
         split = lambda t: (t[:, 0] if self.cfg.cls_token else None, t[:, n:].reshape(B, h, w, -1))
         tokens = self.norm(x)
-        cls, patches = split(tokens)
-        out = {"cls": cls, "registers": tokens[:, int(self.cfg.cls_token):n], "patches": patches,
-               "pooled": self.pool(tokens), "layers": [], "layers_cls": []}
-        for i in idx:
-            c, p = split(self.norm(by_index[i]))
-            out["layers"].append(p)
-            out["layers_cls"].append(c)
-        return out
+        (cls, patches), per_layer = split(tokens), [split(self.norm(by_index[i])) for i in idx]
+        return {"cls": cls, "registers": tokens[:, int(self.cfg.cls_token):n], "patches": patches,
+                "pooled": self.pool(tokens), "layers": [p for _, p in per_layer],
+                "layers_cls": [c for c, _ in per_layer]}
 
 
 def _init_weights(m):
@@ -293,10 +275,7 @@ def preprocess(images, cfg: ViTConfig, size: int | None = None, crop: bool = Fal
         elif tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         out.append(x.clamp(0, 255))
-    x = torch.cat(out) / 255.0
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (torch.cat(out) / 255.0 - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
 
 
 def _to_uint8_chw(image):
@@ -327,13 +306,9 @@ class Projector(nn.Module):
         return math.ceil(h / self.merge) * math.ceil(w / self.merge)
 
     def forward(self, patches):
-        m = self.merge
-        if m > 1:
-            h, w = patches.shape[1:3]
-            patches = F.pad(patches, (0, 0, 0, -w % m, 0, -h % m))  # odd grids: pad with zero patches
-            x = rearrange(patches, "b (h m1) (w m2) d -> b (h w) (m1 m2 d)", m1=m, m2=m)
-        else:
-            x = patches.flatten(1, 2)
+        m, (h, w) = self.merge, patches.shape[1:3]
+        patches = F.pad(patches, (0, 0, 0, -w % m, 0, -h % m))  # odd grids: pad with zero patches
+        x = rearrange(patches, "b (h m1) (w m2) d -> b (h w) (m1 m2 d)", m1=m, m2=m)
         return self.fc2(F.gelu(self.fc1(x)))
 
 
@@ -350,10 +325,6 @@ class VLM(nn.Module):
     def n_image_tokens(self, image_size: int) -> int:
         return self.projector.n_tokens(*self.vit.grid(image_size, image_size))
 
-    def encode_images(self, pixels):
-        """(N, 3, S, S) -> (N, n_image_tokens, llm_dim)"""
-        return self.projector(self.vit.patch_grid(pixels, self.feature_layer))
-
     def embed(self, ids, pixels=None):
         """ids (B, T) with image-token runs, pixels (N, 3, S, S) for the images in reading order -> (B, T, D)."""
         x = self.lm.embed(ids)
@@ -362,7 +333,7 @@ class VLM(nn.Module):
             if is_image.any():
                 raise ValueError("the text has image tokens but no images were given")
             return x
-        img = self.encode_images(pixels)  # (N, n, D)
+        img = self.projector(self.vit.patch_grid(pixels, self.feature_layer))  # (N, n_image_tokens, D)
         if int(is_image.sum()) != img.shape[0] * img.shape[1]:
             raise ValueError(f"the text has {int(is_image.sum())} image tokens but {img.shape[0]} images give "
                              f"{img.shape[0]} x {img.shape[1]}")
@@ -391,74 +362,65 @@ class VLM(nn.Module):
 
 def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:
     """Translate an HF config.json into (ViTConfig, key renames); the renames map checkpoint names to ours."""
-    kind = cfg.get("model_type")
+    kind, get = cfg.get("model_type"), cfg.get
     if kind in ("siglip", "siglip2") and "vision_config" in cfg:  # full image-text checkpoints: the vision tower
         return _hf_config({**cfg["vision_config"], "model_type": kind + "_vision_model"}, path)
-    L = r"(\d+)"
+    if kind not in ("dinov2", "dinov2_with_registers", "dinov3_vit", "siglip_vision_model", "siglip2_vision_model"):
+        raise ValueError(f"{path}/config.json: unknown model_type {kind!r}; supported: dinov2, dinov2_with_registers, "
+                         f"dinov3_vit, siglip_vision_model, siglip2_vision_model, siglip, siglip2, {EXPORT_TYPE}")
+    shape = dict(dim=cfg["hidden_size"], depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"])
+    L, B = r"(\d+)", r"blocks.\1."  # a block index in the checkpoint's name -> the same block in ours
+    dino = [(r"embeddings\.cls_token", "cls_token"), (r"embeddings\.mask_token", "mask_token"),
+            (r"embeddings\.register_tokens", "register_tokens")]
+    layerscale = lambda pre: [(pre + r"layer_scale([12])\.lambda1", B + r"ls\2"),
+                              (pre + r"norm([12])\.", B + r"norm\2.")]
     if kind in ("dinov2", "dinov2_with_registers"):
-        D = cfg["hidden_size"]
-        gated = cfg.get("use_swiglu_ffn", False)
-        hidden = int(D * cfg.get("mlp_ratio", 4))
+        gated, ps = get("use_swiglu_ffn", False), get("patch_size", 14)
+        hidden = int(shape["dim"] * get("mlp_ratio", 4))
         if gated:  # DINOv2's SwiGLU keeps 2/3 of the width, rounded up to a multiple of 8
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
-        vc = ViTConfig(family="dinov2", dim=D, depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
-                       mlp_dim=hidden, mlp_gated=gated, act="silu" if gated else _act(cfg.get("hidden_act", "gelu"), path),
-                       patch_size=cfg.get("patch_size", 14), pos_grid=cfg.get("image_size", 518) // cfg.get("patch_size", 14),
+        vc = ViTConfig(family="dinov2", **shape, mlp_dim=hidden, mlp_gated=gated, patch_size=ps,
+                       act="silu" if gated else _act(get("hidden_act", "gelu"), path),
+                       pos_grid=get("image_size", 518) // ps, n_registers=get("num_register_tokens", 0),
                        pos_resize="bicubic_aa" if kind == "dinov2_with_registers" else "bicubic",
-                       n_registers=cfg.get("num_register_tokens", 0), qkv_bias=cfg.get("qkv_bias", True),
-                       norm_eps=cfg.get("layer_norm_eps", 1e-6))
-        pre = rf"encoder\.layer\.{L}\."
-        renames = [(r"embeddings\.cls_token", "cls_token"), (r"embeddings\.mask_token", "mask_token"),
-                   (r"embeddings\.register_tokens", "register_tokens"), (r"embeddings\.position_embeddings", "pos_embed"),
-                   (r"embeddings\.patch_embeddings\.projection\.", "patch_embed."),
-                   (pre + r"attention\.attention\.query\.", r"blocks.\1.attn.q_proj."),
-                   (pre + r"attention\.attention\.key\.", r"blocks.\1.attn.k_proj."),
-                   (pre + r"attention\.attention\.value\.", r"blocks.\1.attn.v_proj."),
-                   (pre + r"attention\.output\.dense\.", r"blocks.\1.attn.o_proj."),
-                   (pre + r"layer_scale1\.lambda1", r"blocks.\1.ls1"), (pre + r"layer_scale2\.lambda1", r"blocks.\1.ls2"),
-                   (pre + r"norm([12])\.", r"blocks.\1.norm\2."), (pre + r"mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
-                   (pre + r"mlp\.weights_in\.", r"blocks.\1.mlp.weights_in."),  # split into gate/fc1 after renaming
-                   (pre + r"mlp\.weights_out\.", r"blocks.\1.mlp.fc2."), (r"layernorm\.", "norm.")]
-        return vc, renames
+                       qkv_bias=get("qkv_bias", True), norm_eps=get("layer_norm_eps", 1e-6))
+        pre, attn = rf"encoder\.layer\.{L}\.", rf"encoder\.layer\.{L}\.attention\."
+        return vc, dino + layerscale(pre) + [
+            (r"embeddings\.position_embeddings", "pos_embed"),
+            (r"embeddings\.patch_embeddings\.projection\.", "patch_embed."),
+            (attn + r"attention\.query\.", B + "attn.q_proj."), (attn + r"attention\.key\.", B + "attn.k_proj."),
+            (attn + r"attention\.value\.", B + "attn.v_proj."), (attn + r"output\.dense\.", B + "attn.o_proj."),
+            (pre + r"mlp\.fc([12])\.", B + r"mlp.fc\2."),
+            (pre + r"mlp\.weights_in\.", B + "mlp.weights_in."),  # split into gate/fc1 after renaming
+            (pre + r"mlp\.weights_out\.", B + "mlp.fc2."), (r"layernorm\.", "norm.")]
     if kind == "dinov3_vit":
-        D, ps = cfg["hidden_size"], cfg.get("patch_size", 16)
-        vc = ViTConfig(family="dinov3", dim=D, depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
-                       mlp_dim=cfg["intermediate_size"], mlp_gated=cfg.get("use_gated_mlp", False),
-                       act=_act(cfg.get("hidden_act", "gelu"), path), patch_size=ps, image_size=cfg.get("image_size", 224),
-                       pos_grid=0, rope_theta=cfg.get("rope_theta", 100.0), n_registers=cfg.get("num_register_tokens", 0),
-                       qkv_bias=cfg.get("query_bias", True), k_bias=cfg.get("key_bias", False),
-                       mlp_bias=cfg.get("mlp_bias", True), norm_eps=cfg.get("layer_norm_eps", 1e-5))
-        if cfg.get("query_bias", True) != cfg.get("value_bias", True) or not cfg.get("proj_bias", True):
+        if get("query_bias", True) != get("value_bias", True) or not get("proj_bias", True):
             raise ValueError(f"{path}: DINOv3 with query_bias != value_bias or without proj_bias is not supported")
+        vc = ViTConfig(family="dinov3", **shape, mlp_dim=cfg["intermediate_size"], patch_size=get("patch_size", 16),
+                       mlp_gated=get("use_gated_mlp", False), act=_act(get("hidden_act", "gelu"), path),
+                       image_size=get("image_size", 224), pos_grid=0, rope_theta=get("rope_theta", 100.0),
+                       n_registers=get("num_register_tokens", 0), qkv_bias=get("query_bias", True),
+                       k_bias=get("key_bias", False), mlp_bias=get("mlp_bias", True),
+                       norm_eps=get("layer_norm_eps", 1e-5))
         pre = rf"layer\.{L}\."
-        renames = [(r"embeddings\.cls_token", "cls_token"), (r"embeddings\.register_tokens", "register_tokens"),
-                   (r"embeddings\.mask_token", "mask_token"), (r"embeddings\.patch_embeddings\.", "patch_embed."),
-                   (pre + r"attention\.", r"blocks.\1.attn."),
-                   (pre + r"layer_scale1\.lambda1", r"blocks.\1.ls1"), (pre + r"layer_scale2\.lambda1", r"blocks.\1.ls2"),
-                   (pre + r"norm([12])\.", r"blocks.\1.norm\2."), (pre + r"mlp\.up_proj\.", r"blocks.\1.mlp.fc1."),
-                   (pre + r"mlp\.gate_proj\.", r"blocks.\1.mlp.gate."), (pre + r"mlp\.down_proj\.", r"blocks.\1.mlp.fc2."),
-                   (r"norm\.", "norm.")]
-        return vc, renames
-    if kind in ("siglip_vision_model", "siglip2_vision_model"):
-        D, ps = cfg["hidden_size"], cfg.get("patch_size", 16)
-        naflex = kind == "siglip2_vision_model"
-        grid = math.isqrt(cfg.get("num_patches", 256)) if naflex else cfg.get("image_size", 224) // ps
-        vc = ViTConfig(family="siglip", dim=D, depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
-                       mlp_dim=cfg["intermediate_size"], act=_act(cfg.get("hidden_act", "gelu_pytorch_tanh"), path),
-                       patch_size=ps, image_size=grid * ps, pos_grid=grid,
-                       pos_resize="bilinear_aa" if naflex else "bicubic", cls_token=False, layerscale=False,
-                       norm_eps=cfg.get("layer_norm_eps", 1e-6), pool_head=cfg.get("vision_use_head", True),
-                       mean=SIGLIP_MEAN, std=SIGLIP_STD)
-        pre = rf"encoder\.layers\.{L}\."
-        renames = [(r"embeddings\.patch_embedding\.", "patch_embed."), (r"embeddings\.position_embedding\.weight", "pos_embed"),
-                   (pre + r"layer_norm([12])\.", r"blocks.\1.norm\2."), (pre + r"self_attn\.out_proj\.", r"blocks.\1.attn.o_proj."),
-                   (pre + r"self_attn\.", r"blocks.\1.attn."), (pre + r"mlp\.", r"blocks.\1.mlp."),
-                   (r"post_layernorm\.", "norm."), (r"head\.attention\.in_proj_", "head.in_proj_"),
-                   (r"head\.attention\.out_proj\.", "head.out_proj."), (r"head\.layernorm\.", "head.norm."),
-                   (r"head\.probe", "head.probe"), (r"head\.mlp\.", "head.mlp.")]
-        return vc, renames
-    raise ValueError(f"{path}/config.json: unknown model_type {kind!r}; supported: dinov2, dinov2_with_registers, "
-                     f"dinov3_vit, siglip_vision_model, siglip2_vision_model, siglip, siglip2, {EXPORT_TYPE}")
+        return vc, dino + layerscale(pre) + [
+            (r"embeddings\.patch_embeddings\.", "patch_embed."), (pre + r"attention\.", B + "attn."),
+            (pre + r"mlp\.up_proj\.", B + "mlp.fc1."), (pre + r"mlp\.gate_proj\.", B + "mlp.gate."),
+            (pre + r"mlp\.down_proj\.", B + "mlp.fc2."), (r"norm\.", "norm.")]
+    ps, naflex = get("patch_size", 16), kind == "siglip2_vision_model"
+    grid = math.isqrt(get("num_patches", 256)) if naflex else get("image_size", 224) // ps
+    vc = ViTConfig(family="siglip", **shape, mlp_dim=cfg["intermediate_size"], patch_size=ps,
+                   act=_act(get("hidden_act", "gelu_pytorch_tanh"), path), image_size=grid * ps, pos_grid=grid,
+                   pos_resize="bilinear_aa" if naflex else "bicubic", cls_token=False, layerscale=False,
+                   norm_eps=get("layer_norm_eps", 1e-6), pool_head=get("vision_use_head", True),
+                   mean=SIGLIP_MEAN, std=SIGLIP_STD)
+    pre = rf"encoder\.layers\.{L}\."
+    return vc, [
+        (r"embeddings\.patch_embedding\.", "patch_embed."), (r"embeddings\.position_embedding\.weight", "pos_embed"),
+        (pre + r"layer_norm([12])\.", B + r"norm\2."), (pre + r"self_attn\.out_proj\.", B + "attn.o_proj."),
+        (pre + r"self_attn\.", B + "attn."), (pre + r"mlp\.", B + "mlp."), (r"post_layernorm\.", "norm."),
+        (r"head\.attention\.in_proj_", "head.in_proj_"), (r"head\.attention\.out_proj\.", "head.out_proj."),
+        (r"head\.layernorm\.", "head.norm."), (r"head\.probe", "head.probe"), (r"head\.mlp\.", "head.mlp.")]
 
 
 def _act(name, path):
@@ -482,7 +444,7 @@ def _rename_hf(state: dict, renames: list, cfg: ViTConfig, path) -> dict:
         else:
             unexpected.append(key)
     if unexpected:
-        raise KeyError(f"{path}: unexpected tensors for a {cfg.family} encoder: {_short(unexpected)}")
+        raise KeyError(f"{path}: unexpected tensors for a {cfg.family} encoder: {listed(sorted(unexpected))}")
     for k in [k for k in out if ".mlp.weights_in." in k]:  # DINOv2 SwiGLU: [gate; up] stacked in one matrix
         gate, up = out.pop(k).chunk(2, dim=0)
         out[k.replace("weights_in", "gate")], out[k.replace("weights_in", "fc1")] = gate, up
@@ -497,28 +459,16 @@ def _rename_hf(state: dict, renames: list, cfg: ViTConfig, path) -> dict:
     return out
 
 
-def _short(keys, n=8):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def check_state(module: nn.Module, state: dict, source) -> None:
     """Every parameter of `module` filled by `state` with the right shape, and every tensor of `state` used; else a
     KeyError naming the missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = [f"{k}: file {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}"
-           for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_short(unexpected)}")
-    if bad:
-        problems.append("shape mismatches: " + "; ".join(bad[:8]))
-    if problems:
-        raise KeyError(f"{source}: " + " | ".join(problems))
+    missing, unexpected, bad = state_diff({k: v.shape for k, v in module.state_dict().items()}, state)
+    mismatches = "; ".join(f"{k}: file {a} vs expected {b}" for k, a, b in bad[:8])
+    problems = [f"missing tensors: {listed(missing)}" if missing else "",
+                f"unexpected tensors: {listed(unexpected)}" if unexpected else "",
+                f"shape mismatches: {mismatches}" if bad else ""]
+    if any(problems):
+        raise KeyError(f"{source}: " + " | ".join(p for p in problems if p))
 
 
 def load_vit(path, dtype: torch.dtype | None = None) -> ViT:
@@ -552,10 +502,5 @@ def save_vit(vit: ViT, path) -> None:
     """Write an encoder as config.json + model.safetensors in our own names; `load_vit` reads it back exactly.
     Written into a temporary directory that then replaces `path`, so a crash never leaves a half-written export."""
     dual = any(isinstance(m, DualChannelAttention) for m in vit.modules())
-    meta = {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg), "dual_channel": dual}
-    state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
-
-    def write(tmp):
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    write_dir_atomically(Path(path), write)
+    write_model_dir(path, vit.state_dict(), {"config.json": {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg),
+                                                              "dual_channel": dual}})

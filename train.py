@@ -110,6 +110,8 @@ PRESETS = {
                  batch_size=16, global_batch=128, max_len=2048, gen_samples=50000, workers=8, grad_ckpt=True),
 }
 TINY_STAGE_LR = {1: 3e-3, 2: 1e-3, 3: 1e-3}  # random tiny models learn at larger rates
+CHOICES = {"vision_tune": ("dual", "full", "lora", "frozen"), "order": ("forward", "reversed", "shuffled"),
+           "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "on", "off")}
 
 
 def parse_config(argv=None) -> Config:
@@ -137,19 +139,51 @@ def parse_config(argv=None) -> Config:
 
 
 def validate(cfg: Config) -> list[str]:
-    checks = [(cfg.stage in (1, 2, 3), f"--stage {cfg.stage}: must be 1, 2 or 3"),
-              (cfg.vision_tune in ("dual", "full", "lora", "frozen"), f"--vision-tune {cfg.vision_tune!r}: dual|full|lora|frozen"),
-              (cfg.order in ("forward", "reversed", "shuffled"), f"--order {cfg.order!r}: forward|reversed|shuffled"),
-              (cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: auto|cpu|cuda"),
-              (cfg.dtype in ("auto", "fp32", "bf16"), f"--dtype {cfg.dtype!r}: auto|fp32|bf16"),
-              (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile!r}: auto|on|off"),
-              (cfg.batch_size > 0 and cfg.global_batch > 0, "--batch-size and --global-batch must be positive"),
-              (cfg.lr > 0, f"--lr {cfg.lr}: must be positive"),
-              (0 <= cfg.warmup_frac < 1, f"--warmup-frac {cfg.warmup_frac}: must be in [0, 1)"),
-              (cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision), f"--image-size {cfg.image_size} is not a multiple of --vit-patch {cfg.vit_patch}"),
-              (cfg.merge >= 1, "--merge must be >= 1"),
-              (cfg.max_len >= 16, "--max-len must be >= 16")]
+    checks = [(cfg.stage in (1, 2, 3), f"--stage {cfg.stage}: must be 1, 2 or 3")]
+    checks += [(getattr(cfg, k) in ok, f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: {'|'.join(ok)}")
+               for k, ok in CHOICES.items()]
+    checks += [(cfg.batch_size > 0 and cfg.global_batch > 0, "--batch-size and --global-batch must be positive"),
+               (cfg.lr > 0, f"--lr {cfg.lr}: must be positive"),
+               (0 <= cfg.warmup_frac < 1, f"--warmup-frac {cfg.warmup_frac}: must be in [0, 1)"),
+               (cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision),
+                f"--image-size {cfg.image_size} is not a multiple of --vit-patch {cfg.vit_patch}"),
+               (cfg.merge >= 1, "--merge must be >= 1"),
+               (cfg.max_len >= 16, "--max-len must be >= 16")]
     return [msg for ok, msg in checks if not ok]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The processes.
+
+
+@dataclass
+class Runtime:
+    """Where this process trains: the device, its rank among `world` processes, the autocast dtype, compilation."""
+    device: str
+    rank: int
+    world: int
+    amp_dtype: torch.dtype | None
+    compile: bool
+    master = property(lambda self: self.rank == 0)
+    log = property(lambda self: print if self.rank == 0 else (lambda *a, **k: None))
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """The device, the process group under torchrun (WORLD_SIZE > 1), bf16 autocast and compilation."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if cfg.global_batch % (cfg.batch_size * world):
+        raise ValueError(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
+                         f"x {world} processes")
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
+    amp_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda")) else None
+    return Runtime(device, rank, world, amp_dtype, cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,28 +193,20 @@ def validate(cfg: Config) -> list[str]:
 def base_sources(cfg: Config, run_dir: Path, log, write: bool = True) -> dict:
     """Where the encoder and LLM come from: their paths, or for a random model (the tiny preset) a copy saved in
     runs/<name>/base/ on first use, so that every stage and every process starts from the same weights."""
-    sources, base = {}, run_dir / "base"
-    if cfg.vision:
-        sources["vision"] = cfg.vision
-    else:
-        sources["vision"] = str(base / "vision")
-        if write and not (base / "vision" / "config.json").exists():
-            torch.manual_seed(cfg.seed)
-            vc = ViTConfig(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, mlp_dim=4 * cfg.vit_dim,
-                           patch_size=cfg.vit_patch, image_size=cfg.image_size, pos_grid=cfg.image_size // cfg.vit_patch)
-            save_vit(ViT(vc), base / "vision")
-            log(f"random tiny ViT saved to {base / 'vision'}")
-    if cfg.llm:
-        sources["llm"] = cfg.llm
-    else:
-        sources["llm"] = str(base / "llm")
-        if write and not (base / "llm" / "config.json").exists():
-            torch.manual_seed(cfg.seed)
-            lc = LLMConfig(dim=cfg.llm_dim, n_layers=cfg.llm_layers, n_heads=cfg.llm_heads,
-                           n_kv_heads=max(1, cfg.llm_heads // 2), ffn_dim=int(2.75 * cfg.llm_dim),
-                           vocab_size=len(Tokenizer.byte_level()))
-            save_llm(LLM(lc), Tokenizer.byte_level(), base / "llm")
-            log(f"random tiny LLM (byte-level tokenizer) saved to {base / 'llm'}")
+    sources = {k: given or str(run_dir / "base" / k) for k, given in (("vision", cfg.vision), ("llm", cfg.llm))}
+    vit_dir, llm_dir = Path(sources["vision"]), Path(sources["llm"])
+    if write and not cfg.vision and not (vit_dir / "config.json").exists():
+        torch.manual_seed(cfg.seed)
+        save_vit(ViT(ViTConfig(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, mlp_dim=4 * cfg.vit_dim,
+                               patch_size=cfg.vit_patch, image_size=cfg.image_size,
+                               pos_grid=cfg.image_size // cfg.vit_patch)), vit_dir)
+        log(f"random tiny ViT saved to {vit_dir}")
+    if write and not cfg.llm and not (llm_dir / "config.json").exists():
+        torch.manual_seed(cfg.seed)
+        lc = LLMConfig(dim=cfg.llm_dim, n_layers=cfg.llm_layers, n_heads=cfg.llm_heads, vocab_size=len(
+            Tokenizer.byte_level()), n_kv_heads=max(1, cfg.llm_heads // 2), ffn_dim=int(2.75 * cfg.llm_dim))
+        save_llm(LLM(lc), Tokenizer.byte_level(), llm_dir)
+        log(f"random tiny LLM (byte-level tokenizer) saved to {llm_dir}")
     return sources
 
 
@@ -194,8 +220,7 @@ def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
     image_id = tok.add_image_token()
     lm.resize_vocab(max(len(tok), lm.cfg.vocab_size))
     torch.manual_seed(cfg.seed)
-    projector = Projector(vit.dim, lm.cfg.dim, cfg.merge)
-    return VLM(vit, projector, lm, image_id, cfg.feature_layer), tok
+    return VLM(vit, Projector(vit.cfg.dim, lm.cfg.dim, cfg.merge), lm, image_id, cfg.feature_layer), tok
 
 
 def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
@@ -231,18 +256,44 @@ def set_trainable(vlm: VLM, cfg: Config):
         vlm.vit.eval()
 
 
-def log_parameter_counts(vlm: VLM, log):
-    """Per module: trainable / frozen parameter counts."""
-    for name, mod in (("vision", vlm.vit), ("projector", vlm.projector), ("llm", vlm.lm)):
-        params = {id(p): p for p in mod.parameters()}.values()  # tied weights counted once
-        n_train = sum(p.numel() for p in params if p.requires_grad)
-        n_all = sum(p.numel() for p in params)
-        state = "trainable" if n_train == n_all else "frozen" if n_train == 0 else "partly trainable"
-        log(f"  {name:<10} {state:<17} {n_train / 1e6:9.3f}M of {n_all / 1e6:9.3f}M parameters train")
-
-
 def trainable_state(vlm: VLM) -> dict:
     return {n: p for n, p in vlm.named_parameters() if p.requires_grad}
+
+
+def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer, dict, Path | None]:
+    """-> (vlm, tok, sources, init): the sources plus every earlier stage's tensors (runs/<name>/stage<k-1> and the
+    stages it started from, or --init), made trainable as the stage says, on the device."""
+    log, run_dir = rt.log, repo_path(cfg.runs_dir) / cfg.name
+    init = repo_path(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
+    if init is not None and not (init / "config.json").exists():
+        if cfg.init:
+            raise FileNotFoundError(f"--init {cfg.init}: {init / 'config.json'} not found")
+        log(f"WARNING: no stage-{cfg.stage - 1} run at {init}: stage {cfg.stage} starts from fresh weights (an "
+            f"untrained projector{' and LLM' if cfg.stage == 3 else ''}). Run the earlier stages first for a "
+            f"meaningful result.")
+        init = None
+    chain = stage_chain(init) if init is not None else []
+    if chain:
+        sources = json.loads((chain[0] / "config.json").read_text())["sources"]
+    else:
+        sources = base_sources(cfg, run_dir, log, write=rt.master)
+        if rt.world > 1:
+            dist.barrier()  # rank 0 has written the random base models
+    vlm, tok = build_base(cfg, sources)
+    for stage_dir in chain:  # the tensors each earlier stage trained, oldest first
+        load_stage_weights(vlm, stage_dir)
+    set_trainable(vlm, cfg)
+    vlm.to(rt.device)
+    log(f"stage {cfg.stage} | preset {cfg.preset} | run {out_dir} | device {rt.device} x{rt.world} | "
+        f"{'bf16 autocast' if rt.amp_dtype else 'fp32'}{' | compiled' if rt.compile else ''}")
+    log(f"  starts from: {', '.join(str(c) for c in chain) or 'the sources'} (sources: {sources})")
+    for name, mod in (("vision", vlm.vit), ("projector", vlm.projector), ("llm", vlm.lm)):
+        params = {id(p): p for p in mod.parameters()}.values()  # tied weights counted once
+        n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        state = "trainable" if n_train == n_all else "frozen" if n_train == 0 else "partly trainable"
+        log(f"  {name:<10} {state:<17} {n_train / 1e6:9.3f}M of {n_all / 1e6:9.3f}M parameters train")
+    vlm.vit.grad_checkpointing = vlm.lm.grad_checkpointing = cfg.grad_ckpt
+    return vlm, tok, sources, init
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,17 +306,14 @@ STAGE_DATA = {1: ["captions"], 2: ["instruct", "multiview"], 3: ["spatial", "spa
 def default_data(cfg: Config, log) -> list[tuple[Path, float]]:
     """This stage's datasets with their mixing weights: --data, or data/<preset>/<kind> for each of the stage's
     kinds (mixed 1:1), generated on first use."""
-    if cfg.data:
-        out = []
-        for item in cfg.data.split(","):
-            path, _, weight = item.partition(":")
-            p = repo_path(path)
-            if not (p / "data.jsonl").exists():
-                raise FileNotFoundError(f"--data {path}: {p / 'data.jsonl'} not found")
-            out.append((p, float(weight) if weight else 1.0))
-        return out
     out = []
-    for kind in STAGE_DATA[cfg.stage]:
+    for item in cfg.data.split(",") if cfg.data else []:
+        path, _, weight = item.partition(":")
+        p = repo_path(path)
+        if not (p / "data.jsonl").exists():
+            raise FileNotFoundError(f"--data {path}: {p / 'data.jsonl'} not found")
+        out.append((p, float(weight) if weight else 1.0))
+    for kind in [] if cfg.data else STAGE_DATA[cfg.stage]:
         ordered = kind.startswith("spatial") and cfg.order != "forward"
         path = repo_path(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
         if not (path / "data.jsonl").exists():
@@ -298,7 +346,35 @@ def batch_plan(cfg: Config, n: int, world: int, rank: int, start: int, end: int)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop.
+# The optimizer and the logs.
+
+
+def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    """-> (the module the loop calls, AdamW, the step to start at): the LLM sharded (FSDP2) before the optimizer
+    sees it, the latest checkpoint restored (--resume), DDP around the rest, blocks compiled."""
+    if cfg.fsdp:  # each LLM block sharded over the ranks; the other trainable tensors: reduce_and_clip
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in vlm.lm.model.layers:
+            fully_shard(layer)
+    params = trainable_state(vlm).values()  # matrices decay, vectors (norms, biases, gates, layerscales) never
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=rt.device == "cuda")
+    step = 0
+    if cfg.resume and not cfg.bench:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+        step = load_checkpoint(ckpt, vlm, opt, cfg)
+        rt.log(f"  resumed from {ckpt} at step {step}")
+    model = vlm
+    if rt.world > 1 and not cfg.fsdp:
+        model = nn.parallel.DistributedDataParallel(
+            vlm, device_ids=[torch.cuda.current_device()] if rt.device == "cuda" else None)
+    for block in list(vlm.vit.blocks) + list(vlm.lm.model.layers) if rt.compile else []:
+        block.compile()  # block by block: shapes vary with sequence length, and eval/saving keep the plain module
+    return model, opt, step
 
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
@@ -309,35 +385,61 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(vlm: VLM, cfg: Config, device: str):
-    """AdamW; matrices decay, vectors (norms, biases, gates, layerscales) never do."""
-    params = trainable_state(vlm)
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device == "cuda")
-
-
-def clip_grads(params: list, max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ over plain tensors and FSDP2 shards together: the two kinds' norms are combined by hand."""
+def reduce_and_clip(vlm: VLM, cfg: Config, world: int) -> torch.Tensor:
+    """Under FSDP the replicated trainable tensors' gradients are averaged by hand; then clip_grad_norm_ over plain
+    tensors and FSDP2 shards together: the two kinds' norms are combined by hand."""
+    params = list(trainable_state(vlm).values())
+    for p in params if cfg.fsdp else []:
+        if p.grad is not None and not hasattr(p, "device_mesh"):
+            dist.all_reduce(p.grad)
+            p.grad /= world
     groups = [[p for p in params if p.grad is not None and hasattr(p, "device_mesh") == sharded] for sharded in (0, 1)]
     groups = [g for g in groups if g]
     if len(groups) < 2:
-        return gathered(nn.utils.clip_grad_norm_(params, max_norm))
-    norms = [gathered(nn.utils.get_total_norm([p.grad for p in g])) for g in groups]
-    total = torch.linalg.vector_norm(torch.stack(norms))
+        return gathered(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    total = torch.linalg.vector_norm(torch.stack([gathered(nn.utils.get_total_norm([p.grad for p in g]))
+                                                  for g in groups]))
     for g in groups:
-        nn.utils.clip_grads_with_norm_(g, max_norm, total)
+        nn.utils.clip_grads_with_norm_(g, cfg.grad_clip, total)
     return total
+
+
+def all_sum(x: torch.Tensor, world: int) -> float:
+    if world > 1:
+        dist.all_reduce(x)
+    return x.item()
+
+
+def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
+    """-> write(row): a JSON line in metrics.jsonl (a resumed run keeps the rows up to its checkpoint, a new run
+    none) and, with --wandb, a Weights & Biases row. Rank 0 only; nothing for --bench."""
+    if not rt.master or cfg.bench:
+        return lambda row: None
+    path, wandb = out_dir / "metrics.jsonl", None
+    kept = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step] if step and path.exists() else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(r + "\n" for r in kept))
+    if cfg.wandb:
+        try:
+            import wandb
+
+            wandb.init(project="spatialboost", name=f"{cfg.name}-stage{cfg.stage}", config=dataclasses.asdict(cfg))
+        except ImportError:
+            rt.log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
+
+    def write(row: dict):
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if wandb:
+            wandb.log(row, step=row["step"])
+    return write
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
 
 
 def peak_flops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
@@ -345,11 +447,8 @@ def step_flops(vlm: VLM, n_tokens: int, n_images: int, patches: int) -> float:
     """Matmul FLOPs of one training step, forward + backward: 2 per parameter per token forward, 2 more for the
     input gradient and 2 more for the weight gradient where the weight trains (attention scores not counted)."""
     def cost(module, tokens):
-        total = 0.0
-        for p in {id(p): p for p in module.parameters()}.values():
-            if p.dim() >= 2:
-                total += (4 + 2 * p.requires_grad) * p.numel() * tokens
-        return total
+        params = {id(p): p for p in module.parameters()}.values()
+        return sum((4 + 2 * p.requires_grad) * p.numel() * tokens for p in params if p.dim() >= 2)
     return cost(vlm.lm, n_tokens) + cost(vlm.vit, n_images * patches) + cost(vlm.projector, n_images * patches)
 
 
@@ -358,146 +457,54 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
 def train(cfg: Config) -> Path | None:
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if ddp:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    else:
-        rank, world = 0, 1
-    if cfg.global_batch % (cfg.batch_size * world):
-        raise ValueError(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
-                         f"x {world} processes")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    amp_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda")) else None
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda")
-
-    run_dir = repo_path(cfg.runs_dir) / cfg.name
-    out_dir = run_dir / f"stage{cfg.stage}"
-    init = repo_path(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
-    if init is not None and not (init / "config.json").exists():
-        if cfg.init:
-            raise FileNotFoundError(f"--init {cfg.init}: {init / 'config.json'} not found")
-        log(f"WARNING: no stage-{cfg.stage - 1} run at {init}: stage {cfg.stage} starts from fresh weights (an "
-            f"untrained projector{' and LLM' if cfg.stage == 3 else ''}). Run the earlier stages first for a "
-            f"meaningful result.")
-        init = None
-    chain = stage_chain(init) if init is not None else []
-    if chain:
-        sources = json.loads((chain[0] / "config.json").read_text())["sources"]
-    else:
-        sources = base_sources(cfg, run_dir, log, write=master)
-        if ddp:
-            dist.barrier()  # rank 0 has written the random base models
-    vlm, tok = build_base(cfg, sources)
-    for stage_dir in chain:  # the tensors each earlier stage trained, oldest first
-        load_stage_weights(vlm, stage_dir)
-    set_trainable(vlm, cfg)
-    vlm.to(device)
-    log(f"stage {cfg.stage} | preset {cfg.preset} | run {out_dir} | device {device} x{world} | "
-        f"{'bf16 autocast' if amp_dtype else 'fp32'}{' | compiled' if use_compile else ''}")
-    log(f"  starts from: {', '.join(str(c) for c in chain) or 'the sources'} (sources: {sources})")
-    log_parameter_counts(vlm, log)
-    vlm.vit.grad_checkpointing = vlm.lm.grad_checkpointing = cfg.grad_ckpt
-
+    rt = setup_runtime(cfg)
+    log, device = rt.log, rt.device
+    out_dir = repo_path(cfg.runs_dir) / cfg.name / f"stage{cfg.stage}"
+    vlm, tok, sources, init = stage_model(cfg, rt, out_dir)
     datasets = default_data(cfg, log)
     n_img_tokens = vlm.n_image_tokens(cfg.image_size)
     ds = ConversationDataset(datasets, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
-                                  max_len=cfg.max_len, limit=cfg.data_size or None)
-    accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), world, rank, 0, 0)
+                             max_len=cfg.max_len, limit=cfg.data_size or None)
+    accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), rt.world, rt.rank, 0, 0)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in datasets)} | {n_img_tokens} tokens per "
-        f"image | global batch {cfg.global_batch} = {cfg.batch_size} x {accum} micro-steps x {world} | {total} steps")
-
-    if cfg.fsdp:  # FSDP2 shards each LLM block over the ranks; the other trainable tensors are all-reduced by hand
-        if not ddp:
-            raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in vlm.lm.model.layers:
-            fully_shard(layer)
-    opt = make_optimizer(vlm, cfg, device)
-    step = 0
-    if cfg.resume and not cfg.bench:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
-        step = load_checkpoint(ckpt, vlm, opt, cfg)
-        log(f"  resumed from {ckpt} at step {step}")
-
-    model = vlm
-    if ddp and not cfg.fsdp:
-        model = nn.parallel.DistributedDataParallel(
-            vlm, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
-    replicated = [p for p in trainable_state(vlm).values() if not hasattr(p, "device_mesh")]  # synced by hand (FSDP)
-    if use_compile:  # block by block: shapes vary with sequence length, and eval/saving keep the plain module
-        for block in list(vlm.vit.blocks) + list(vlm.lm.model.layers):
-            block.compile()
-
+    log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in datasets)} | {n_img_tokens} tokens per image "
+        f"| global batch {cfg.global_batch} = {cfg.batch_size} x {accum} micro-steps x {rt.world} | {total} steps")
+    model, opt, step = prepare(vlm, cfg, rt, out_dir)
     end = cfg.bench + 2 if cfg.bench else total  # a benchmark times `bench` steps after two warm-up steps
-    _, _, plan = batch_plan(cfg, len(ds), world, rank, step, end)
     loader = iter(torch.utils.data.DataLoader(
-        ds, batch_sampler=plan, num_workers=cfg.workers, pin_memory=device == "cuda",
-        collate_fn=functools.partial(collate, pad_id=tok.pad_id, pack=cfg.pack)))
-    peak = peak_flops(device)
-    patches = math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
-    metrics = None
-    if master and not cfg.bench:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "metrics.jsonl"  # a resumed run keeps the rows up to its checkpoint, a new run none
-        kept = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step] if step and path.exists() else []
-        metrics = open(path, "w")
-        metrics.writelines(r + "\n" for r in kept)
-    wandb = None
-    if cfg.wandb and master and not cfg.bench:
-        try:
-            import wandb as wandb_module
-
-            wandb = wandb_module
-            wandb.init(project="spatialboost", name=f"{cfg.name}-stage{cfg.stage}", config=dataclasses.asdict(cfg))
-        except ImportError:
-            log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
-    last_good = None
-    t_start = time.time()
-    timings = []
+        ds, batch_sampler=batch_plan(cfg, len(ds), rt.world, rt.rank, step, end)[2], num_workers=cfg.workers,
+        pin_memory=device == "cuda", collate_fn=functools.partial(collate, pad_id=tok.pad_id, pack=cfg.pack)))
+    peak, patches = peak_flops(device), math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
+    metrics, report = metrics_writer(cfg, rt, out_dir, step), LoaderReport()  # report: said at each epoch's end
+    last_good, timings, t_start = None, [], time.time()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-
-    report = LoaderReport()  # truncated samples and unusable lines/images, said at the end of each epoch
     while step < end:
         t0 = time.time()
         batches = [next(loader) for _ in range(accum)]  # this rank's micro-batches of the step
         for b in batches:
             report.add(b)
         n_sup = torch.tensor([float(sum(b["n_supervised"] for b in batches))], device=device)
-        if ddp:
-            dist.all_reduce(n_sup)
-        n_sup = max(n_sup.item(), 1.0)
+        n_sup = max(all_sum(n_sup, rt.world), 1.0)
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for i, b in enumerate(batches):
             b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-            sync = nullcontext() if (not ddp or cfg.fsdp or i == len(batches) - 1) else model.no_sync()
-            with sync, torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+            sync = model.no_sync() if model is not vlm and i < len(batches) - 1 else nullcontext()  # DDP
+            with sync, torch.autocast(device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
                 loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
                 # normalized by the global count of supervised tokens: DDP averages over ranks, hence * world
-                (loss * world / n_sup).backward()
+                (loss * rt.world / n_sup).backward()
             loss_sum += loss.detach().float()
-        if ddp:
-            dist.all_reduce(loss_sum)
-        if cfg.fsdp:
-            for p in replicated:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        grad_norm = clip_grads(list(trainable_state(vlm).values()), cfg.grad_clip)
-        loss_value = loss_sum.item() / n_sup
+        loss_value = all_sum(loss_sum, rt.world) / n_sup
+        grad_norm = reduce_and_clip(vlm, cfg, rt.world)
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
             opt.zero_grad(set_to_none=True)
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
@@ -509,56 +516,48 @@ def train(cfg: Config) -> Path | None:
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
-        n_tok = sum(int(b["n_tokens"]) for b in batches) * world
-        n_imgs = sum(int(b["pixels"].shape[0]) for b in batches) * world
+        n_tok = sum(int(b["n_tokens"]) for b in batches) * rt.world
+        n_imgs = sum(int(b["pixels"].shape[0]) for b in batches) * rt.world
         timings.append((dt, cfg.global_batch, n_tok, n_imgs))
         if cfg.bench:
             continue
         if step % cfg.log_every == 0 or step == total:
-            elapsed = time.time() - t_start
-            eta = elapsed / len(timings) * (total - step)
-            mfu = ""
-            if peak:
-                mfu = f" | mfu {100 * step_flops(vlm, n_tok, n_imgs, patches) / dt / (peak * world):.1f}%"
-            bar = "#" * int(20 * step / total)
-            log(f"s{cfg.stage} {step:>5}/{total} [{bar:<20}] | loss {loss_value:.4f} | lr {lr:.2e} | "
-                f"dt {dt * 1000:.0f}ms | {cfg.global_batch / dt:.1f} samples/s | {n_tok / dt:.0f} tok/s{mfu} | "
-                f"eta {fmt_time(eta)}", flush=True)
-            row = {"step": step, "loss": loss_value, "lr": lr, "dt": dt, "grad_norm": float(grad_norm),
-                   "samples_per_s": cfg.global_batch / dt, "tokens_per_s": n_tok / dt}
-            if metrics:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-            if wandb:
-                wandb.log(row, step=step)
+            eta = (time.time() - t_start) / len(timings) * (total - step)
+            flops = step_flops(vlm, n_tok, n_imgs, patches) if peak else 0.0
+            mfu = f" | mfu {100 * flops / dt / (peak * rt.world):.1f}%" if peak else ""
+            log(f"s{cfg.stage} {step:>5}/{total} [{'#' * int(20 * step / total):<20}] | loss {loss_value:.4f} | "
+                f"lr {lr:.2e} | dt {dt * 1000:.0f}ms | {cfg.global_batch / dt:.1f} samples/s | {n_tok / dt:.0f} "
+                f"tok/s{mfu} | eta {fmt_time(eta)}", flush=True)
+            metrics({"step": step, "loss": loss_value, "lr": lr, "dt": dt, "grad_norm": float(grad_norm),
+                     "samples_per_s": cfg.global_batch / dt, "tokens_per_s": n_tok / dt})
         if step % steps_per_epoch == 0 or step == total:
             log(f"  epoch {math.ceil(step / steps_per_epoch)} {report.summary()}")
             report = LoaderReport()
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            path = save_checkpoint(out_dir, step, vlm, opt, cfg, keep_last=cfg.keep_last, master=master)
-            last_good = path
+            last_good = save_checkpoint(out_dir, step, vlm, opt, cfg, keep_last=cfg.keep_last, master=rt.master)
     if cfg.bench:
-        report_bench(cfg, timings, vlm, device, patches, peak, log)
-        return None
-    if metrics:
-        metrics.close()
-    save_stage(out_dir, vlm, cfg, sources, init, master=master)
-    if master:
+        return report_bench(cfg, timings, vlm, device, patches, peak, log)
+    return finish_stage(cfg, rt, vlm, out_dir, sources, init, t_start)
+
+
+def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dict, init, t_start: float) -> Path:
+    """The stage directory (every rank gathers, rank 0 writes), the stage-3 encoder export, the process group
+    closed."""
+    save_stage(out_dir, vlm, cfg, sources, init, master=rt.master)
+    if rt.master:
         if cfg.stage == 3:
-            export = out_dir / "vision"
-            vit = vlm.vit
             if cfg.vision_tune == "lora":
-                merge_lora(vit)
-            save_vit(vit, export)
-            log(f"boosted encoder saved to {export} (load_vit reads it; baseline: {sources['vision']})")
-        log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")
-    if ddp:
+                merge_lora(vlm.vit)
+            save_vit(vlm.vit, out_dir / "vision")
+            rt.log(f"boosted encoder saved to {out_dir / 'vision'} (load_vit reads it; baseline: {sources['vision']})")
+        rt.log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")
+    if rt.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return out_dir
 
 
-def report_bench(cfg, timings, vlm, device, patches, peak, log):
+def report_bench(cfg, timings, vlm, device, patches, peak, log) -> None:
     timed = timings[2:]  # the first two steps warm up (allocation, compilation)
     dt = sum(t[0] for t in timed) / len(timed)
     samples, tokens, images = (sum(t[i] for t in timed) / len(timed) for i in (1, 2, 3))

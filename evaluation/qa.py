@@ -44,10 +44,8 @@ def _float(s: str) -> float:
 
 
 def _scale(unit) -> float:
-    if not unit:
-        return 1.0
-    unit = unit.lower()
-    return next(v for k, v in sorted(UNIT_SCALE.items(), key=lambda kv: -len(kv[0])) if unit.startswith(k))
+    longest_first = sorted(UNIT_SCALE.items(), key=lambda kv: -len(kv[0]))
+    return next(v for k, v in longest_first if unit.lower().startswith(k)) if unit else 1.0
 
 
 def parse_numbers(text: str) -> list:
@@ -166,13 +164,12 @@ def score_turn(sample: dict, t: int, answer: str) -> dict:
     """One turn of a held-out sample against its reference answer (both parsed the same way). Returns kind, level,
     parsed (the answer could be read), correct (relations: same outcome; lengths and vectors: within 25 %), and
     per kind: rel_err (depth, displacement and distance lengths), err_m (3D vectors), recall (captions)."""
-    meta, kind = sample["meta"], sample["meta"]["turns"][t]["kind"]
-    turn, ref = meta["turns"][t], sample["conversations"][2 * t + 1]["value"]
+    meta, turn, ref = sample["meta"], sample["meta"]["turns"][t], sample["conversations"][2 * t + 1]["value"]
+    kind = turn["kind"]
     out = {"kind": kind, "level": sample["levels"][t], "parsed": False, "correct": False}
     if kind in ("depth", "displacement", "distance"):  # a length; displacement: its distance, else the vector's norm
         out.update(within10=False, within25=False)  # unparsed answers count as misses
-        truth = parse_length(ref)
-        guess = parse_length(answer)
+        truth, guess = parse_length(ref), parse_length(answer)
         if guess is None and kind == "displacement" and parse_vector(answer) is not None:
             guess = float(np.linalg.norm(parse_vector(answer)))
         if truth is None:
@@ -285,22 +282,16 @@ def load_conversations(data_dir, limit: int | None = None) -> list:
 
 def read_answers(path, samples: list) -> list:
     """answers[i][t] for samples from a JSONL of {"id", "answers": [...]}; every sample must be answered."""
-    by_id = {}
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                by_id[rec["id"]] = rec["answers"]
+        by_id = {rec["id"]: rec["answers"] for rec in (json.loads(line) for line in f if line.strip())}
     missing = [s["id"] for s in samples if s["id"] not in by_id]
     if missing:
         raise KeyError(f"{path}: no answers for {len(missing)} samples, e.g. {missing[:3]}")
-    answers = []
     for s in samples:
-        a = by_id[s["id"]]
-        if len(a) != len(s["conversations"]) // 2:
-            raise ValueError(f"{path}: sample {s['id']} has {len(a)} answers for {len(s['conversations']) // 2} turns")
-        answers.append(a)
-    return answers
+        if len(by_id[s["id"]]) != len(s["conversations"]) // 2:
+            raise ValueError(f"{path}: sample {s['id']} has {len(by_id[s['id']])} answers for "
+                             f"{len(s['conversations']) // 2} turns")
+    return [by_id[s["id"]] for s in samples]
 
 
 # ----------------------------------------------------------------------------------------------------------------

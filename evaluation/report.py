@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from storage.atomic import write_file_atomically, write_text_atomically
 
@@ -22,14 +23,10 @@ HEADLINE = [("depth_lin1", "rmse"), ("depth_lin4", "rmse"), ("depth_lin1", "d1")
 
 def table_rows(results: list) -> list:
     """[(probe, metric, [value per encoder])] for every number the encoders report (timings and counts left out)."""
-    rows = []
-    for probe, metrics in results[0].items():
-        if probe == "time_s" or not isinstance(metrics, dict):  # dual_channel is a list per layer, not a metric
-            continue
-        for metric, value in metrics.items():
-            if isinstance(value, (int, float)) and metric not in ("queries", "n"):
-                rows.append((probe, metric, [r.get(probe, {}).get(metric, float("nan")) for r in results]))
-    return rows
+    return [(probe, metric, [r.get(probe, {}).get(metric, float("nan")) for r in results])
+            for probe, metrics in results[0].items() if probe != "time_s" and isinstance(metrics, dict)  # not
+            for metric, value in metrics.items()  # dual_channel (a list per layer), nor counts
+            if isinstance(value, (int, float)) and metric not in ("queries", "n")]
 
 
 def format_table(names: list, rows: list, markdown: bool = False) -> str:
@@ -67,16 +64,12 @@ def plot_report(path, names: list, rows: list, examples: list) -> None:
     """report.png with Pillow: one small bar chart per headline metric (one bar per encoder), then a qualitative
     panel of the first test image: RGB, ground-truth depth and each encoder's lin.1 depth (one colour scale), and
     the segmentation labels with each encoder's prediction."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=13)
     by_key = {(p, m): v for p, m, v in rows}
     charts = [(p, m, by_key[(p, m)]) for p, m in HEADLINE if (p, m) in by_key]
-    pw, ph, cols = 230, 190, 5
-    tile = 160
-    n_img = 2 + len(names)
+    pw, ph, cols, tile = 230, 190, 5, 160
     qual = examples and "rgb" in examples[0]
-    width = max(cols * pw, n_img * (tile + 10) + 10)
+    width = max(cols * pw, (2 + len(names)) * (tile + 10) + 10)
     height = 30 + -(-len(charts) // cols) * ph + (2 * (tile + 25) + 10 if qual else 0)
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
@@ -147,5 +140,3 @@ def write_report(out_dir, report: dict, names: list, results: list, examples: li
     write_text_atomically(out / "report.json", json.dumps(report, indent=1, default=float))
     write_text_atomically(out / "report.md", "\n".join(md) + "\n")
     return "\n\n".join(text)
-
-

@@ -47,9 +47,7 @@ def encode(vit: ViT, ps: probes.ProbeSet, image_size: int, crop_size: int, batch
     (last block last; encoders without CLS get each block's mean patch token), and pooled (M, D) fp32 per object
     crop (`vit.pool`: the CLS token, SigLIP's attention-pooling head)."""
     vit.eval()
-    device = next(vit.parameters()).device
-    dtype = next(vit.parameters()).dtype
-    layers = dense_layers(vit)
+    device, dtype, layers = next(vit.parameters()).device, next(vit.parameters()).dtype, dense_layers(vit)
     size, csize = _fit(image_size, vit.cfg.patch_size), _fit(crop_size, vit.cfg.patch_size)
     patches, cls = [], []
     for i in range(0, len(ps.images), batch):
@@ -108,12 +106,9 @@ def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int 
                cache: bool = True, log=print) -> tuple[dict, dict]:
     """Every probe the probe set supports, for one encoder. Returns (metrics {probe: {metric: value}},
     examples {name: array} of the first test image for the figure)."""
-    log = log or (lambda *_: None)
-    times = {}
-    t0 = time.time()
+    log, t0 = log or (lambda *_: None), time.time()
     feats = cached_features(vit, ps, image_size, crop_size, cache, log)
-    times["features"] = time.time() - t0
-    D = vit.cfg.dim
+    times, D = {"features": time.time() - t0}, vit.cfg.dim
     train, test = torch.from_numpy(ps.train), torch.from_numpy(~ps.train)
     if not train.any() or not test.any():
         raise ValueError(f"{ps.root}: the probe set needs both train and test images")
@@ -171,8 +166,8 @@ def dual_channel_stats(vit: ViT) -> list:
             g = torch.sigmoid(m.gate.float())  # (D,)
             old = torch.cat([p.float().flatten() for p in m.attn.parameters()])
             new = torch.cat([p.float().flatten() for p in m.attn_plus.parameters()])
-            stats.append({"layer": name, "gate_mean": round(g.mean().item(), 5), "gate_min": round(g.min().item(), 5),
-                          "gate_max": round(g.max().item(), 5),
+            gate = {f"gate_{k}": round(getattr(g, k)().item(), 5) for k in ("mean", "min", "max")}
+            stats.append({"layer": name, **gate,
                           "rel_change": round(((new - old).norm() / old.norm()).item(), 6)})
     return stats
 
@@ -189,18 +184,12 @@ def quick_summary(stage_dir, log=print) -> dict:
         log(f"probe summary: making a small probe set at {root} (96 held-out views, {size}px)")
         probes.make_probe_sets(root, 96, seed=0, size=size, min_pixels=max(16, int(150 * (size / 224) ** 2)),
                               overwrite=True, log=lambda *a: None)
-    ps = probes.load_probe_set(root, crop_size=size)
-    cfg = ProbeConfig()
-    cfg = cfg.shortened(QUICK_FRACTION)
-    base = repo_path(meta["base_vision"])
-    rows = {}
-    for name, path in (("baseline", base), ("boosted", stage_dir / "vision")):
-        res, _ = run_probes(load_vit(path), ps, cfg, size, size, cache=False, log=None)
-        rows[name] = res
-    pick = [("depth_lin1", "rmse", "depth RMSE (m)"), ("segmentation", "miou", "seg mIoU"),
-            ("classification", "knn_acc", "k-NN acc")]
+    ps, cfg = probes.load_probe_set(root, crop_size=size), ProbeConfig().shortened(QUICK_FRACTION)
+    rows = {name: run_probes(load_vit(path), ps, cfg, size, size, cache=False, log=None)[0]
+            for name, path in (("baseline", repo_path(meta["base_vision"])), ("boosted", stage_dir / "vision"))}
     log("probe summary (quick; `python eval.py --run NAME` for the real measurement):")
-    for group, key, label in pick:
+    for group, key, label in (("depth_lin1", "rmse", "depth RMSE (m)"), ("segmentation", "miou", "seg mIoU"),
+                              ("classification", "knn_acc", "k-NN acc")):
         b, a = rows["baseline"][group][key], rows["boosted"][group][key]
         log(f"  {label:<16} baseline {b:.3f}  boosted {a:.3f}  ({a - b:+.3f})")
     return rows

@@ -20,6 +20,7 @@ Added tokens (special or not) are split out of the text before the regex, as HF 
 """
 
 import base64
+import functools
 import json
 import re
 import unicodedata
@@ -47,14 +48,8 @@ def digits_pattern(individual_digits: bool) -> str:
 def byte_chars() -> list[str]:
     """GPT-2's reversible byte -> printable character table, in which byte-level BPE vocabularies are written."""
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    chars, shifted = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + shifted))
-            shifted += 1
-    return chars
+    shifted = iter(range(256, 512))  # the others move, in order, past the byte range
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 def _token_content(x):
@@ -242,38 +237,33 @@ class Tokenizer:
         if absent:
             raise ValueError(f"render: the {self.chat_style} chat format needs special tokens {absent}, which this "
                              f"tokenizer lacks")
-        sp = self.specials
+        sp, enc = self.specials, lambda text: self.encode(text, False)
+
+        def header(role):
+            if llama3:
+                return [sp["<|start_header_id|>"], *enc(role), sp["<|end_header_id|>"], *enc("\n\n")]
+            return [sp["<|im_start|>"], *enc(role + "\n")]
+
         if llama3:
             emit([sp["<|begin_of_text|>"]])
         for role, text in turns:
-            if llama3:
-                emit([sp["<|start_header_id|>"], *self.encode(role, False), sp["<|end_header_id|>"],
-                      *self.encode("\n\n", False)])
-                text = text.strip()
-            else:
-                emit([sp["<|im_start|>"], *self.encode(role + "\n", False)])
+            emit(header(role))
             if role == "user":
-                pieces = text.split("<image>")
+                pieces = (text.strip() if llama3 else text).split("<image>")
                 if len(pieces) > 1 and self.image_id is None:
                     raise ValueError("render: the conversation has '<image>' but the tokenizer has no image token; "
                                      "call tok.add_image_token() first")
                 for j, piece in enumerate(pieces):
                     if j:
                         emit([self.image_id] * n_image_tokens)
-                    emit(self.encode(piece, False))
+                    emit(enc(piece))
             else:
-                emit(self.encode(text, False), train=role == "assistant")
-            if llama3:
-                emit([sp["<|eot_id|>"]], train=role == "assistant")
-            else:
-                emit([sp["<|im_end|>"]], train=role == "assistant")
-                emit(self.encode("\n", False))
+                emit(enc(text.strip() if llama3 else text), train=role == "assistant")
+            emit([sp["<|eot_id|>" if llama3 else "<|im_end|>"]], train=role == "assistant")
+            if not llama3:
+                emit(enc("\n"))
         if add_generation_prompt:
-            if llama3:
-                emit([sp["<|start_header_id|>"], *self.encode("assistant", False), sp["<|end_header_id|>"],
-                      *self.encode("\n\n", False)])
-            else:
-                emit([sp["<|im_start|>"], *self.encode("assistant\n", False)])
+            emit(header("assistant"))
         return ids, mask
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -318,35 +308,28 @@ class Tokenizer:
     def from_hf(cls, tj: dict, config: dict | None = None, source: str = "tokenizer.json") -> "Tokenizer":
         """From the parsed tokenizer.json and (optionally) tokenizer_config.json; errors name what is unsupported."""
         config = config or {}
-        model = tj.get("model") or {}
+        model, norm, decoder = tj.get("model") or {}, tj.get("normalizer"), tj.get("decoder")
         if model.get("type") != "BPE":
             raise ValueError(f"{source}: model type {model.get('type')!r} is not supported (supported: BPE)")
         for key in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key):
                 raise ValueError(f"{source}: BPE option {key}={model[key]!r} is not supported")
-        norm = tj.get("normalizer")
         if norm is not None and norm.get("type") != "NFC":
             raise ValueError(f"{source}: normalizer {norm.get('type')!r} is not supported (supported: none, NFC)")
-        decoder = tj.get("decoder")
         if decoder is not None and decoder.get("type") != "ByteLevel":
             raise ValueError(f"{source}: decoder {decoder.get('type')!r} is not supported (supported: ByteLevel)")
-        pattern = pretokenizer_pattern(tj.get("pre_tokenizer"), source)
-
-        vocab: dict[str, int] = model["vocab"]
-        added = tj.get("added_tokens") or []
+        pattern, added = pretokenizer_pattern(tj.get("pre_tokenizer"), source), tj.get("added_tokens") or []
         for t in added:
             for flag in ("lstrip", "rstrip", "single_word"):
                 if t.get(flag):
                     raise ValueError(f"{source}: added token {t['content']!r} has {flag}=true, not supported")
+        vocab: dict[str, int] = model["vocab"]
         specials = {t["content"]: t["id"] for t in added}
         special_ids = {t["id"] for t in added if t.get("special")}
         byte_of = {c: b for b, c in enumerate(byte_chars())}
 
-        def to_bytes(s: str) -> bytes | None:
-            try:
-                return bytes(byte_of[c] for c in s)
-            except KeyError:  # not a byte-level string: BPE can never produce it
-                return None
+        # None for a string that is not byte-level: BPE can never produce it
+        to_bytes = lambda s: bytes(byte_of[c] for c in s) if all(c in byte_of for c in s) else None
 
         taken = set(specials.values())
         singles = sorted(i for s, i in vocab.items() if len(s) == 1 and s in byte_of and i not in taken)
@@ -367,11 +350,7 @@ class Tokenizer:
         else:
             ranks, rank_to_id = {to_bytes(token_of[i]): r for r, i in enumerate(reachable)}, reachable
         reach = set(reachable)
-        extra = {}
-        for s, i in vocab.items():
-            if i not in reach and i not in taken:
-                b = to_bytes(s)
-                extra[i] = s.encode("utf-8") if b is None else b
+        extra = {i: to_bytes(s) or s.encode("utf-8") for s, i in vocab.items() if i not in reach and i not in taken}
 
         def token_id(key):
             s = _token_content(config.get(key))
@@ -399,8 +378,8 @@ class Tokenizer:
             raise ValueError(f"save: {path} should end in .tiktoken")
         lines = (f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(self.ranks.items(), key=lambda x: x[1]))
         meta = {"pattern": self.pattern, "specials": self.specials, "special_ids": sorted(self.special_ids),
-                "rank_to_id": self.rank_to_id, "extra": {i: base64.b64encode(b).decode() for i, b in self.extra.items()},
-                "normalizer": self.normalizer, "unk_id": self.unk_id, "fuse_unk": self.fuse_unk,
+                "rank_to_id": self.rank_to_id, "normalizer": self.normalizer, "unk_id": self.unk_id,
+                "extra": {i: base64.b64encode(b).decode() for i, b in self.extra.items()}, "fuse_unk": self.fuse_unk,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "chat_style": self.chat_style,
                 "system_prompt": self.system_prompt, "name": self.name}
         write_text_atomically(path, "".join(lines))
@@ -412,10 +391,7 @@ class Tokenizer:
         if not meta_file.is_file():
             raise FileNotFoundError(f"{path}: the sidecar {meta_file.name} written by Tokenizer.save is missing")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        ranks = {}
-        for line in path.read_bytes().splitlines():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+        ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in path.read_bytes().splitlines())}
         extra = {int(i): base64.b64decode(b) for i, b in meta.pop("extra").items()}
         return cls(ranks, meta.pop("specials"), meta.pop("pattern"), extra=extra,
                    special_ids=set(meta.pop("special_ids")), **meta)
@@ -479,21 +455,25 @@ GGUF_PRETOKENIZERS = {
 }
 
 
+def gguf_field(reader, key: str, default=None):
+    """A GGUF metadata value, or default when the file has no such key."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
 def gguf_tokenizer_files(path) -> tuple[dict, dict]:
     """A GGUF file's tokenizer metadata as (tokenizer.json, tokenizer_config.json) dicts."""
     import gguf  # only needed for GGUF files
 
     reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
-
-    def field(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
+    field = functools.partial(gguf_field, reader)
     kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
     if kind != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2', byte-level BPE)")
+        raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2', byte-level "
+                         "BPE)")
     if pre not in GGUF_PRETOKENIZERS:
-        raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported (supported: {sorted(GGUF_PRETOKENIZERS)})")
+        raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported (supported: "
+                         f"{sorted(GGUF_PRETOKENIZERS)})")
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     merges = field("tokenizer.ggml.merges")
     # llama.cpp token types: 1 normal, 3 control (special), 4 user-defined (added, not special)

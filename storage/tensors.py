@@ -4,6 +4,7 @@ Safetensors and JSON only: no pickle anywhere a user might load someone else's f
 
     state = read_safetensors("weights/dinov2-s14")       # model.safetensors, a sharded index, or the one *.safetensors
     save_tensors(state, Path("runs/x/stage3/model.safetensors"))
+    write_model_dir(Path("runs/x/stage3/vision"), state, {"config.json": config})
 """
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from storage.atomic import write_file_atomically
+from storage.atomic import write_dir_atomically, write_file_atomically
 
 
 def read_safetensors(folder: Path) -> dict:
@@ -42,6 +43,36 @@ def read_safetensors(folder: Path) -> dict:
     return load_file(folder / files[0])
 
 
+def state_diff(expected: dict, state: dict) -> tuple[list, list, list]:
+    """state against expected {name: shape}: (missing names, unexpected names, [(name, its shape, expected shape)]
+    for the mis-shaped), each sorted. What the strict loaders report."""
+    shape = lambda k: tuple(state[k].shape)
+    bad = [(k, shape(k), tuple(expected[k])) for k in sorted(expected.keys() & state.keys())
+           if shape(k) != tuple(expected[k])]
+    return sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys()), bad
+
+
+def listed(names: list, n: int = 8) -> str:
+    return ", ".join(map(str, names[:n])) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _plain(state: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
 def save_tensors(state: dict, path: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    state = _plain(state)
     write_file_atomically(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+
+def write_model_dir(out: Path, state: dict, files: dict, more=None) -> Path:
+    """out/model.safetensors holding `state`, out/<name> for each of `files` (JSON, indented), and whatever
+    more(tmp_dir) adds: written into a temporary directory that then replaces `out`, so a reader never sees a
+    half-written one."""
+    def write(tmp):
+        save_file(_plain(state), tmp / "model.safetensors", metadata={"format": "pt"})
+        for name, obj in files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+        if more is not None:
+            more(tmp)
+    return write_dir_atomically(Path(out), write)

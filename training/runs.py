@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from attention import DualChannelAttention, LoRALinear, add_dual_channel, add_lora
-from storage.atomic import write_dir_atomically, write_text_atomically
-from storage.tensors import save_tensors
+from storage.atomic import write_text_atomically
+from storage.tensors import listed, save_tensors, state_diff, write_model_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,11 +58,10 @@ def load_stage_weights(vlm, stage_dir: Path) -> None:
     if lora_a and not any(isinstance(m, LoRALinear) for m in vlm.modules()):
         add_lora(vlm.vit, rank=lora_a[0].shape[0])
     own = dict(vlm.named_parameters())
-    unknown = sorted(set(state) - set(own))
-    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    _, unknown, bad = state_diff({k: p.shape for k, p in own.items()}, state)  # a stage trains only some tensors
     if unknown or bad:
-        raise KeyError(f"{stage_dir}/model.safetensors does not fit this model: unknown {unknown[:8]} "
-                       f"mis-shaped {bad[:8]}")
+        raise KeyError(f"{stage_dir}/model.safetensors does not fit this model: unknown [{listed(unknown)}] "
+                       f"mis-shaped [{listed([f'{k}: {a} vs {b}' for k, a, b in bad])}]")
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
@@ -119,22 +118,15 @@ def save_checkpoint(out_dir: Path, step: int, vlm, opt, cfg, keep_last: int = 2,
     path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
     params = trained_state(vlm)
     name_of = {id(p): n for n, p in vlm.named_parameters() if p.requires_grad}
-    moments = {}
-    for p, st in opt.state.items():
-        for key, value in st.items():  # step, exp_avg, exp_avg_sq
-            moments[f"{name_of[id(p)]}::{key}"] = gathered(value.detach()).reshape(-1 if key == "step" else value.shape)
+    moments = {f"{name_of[id(p)]}::{key}": gathered(value.detach()).reshape(-1 if key == "step" else value.shape)
+               for p, st in opt.state.items() for key, value in st.items()}  # step, exp_avg, exp_avg_sq
     if master:
         rng = {"rng::cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["rng::cuda"] = torch.cuda.get_rng_state()
         state = {"step": step, "config": {k: getattr(cfg, k) for k in RESUME_KEYS}}
-
-        def write(tmp):
-            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, tmp / "model.safetensors")
-            save_file({k: v.contiguous().cpu() for k, v in {**moments, **rng}.items()}, tmp / "optimizer.safetensors")
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-
-        write_dir_atomically(path, write)
+        write_model_dir(path, params, {"state.json": state},
+                        lambda tmp: save_tensors({**moments, **rng}, tmp / "optimizer.safetensors"))
         for old in sorted(path.parent.glob("step_*"))[:-keep_last]:
             shutil.rmtree(old)
     if dist.is_available() and dist.is_initialized():
@@ -152,9 +144,10 @@ def load_checkpoint(path: Path, vlm, opt, cfg) -> int:
             f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in changed.items()))
     weights = load_file(path / "model.safetensors")
     params = {n: p for n, p in vlm.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
+    missing, unexpected, _ = state_diff({k: p.shape for k, p in params.items()}, weights)
+    if missing or unexpected:
         raise KeyError(f"{path}/model.safetensors: trainable tensors differ from this run's: missing "
-                       f"{sorted(set(params) - set(weights))[:8]}, unexpected {sorted(set(weights) - set(params))[:8]}")
+                       f"[{listed(missing)}], unexpected [{listed(unexpected)}]")
     extra = load_file(path / "optimizer.safetensors")
     with torch.no_grad():
         for n, p in params.items():
