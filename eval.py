@@ -25,6 +25,7 @@ import torch
 
 from evaluation import probes
 from evaluation.probes import ProbeConfig
+from evaluation.diagnostics import diagnose
 from evaluation.qa import evaluate_qa, load_conversations, read_answers, score_qa, vlm_answer_fn
 from evaluation.report import write_report
 from evaluation.suite import dual_channel_stats, fingerprint, run_probes
@@ -74,6 +75,20 @@ def run_qa(run: str, samples: list, args) -> dict:
     return out
 
 
+def ask_vlm(stage_dir: Path, samples: list, args) -> tuple[dict, dict | None]:
+    """One stage directory's VLM on the held-out samples: its QA scores, and with --diagnose the two diagnostics."""
+    vlm, tok, cfg = load_stage(stage_dir)
+    print(f"qa: {stage_dir}: {len(samples)} held-out conversations, context {args.qa_context}")
+    scores, _ = evaluate_qa(samples, vlm_answer_fn(vlm, tok, cfg.image_size, args.qa, args.qa_max_new,
+                                                   args.qa_context))
+    diagnosed = diagnose(vlm, tok, cfg.image_size, samples, args.qa) if args.diagnose else None
+    if diagnosed:
+        for name, d in diagnosed.items():
+            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in d.items()))
+    return scores, diagnosed
+
+
 def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description="Frozen-encoder probes (depth lin.1/lin.4, segmentation, "
                                  "classification, retrieval) and spatial QA; baseline vs boosted.")
@@ -85,12 +100,19 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--probes", default=DEFAULT_PROBES, help=f"probe set directory (default {DEFAULT_PROBES}; made if missing)")
     add("--n-images", type=int, default=480, help="views in a newly made probe set (2 per scene)")
     add("--probe-seed", type=int, default=0, help="seed of a newly made probe set")
+    add("--test-every", type=int, default=4, help="in a newly made probe set, every k-th scene is a test scene")
+    add("--per-image", action="store_true", help="keep each test image's results in report.json (for bootstrap "
+        "intervals: experiments/boost_report.py)")
     add("--make-probes", action="store_true", help="only write the probe set (replacing it) and exit")
     add("--rgbd", help="also run the depth probes on RGB-D frame folders (scenes.load_rgbd format)")
     add("--qa", help="held-out spatial conversations (a data.py directory) to score --answers against")
     add("--answers", action="append", default=[], help="NAME=answers.jsonl ({'id', 'answers': [str per turn]} per "
         "line), repeatable: one QA column each; without it, --run's VLMs answer (stage 2 before the boost, stage 3 "
         "after)")
+    add("--vlm", action="append", default=[], help="a finished stage directory (runs/NAME/stageK), repeatable: its VLM "
+        "answers --qa, and with --diagnose its image dependence and localization gap are measured on --qa's data")
+    add("--diagnose", action="store_true", help="with --vlm: the loss on answer digits with the true vs another "
+        "image, and with the true vs swapped query point (evaluation/diagnostics.py)")
     add("--qa-samples", type=int, default=24, help="held-out conversations the VLMs answer")
     add("--qa-context", default="none", choices=["none", "gold"], help="ask each question alone (none) or after the "
         "conversation's own earlier turns (gold, as in training; slower)")
@@ -111,7 +133,8 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
     if not (Path(args.probes) / "index.json").exists():
         print(f"no probe set at {args.probes}: making the default one ({args.n_images} held-out views, "
               f"seed {args.probe_seed}); later runs reuse it")
-        probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, overwrite=True)
+        probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, test_every=args.test_every,
+                               overwrite=True)
     ps = probes.load_probe_set(args.probes, args.crop_size)
     rgbd = probes.load_rgbd_set(args.rgbd, args.image_size) if args.rgbd else None
     report["probe_set"] = {"path": str(ps.root), "fingerprint": ps.fingerprint, "images": len(ps.images),
@@ -120,7 +143,8 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
     for name, path in encoders:
         print(f"{name}: {path}")
         vit, t = load_vit(path), time.time()
-        res, ex = run_probes(vit, ps, cfg, args.image_size, args.crop_size, not args.no_cache)
+        res, ex = run_probes(vit, ps, cfg, args.image_size, args.crop_size, not args.no_cache,
+                             per_image=args.per_image)
         if rgbd is not None:
             more, _ = run_probes(vit, rgbd, cfg, args.image_size, args.crop_size, not args.no_cache)
             res.update({f"rgbd_{k}": v for k, v in more.items() if k != "time_s"})
@@ -144,13 +168,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t_start = time.time()
     if args.make_probes:
-        print(probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, overwrite=True))
+        print(probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, test_every=args.test_every,
+                                     overwrite=True))
         return
     encoders = [(encoder_name(Path(v)), Path(v)) for v in args.vision]
     if args.run:
         encoders = run_encoders(args.run, args.runs_dir) + encoders
     if not encoders and not args.qa:
         ap.error("nothing to evaluate: give --vision, --run or --qa")
+    if (args.vlm or args.diagnose) and not args.qa:
+        ap.error("--vlm and --diagnose need --qa: the held-out data they answer or are diagnosed on")
     cfg = ProbeConfig(seed=args.seed)
     if args.quick:
         cfg = cfg.shortened(0.1)
@@ -165,10 +192,14 @@ def main(argv=None):
         for item in args.answers:
             name, _, file = item.rpartition("=")
             qa[name or Path(file).stem] = score_qa(samples, read_answers(file, samples))
-        if not args.answers:
+        if not args.answers and not args.vlm:
             if not args.run:
-                ap.error("--qa needs --answers NAME=FILE, or --run NAME whose stage-2 and stage-3 VLMs answer")
+                ap.error("--qa needs --answers NAME=FILE, --vlm STAGE_DIR, or --run NAME whose stage-2 and stage-3 "
+                         "VLMs answer")
             qa.update(run_qa(args.run, samples, args))
+        for stage_dir in args.vlm:
+            qa[stage_dir], diagnosed = ask_vlm(Path(stage_dir), samples, args)
+            report.setdefault("diagnostics", {})[stage_dir] = diagnosed
         report["qa"] = qa
     report["wall_time_s"] = round(time.time() - t_start, 1)
     report["summary"] = (f"{len(names)} encoder(s) on {report.get('probe_set', {}).get('images', 0)} probe images; "

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from attention import add_dual_channel, add_lora, merge_lora
 from dataengine.writer import write_dataset
-from evaluation.suite import quick_summary
+from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
 from storage.atomic import repo_path
@@ -63,6 +63,7 @@ class Config:
     vision_tune: str = "dual"  # stage 3: dual | full | lora | frozen
     lora_rank: int = 8
     freeze_projector: bool = False  # stage 3: train only the encoder side
+    shuffle_images: bool = False  # stage 3 control: each conversation is paired with another sample's image
     system_prompt: str = "default"  # "default": the checkpoint's own; "none": no system turn; or the text
     # --- data
     data: str = ""  # dataset dir(s), "dirA,dirB:0.5" (weights mix); "" = data/<preset>/<stage kind>, made if absent
@@ -74,9 +75,12 @@ class Config:
     pack: bool = False  # pack several samples per row (block-diagonal causal mask)
     workers: int = 0  # data-loader worker processes
     # --- optimization
-    lr: float = 0.0  # 0: the stage's default (see STAGE_LR)
+    lr: float = 0.0  # 0: the stage's default (see STAGE_LR); stage 3: Attn+ (or the encoder, LoRA)
+    gate_lr: float = 0.0  # stage 3: the gates' rate (0: 100 x lr): the gate's gradient is 0 at init, and Adam moves
+    #                       it at most ~lr per step, so at the encoder's rate σ(a) stays at 1/2 in a short run
+    projector_lr: float = 0.0  # stage 3: the projector's rate (0: lr / 10): format learning stays out of the encoder
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
-    warmup_frac: float = 0.03
+    warmup_frac: float = -1.0  # < 0: 3 % of the steps in stages 1-2 (LLaVA), 10 % in stage 3
     weight_decay: float = 0.0  # never on norms, biases, gates; >0 pulls Attn+ towards zero, not towards Attn
     grad_clip: float = 1.0
     batch_size: int = 4  # per micro-step and process
@@ -86,7 +90,7 @@ class Config:
     seed: int = 1337
     # --- system
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16, AMX), else fp32
     compile: str = "auto"  # auto (on CUDA) | on | off
     grad_ckpt: bool = False  # recompute activations of the ViT and the LLM in backward
     fsdp: bool = False  # shard the LLM with FSDP2 (with torchrun)
@@ -132,6 +136,10 @@ def parse_config(argv=None) -> Config:
     cfg.name = cfg.name or cfg.preset
     if not cfg.lr:
         cfg.lr = (TINY_STAGE_LR if cfg.preset == "tiny" and not cfg.llm else STAGE_LR).get(cfg.stage, 1e-4)
+    cfg.gate_lr = cfg.gate_lr or 100 * cfg.lr
+    cfg.projector_lr = cfg.projector_lr or cfg.lr / 10
+    if cfg.warmup_frac < 0:
+        cfg.warmup_frac = 0.1 if cfg.stage == 3 else 0.03
     problems = validate(cfg)
     if problems:
         ap.error("; ".join(problems))
@@ -143,7 +151,9 @@ def validate(cfg: Config) -> list[str]:
     checks += [(getattr(cfg, k) in ok, f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: {'|'.join(ok)}")
                for k, ok in CHOICES.items()]
     checks += [(cfg.batch_size > 0 and cfg.global_batch > 0, "--batch-size and --global-batch must be positive"),
-               (cfg.lr > 0, f"--lr {cfg.lr}: must be positive"),
+               (cfg.lr > 0 and cfg.gate_lr > 0 and cfg.projector_lr > 0, "--lr, --gate-lr, --projector-lr: must be "
+                                                                            "positive"),
+               (not cfg.shuffle_images or cfg.stage == 3, "--shuffle-images is the stage-3 control"),
                (0 <= cfg.warmup_frac < 1, f"--warmup-frac {cfg.warmup_frac}: must be in [0, 1)"),
                (cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision),
                 f"--image-size {cfg.image_size} is not a multiple of --vit-patch {cfg.vit_patch}"),
@@ -182,8 +192,19 @@ def setup_runtime(cfg: Config) -> Runtime:
                          f"x {world} processes")
     if cfg.fsdp and world == 1:
         raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
-    amp_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda")) else None
+    native = device == "cuda" or cpu_has_bf16()
+    amp_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and native)) else None
     return Runtime(device, rank, world, amp_dtype, cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"))
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (avx512_bf16 or AMX): there bf16 autocast is ~1.6x faster per step than fp32; elsewhere
+    bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,10 +378,7 @@ def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Modul
 
         for layer in vlm.lm.model.layers:
             fully_shard(layer)
-    params = trainable_state(vlm).values()  # matrices decay, vectors (norms, biases, gates, layerscales) never
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=rt.device == "cuda")
+    opt = torch.optim.AdamW(param_groups(vlm, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=rt.device == "cuda")
     step = 0
     if cfg.resume and not cfg.bench:
         ckpt = latest_checkpoint(out_dir)
@@ -377,8 +395,22 @@ def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Modul
     return model, opt, step
 
 
+def param_groups(vlm: VLM, cfg: Config) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norms, biases, gates, layerscales) never. In stage 3 the gates, the
+    projector and the rest (Attn+) each get their own rate, as `lr_scale` x the scheduled --lr."""
+    scale = {"gate": cfg.gate_lr / cfg.lr, "projector": cfg.projector_lr / cfg.lr, "other": 1.0}
+    kind = lambda n: "other" if cfg.stage != 3 else "gate" if n.endswith(".gate") else \
+        "projector" if n.startswith("projector.") else "other"
+    groups = {}
+    for n, p in trainable_state(vlm).items():
+        key = (kind(n), p.dim() >= 2)
+        groups.setdefault(key, {"params": [], "lr_scale": scale[key[0]], "name": key[0],
+                                "weight_decay": cfg.weight_decay if key[1] else 0.0})["params"].append(p)
+    return list(groups.values())
+
+
 def lr_at(step: int, total: int, cfg: Config) -> float:
-    warmup = int(cfg.warmup_frac * total)
+    warmup = math.ceil(cfg.warmup_frac * total)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -469,7 +501,8 @@ def train(cfg: Config) -> Path | None:
     datasets = default_data(cfg, log)
     n_img_tokens = vlm.n_image_tokens(cfg.image_size)
     ds = ConversationDataset(datasets, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
-                             max_len=cfg.max_len, limit=cfg.data_size or None)
+                             max_len=cfg.max_len, limit=cfg.data_size or None,
+                             shuffle_images=cfg.seed if cfg.shuffle_images else None)
     accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), rt.world, rt.rank, 0, 0)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in datasets)} | {n_img_tokens} tokens per image "
@@ -493,7 +526,7 @@ def train(cfg: Config) -> Path | None:
         n_sup = max(all_sum(n_sup, rt.world), 1.0)
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         loss_sum = torch.zeros((), device=device)
         for i, b in enumerate(batches):
             b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -528,8 +561,14 @@ def train(cfg: Config) -> Path | None:
             log(f"s{cfg.stage} {step:>5}/{total} [{'#' * int(20 * step / total):<20}] | loss {loss_value:.4f} | "
                 f"lr {lr:.2e} | dt {dt * 1000:.0f}ms | {cfg.global_batch / dt:.1f} samples/s | {n_tok / dt:.0f} "
                 f"tok/s{mfu} | eta {fmt_time(eta)}", flush=True)
-            metrics({"step": step, "loss": loss_value, "lr": lr, "dt": dt, "grad_norm": float(grad_norm),
-                     "samples_per_s": cfg.global_batch / dt, "tokens_per_s": n_tok / dt})
+            row = {"step": step, "loss": loss_value, "lr": lr, "dt": dt, "grad_norm": float(grad_norm),
+                   "samples_per_s": cfg.global_batch / dt, "tokens_per_s": n_tok / dt}
+            dual = dual_channel_stats(vlm.vit) if cfg.stage == 3 and rt.master else []
+            if dual:  # how far the boost has moved each layer, as it trains
+                row.update(gate=[d["gate_mean"] for d in dual], rel_change=[d["rel_change"] for d in dual])
+                log(f"      σ(a) {min(row['gate']):.4f}..{max(row['gate']):.4f} | ‖W+ − W‖/‖W‖ "
+                    f"{min(row['rel_change']):.2e}..{max(row['rel_change']):.2e}")
+            metrics(row)
         if step % steps_per_epoch == 0 or step == total:
             log(f"  epoch {math.ceil(step / steps_per_epoch)} {report.summary()}")
             report = LoaderReport()

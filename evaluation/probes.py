@@ -246,7 +246,7 @@ def load_rgbd_set(root, size: int = 224, test_every: int = 4) -> ProbeSet:
 # Metrics.
 
 
-def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
+def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None, per_image: bool = False) -> dict:
     """pred, gt (N, H, W) meters; valid (N, H, W) bool. Each metric computed per image, then averaged over images.
     Images without a valid pixel are skipped."""
     if pred.shape != gt.shape:
@@ -273,6 +273,9 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | No
     ratio_a = torch.maximum(a / g, g / a)
     out.update({"rmse_aligned": mean((a - g) ** 2).sqrt(), "absrel_aligned": mean((a - g).abs() / g),
                 "d1_aligned": mean((ratio_a < 1.25).double())})
+    if per_image:   # one value per image (NaN where an image has no valid pixel)
+        return {k: torch.full((len(keep),), float("nan"), dtype=torch.float64).masked_scatter(keep, v)
+                for k, v in out.items()}
     return {k: v.mean().item() for k, v in out.items()}
 
 
@@ -294,14 +297,15 @@ def miou(conf: torch.Tensor) -> dict:
             "pixel_acc": (tp.sum() / conf.sum().clamp_min(1)).item()}
 
 
-def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07) -> float:
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, per_item: bool = False):
     """Weighted k-NN on cosine similarity: each of the k nearest training vectors votes exp(sim / T) for its label."""
     train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
     k = min(k, len(train_x))
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     sim, idx = (test_x @ train_x.T).topk(k, dim=1)  # (Q, k)
     votes = torch.zeros(len(test_x), n_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
-    return (votes.argmax(1) == test_y).float().mean().item()
+    correct = votes.argmax(1) == test_y
+    return correct if per_item else correct.float().mean().item()
 
 
 def retrieval_map(x, key, image) -> dict:

@@ -126,6 +126,9 @@ def _mark_entities(text: str, entities: list) -> str:
                 text = re.sub(rf"\b{re.escape(w)}(?:\s+one)?\b", f"<{k}>", text)
         return text
 
+    text = re.sub(r"\b(?:the )?first(?: point)?\b", "<0>", text, flags=re.I)     # concise answers: question order
+    text = re.sub(r"\b(?:the )?second(?: point)?\b", "<1>", text, flags=re.I)
+
     def nearest(m):
         uv = np.array([_float(m.group(1)), _float(m.group(2))])
         d = [np.abs(uv - np.array(e)).max() for e in entities]
@@ -202,9 +205,29 @@ def score_turn(sample: dict, t: int, answer: str) -> dict:
             return {**out, "unscorable": True}
         recall = sum(n in answer.lower() for n in said) / len(said)
         out.update(parsed=True, correct=recall >= 0.5, recall=recall)
+    elif kind in ("point", "box", "which"):   # grounding (stage 2)
+        out.update(parsed=True, correct=grounded(kind, ref, answer))
     else:
         return {**out, "unscorable": True}
     return out
+
+
+def grounded(kind: str, ref: str, answer: str) -> bool:
+    """A grounding answer against the reference: the same name ("what is at"), a box of IoU >= 0.5, or the same
+    point within 0.02 ("which of the points")."""
+    if kind == "point":
+        name = re.sub(r"^(?:the |no object: the )|\.$", "", ref.strip().lower())
+        return re.search(rf"\b{re.escape(name)}\b", answer.lower()) is not None
+    numbers = lambda t: [float(x) for x in re.findall(r"\d*\.\d+|\d+", t)]
+    a, r = numbers(answer), numbers(ref)
+    if kind == "which":
+        return len(a) >= 2 and abs(a[0] - r[0]) <= 0.02 and abs(a[1] - r[1]) <= 0.02
+    if len(a) < 4:
+        return False
+    (ax0, ay0, ax1, ay1), (rx0, ry0, rx1, ry1) = a[:4], r[:4]
+    inter = max(0.0, min(ax1, rx1) - max(ax0, rx0)) * max(0.0, min(ay1, ry1) - max(ay0, ry0))
+    union = (ax1 - ax0) * (ay1 - ay0) + (rx1 - rx0) * (ry1 - ry0) - inter
+    return union > 0 and inter / union >= 0.5
 
 
 def _mean(xs):

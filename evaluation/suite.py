@@ -103,9 +103,11 @@ def cached_features(vit: ViT, ps: probes.ProbeSet, image_size: int, crop_size: i
 
 
 def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int = 224, crop_size: int = 112,
-               cache: bool = True, log=print) -> tuple[dict, dict]:
+               cache: bool = True, log=print, per_image: bool = False) -> tuple[dict, dict]:
     """Every probe the probe set supports, for one encoder. Returns (metrics {probe: {metric: value}},
-    examples {name: array} of the first test image for the figure)."""
+    examples {name: array} of the first test image for the figure). per_image: also results["per_image"], what
+    each test image contributes (depth RMSE, a segmentation confusion matrix, its objects' correctness), for
+    bootstrap intervals over test images (experiments/boost_report.py)."""
     log, t0 = log or (lambda *_: None), time.time()
     feats = cached_features(vit, ps, image_size, crop_size, cache, log)
     times, D = {"features": time.time() - t0}, vit.cfg.dim
@@ -117,13 +119,15 @@ def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int 
     patches, cls = feats["patches"], feats["cls"]
     p_tr, c_tr, p_te, c_te = patches[train], cls[train], patches[test], cls[test]
     first = int(np.flatnonzero(~ps.train)[0])  # the test image the figure shows
-    results, examples = {}, {"rgb": ps.images[first], "depth": ps.depth[first]}
+    results, examples, each = {}, {"rgb": ps.images[first], "depth": ps.depth[first]}, {}
     for name, last in (("depth_lin1", slice(-D, None)), ("depth_lin4", slice(None))):
         t = time.time()
         head = probes.fit_depth(p_tr[..., last], c_tr[:, last], depth[train], cfg)
         pred = probes.predict_depth(head, p_te[..., last], c_te[:, last], cfg, out_size)
         gt = depth[test]
-        results[name] = probes.depth_metrics(pred, gt, (gt > cfg.min_depth) & (gt < cfg.max_depth))
+        valid = (gt > cfg.min_depth) & (gt < cfg.max_depth)
+        results[name] = probes.depth_metrics(pred, gt, valid)
+        each[f"{name}_rmse"] = probes.depth_metrics(pred, gt, valid, per_image=True)["rmse"]
         examples[name] = pred[0].numpy()
         times[name] = time.time() - t
         log(f"  {name}: RMSE {results[name]['rmse']:.3f} m, delta1 {results[name]['d1']:.3f} ({times[name]:.0f} s)")
@@ -134,6 +138,8 @@ def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int 
         head = probes.fit_segmentation(p_tr[..., -D:], labels[train], n_classes, cfg)
         pred = probes.predict_segmentation(head, p_te[..., -D:], out_size)
         results["segmentation"] = probes.miou(probes.confusion_matrix(pred, labels[test], n_classes))
+        each["seg_confusion"] = [probes.confusion_matrix(pred[i:i + 1], labels[test][i:i + 1], n_classes).tolist()
+                                 for i in range(len(pred))]
         examples["segmentation"] = pred[0].numpy()
         examples["labels"] = ps.labels[first]
         times["segmentation"] = time.time() - t
@@ -144,14 +150,20 @@ def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int 
         tr, te = torch.from_numpy(ps.obj_train), torch.from_numpy(~ps.obj_train)
         head = probes.fit_classifier(x[tr], y[tr], len(ps.object_classes), cfg)
         with torch.no_grad():
-            linear = (head(x[te]).argmax(1) == y[te]).float().mean().item()
-        knn = probes.knn_accuracy(x[tr], y[tr], x[te], y[te], cfg.knn_k, cfg.knn_temperature)
+            linear_ok = head(x[te]).argmax(1) == y[te]
+        knn_ok = probes.knn_accuracy(x[tr], y[tr], x[te], y[te], cfg.knn_k, cfg.knn_temperature, per_item=True)
+        linear, knn = linear_ok.float().mean().item(), knn_ok.float().mean().item()
+        test_position = np.cumsum(~ps.train) - 1                  # an image's index among the test images
+        each.update(linear_correct=linear_ok.int().tolist(), knn_correct=knn_ok.int().tolist(),
+                    object_image=test_position[ps.obj_image[~ps.obj_train]].tolist())
         results["classification"] = {"linear_acc": linear, "knn_acc": knn}
         results["retrieval"] = probes.retrieval_map(x, torch.from_numpy(ps.obj_key), torch.from_numpy(ps.obj_image))
         times["objects"] = time.time() - t
         log(f"  classification: linear {linear:.3f}, k-NN {knn:.3f}; retrieval mAP "
             f"{results['retrieval']['map']:.3f} ({times['objects']:.0f} s)")
     results["time_s"] = {k: round(v, 1) for k, v in times.items()}
+    if per_image:
+        results["per_image"] = {k: v.tolist() if torch.is_tensor(v) else v for k, v in each.items()}
     return results, examples
 
 

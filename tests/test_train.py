@@ -228,3 +228,63 @@ def test_eval_reads_the_run_quick_probes_and_vlm_qa(three_stages, monkeypatch):
     qa = evaluate.run_qa("tiny", samples, args)
     assert set(qa) == {"stage 2 (before)", "stage 3 (boosted)"}
     assert "overall" in qa["stage 3 (boosted)"] and (tmp / "qa-out" / "answers-stage3.jsonl").exists()
+
+
+def test_stage3_optimizer_groups_and_warmup():
+    """Stage 3 trains the gates at gate_lr, the projector at projector_lr and Attn+ at lr, with >= 10 % warmup; the
+    metrics log how far each dual-channel layer moved, step by step."""
+    cfg = train.parse_config(["--stage", "3", *TINY[:-1]])
+    assert (cfg.gate_lr, cfg.projector_lr, cfg.warmup_frac) == (100 * cfg.lr, cfg.lr / 10, 0.1)
+    assert train.parse_config(["--stage", "2", *TINY[:-1]]).warmup_frac == 0.03
+    assert train.lr_at(0, 15, cfg) == pytest.approx(cfg.lr / 2)      # ceil(10 % of 15) = 2 warmup steps
+    assert train.lr_at(0, 40, cfg) == pytest.approx(cfg.lr / 4) and train.lr_at(3, 40, cfg) == pytest.approx(cfg.lr)
+
+
+def test_stage3_rates_and_per_layer_metrics(three_stages):
+    tmp, _ = three_stages
+    run = tmp / "runs" / "tiny" / "stage3"
+    vlm, _, cfg = train.load_stage(run)        # its encoder already has the dual channel: mark what stage 3 trains
+    for n, p in vlm.named_parameters():
+        p.requires_grad_(n.startswith("projector.") or ".attn_plus." in n or n.endswith(".gate"))
+    groups = {g["name"]: g for g in train.param_groups(vlm, cfg)}
+    assert set(groups) == {"gate", "projector", "other"}
+    names = {id(p): n for n, p in vlm.named_parameters()}
+    assert all(names[id(p)].endswith(".gate") for p in groups["gate"]["params"])
+    assert groups["gate"]["lr_scale"] == 100 and groups["projector"]["lr_scale"] == pytest.approx(0.1)
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["gate"]) == len(r["rel_change"]) == 2 for r in rows)                 # 2 ViT blocks
+    assert rows[-1]["rel_change"][0] > rows[0]["rel_change"][0] > 0
+
+
+def test_shuffled_image_control(tmp_path):
+    """--shuffle-images: the same conversations and steps, each with another sample's image (never its own)."""
+    run_cli(tmp_path, "--stage", "3", "--max-steps", "1", "--name", "real")
+    out = run_cli(tmp_path, "--stage", "3", "--max-steps", "1", "--name", "control", "--shuffle-images")
+    assert "s3     1/1" in out
+    from training.dataset import ConversationDataset
+
+    vlm, tok, _ = train.load_stage(tmp_path / "runs" / "control" / "stage3")
+    src = [(tmp_path / "data" / "tiny" / "spatial", 1.0)]
+    real = ConversationDataset(src, tok, vlm.vit.cfg, 32, 16, 768)
+    shuffled = ConversationDataset(src, tok, vlm.vit.cfg, 32, 16, 768, shuffle_images=1)
+    same_text = all(torch.equal(real[i]["ids"], shuffled[i]["ids"]) for i in range(len(real)))
+    moved = [not torch.equal(real[i]["pixels"], shuffled[i]["pixels"]) for i in range(len(real))]
+    assert same_text and all(moved)
+    with pytest.raises(SystemExit):
+        train.parse_config(["--stage", "2", "--shuffle-images"])
+
+
+def test_diagnostics_on_a_stage_directory(three_stages):
+    """Image dependence and the localization gap run on any stage directory and held-out spatial data."""
+    import data
+    from evaluation.diagnostics import diagnose
+    from evaluation.qa import load_conversations
+
+    tmp, _ = three_stages
+    data.generate("spatial", tmp / "diag", n=3, seed=778, size=32, progress=False)
+    vlm, tok, cfg = train.load_stage(tmp / "runs" / "tiny" / "stage2")
+    result = diagnose(vlm, tok, cfg.image_size, load_conversations(tmp / "diag"), tmp / "diag", log=None)
+    for name in ("image_dependence", "localization_gap"):
+        d = result[name]
+        assert d["n"] > 0 and d["gap_ci95"][0] <= d["gap"] <= d["gap_ci95"][1]
+        assert all(v == v for v in d.values() if isinstance(v, float))                    # no NaN

@@ -125,12 +125,23 @@ def check_record(rec) -> tuple:
     return conv, paths
 
 
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A random permutation of range(n) without fixed points (Sattolo's algorithm: one cycle through all n)."""
+    rng, p = np.random.default_rng(seed), np.arange(n)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(i))
+        p[i], p[j] = p[j], p[i]
+    return p
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """sources: [(dataset dir or file, weight)]. ds[i] -> dict(ids (T,) long, weights (T,) uint8 (render's mask),
-    pixels (k, 3, S, S) float, dropped_turns int, problem None | str, max_len int)."""
+    pixels (k, 3, S, S) float, dropped_turns int, problem None | str, max_len int). shuffle_images (a seed): the
+    shuffled-answer control -- each record's conversation comes with the images of another record of its source, so
+    a model trained on it learns the format and the answers' statistics but nothing that ties them to the image."""
 
     def __init__(self, sources, tok, vit_cfg, image_size: int, n_image_tokens: int, max_len: int,
-                 limit: int | None = None, strict: bool = False):
+                 limit: int | None = None, strict: bool = False, shuffle_images: int | None = None):
         if tok.image_id is None:
             raise ValueError("the tokenizer has no image token: call tok.add_image_token() before building the dataset")
         if not sources:
@@ -152,6 +163,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             self.counts.append(count)
             parts.append(np.stack([np.full(count, s), idx], 1))
             keys.append((np.arange(count) + 0.5) / max(count, 1))
+        self.image_from = None if shuffle_images is None else [derangement(len(r), shuffle_images + s)
+                                                                for s, r in enumerate(self.records)]
         index, keys = np.concatenate(parts), np.concatenate(keys)
         self.index = index[np.lexsort((index[:, 0], keys))][:limit]          # by position in the mix, then source
         if len(self.index) == 0:
@@ -167,6 +180,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         ids, weights, pixels, dropped, problem = [], [], torch.zeros(0, 3, self.image_size, self.image_size), 0, None
         try:
             conv, paths = check_record(json.loads(raw))
+            if self.image_from is not None:
+                paths = check_record(json.loads(self.records[s].get(int(self.image_from[s][k]))[0]))[1]
             ids, weights, n_images, dropped = self.render(conv)
             pixels = self.images(self.records[s].root, paths[:n_images])
         except PROBLEMS as e:

@@ -104,7 +104,7 @@ def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master
 # Resumable checkpoints.
 
 RESUME_KEYS = ("stage", "seed", "global_batch", "batch_size", "data", "data_size", "max_steps", "epochs", "lr",
-               "vision_tune", "pack", "max_len")
+               "gate_lr", "projector_lr", "warmup_frac", "shuffle_images", "vision_tune", "pack", "max_len")
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
