@@ -15,30 +15,22 @@ directories is training/dataset.py.
     from data import generate
     generate("spatial", "data/spatial", n=1000, seed=0, size=448)         # the same from Python
 
-One spatial sample = one image and 12 question/answer pairs built from its 3D ground truth, pixel -> object -> scene
-(dataengine/spatial.py says which). Conventions: pixel coordinates are (u/W, v/H), origin top-left, 3 decimals;
-depth is z-depth in meters; every 3D answer is in the viewer-centred, gravity-aligned answer frame of
-dataengine/views.py (X right, Y up, Z forward along the horizontal viewing direction; meters, 2 decimals); relations
-compare bounding-cube centres (or extents for sizes) and call near-ties ties rather than forcing an answer.
-
-A sample's answers are computed from its ground truth exactly as stored (depth in millimetres, rounded K and
-rotation), so `check` can recompute them from the files alone. Every kind is deterministic for a seed whatever
---workers, resumable (atomic shards), and refuses to mix with other options or another kind in one directory.
+Pixel coordinates are (u/W, v/H), 3 decimals; 3D answers are in views.py's answer frame, meters, 2 decimals; answers
+are computed from the ground truth exactly as stored, so `check` recomputes them from the files alone.
 """
 
 import argparse
 import sys
 
 from dataengine.check import check
-from dataengine.writer import KINDS, ORDERED, write_dataset
+from dataengine.writer import KINDS, ORDERED, ORDERS, write_dataset
 
 __all__ = ["KINDS", "check", "generate", "main"]
 
 
 def encoder_embedding(encoder, size: int = 224):
-    """images -> (n, P, D) unit-length patch tokens (numpy) from the encoder at `encoder`: the feature band that
-    pairs RGB-D frames without poses. torch is imported here, only when --encoder is given, so that data generation
-    and its worker processes stay torch-free."""
+    """images -> (n, P, D) unit-length patch tokens (numpy) of the encoder at `encoder`, for the feature band. torch
+    is imported here, only when --encoder is given, so that data generation and its workers stay torch-free."""
     import torch
 
     from model import load_vit, preprocess
@@ -55,8 +47,7 @@ def encoder_embedding(encoder, size: int = 224):
 
 def generate(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
              rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None):
-    """Write (or finish writing) n samples of `kind` to out and return its data.jsonl (dataengine.writer's
-    write_dataset; `encoder` pairs RGB-D frames without poses by that encoder's patch features)."""
+    """dataengine.writer.write_dataset, with `encoder` (a path) loaded to pair RGB-D frames without poses."""
     embed = encoder_embedding(encoder) if encoder else None
     return write_dataset(kind, out, n, seed, size, order, workers, rgbd, shard_size, progress, band, encoder, embed)
 
@@ -88,9 +79,8 @@ def main(argv=None):
                                "band, else --encoder)" if "multiview" in kind else ""))
         sp.add_argument("--size", type=int, default=448, help="synthetic image size (square), pixels")
         if kind in ORDERED:
-            sp.add_argument("--order", choices=["forward", "reversed", "shuffled"], default="forward",
-                            help="turn order: pixel->object->scene(->caption), its reverse, or shuffled (the paper's "
-                                 "ablation)")
+            sp.add_argument("--order", choices=ORDERS, default="forward", help="turn order: pixel->object->scene"
+                            "(->caption), its reverse, or shuffled (the paper's ablation)")
         if "multiview" in kind:
             sp.add_argument("--band", default=None, metavar="LO,HI",
                             help="co-visibility band: the share of view-1 pixels that view 2 sees unoccluded "

@@ -1,22 +1,13 @@
 """
-The data checker: recompute every number and every yes/no of a spatial dataset from its stored ground truth.
+The data checker: recompute every number and every yes/no of a dataset from its stored ground truth.
 
     python data.py check data/spatial          # prints each disagreement; exit status 1 if there is any
 
-It reads only the files (depth PNG/npy, instance PNG, K, the camera->answer rotation, the points and cubes in
-`meta`) and recomputes the facts with its own arithmetic (the inverse of K instead of the generator's
-fx/cx form, the instance mask instead of the generator's bookkeeping of which point fell on which object), then
-compares every decimal in each answer, each verdict ("the <A> is <relation> the <B>", "<point> is closer than
-<point>"), each yes/no, and the object lists of the captions. For synthetic data it also checks that every
-object pixel lies inside its object's cube (which catches a wrong frame or cube) and that the semantic mask
-agrees with the objects' categories.
-
-The other kinds are checked the same way: captions and instruction QA (counts, colours, yes/no, supports, positions
-in thirds of the image, heights, and the object lists of captions and descriptions) from the instance mask, the
-labels and the objects in meta; multi-view pairs from both views' depth, masks, K and poses, with this file's own
-projection: the co-visibility (and that it lies in the band), which objects each view shows, which premises are
-false, camera motion, point correspondences (seen / hidden / outside), 3D positions in both frames, relations per
-view, distances that must agree, and every multiple-choice letter.
+It reads only the files and `meta` (depth, masks, K, the camera->answer rotation, poses, points, cubes) and
+recomputes the facts with its own arithmetic, not the generator's (the inverse of K, the instance mask rather than
+the bookkeeping of which point fell on which object, its own projection between views), then compares every decimal,
+verdict, yes/no, multiple-choice letter and caption object list. For synthetic data it also checks that every object
+pixel lies inside its object's cube (a wrong frame or cube) and that the semantic mask agrees with the categories.
 """
 
 import json
@@ -82,10 +73,9 @@ def check_spatial(rec: dict, out: Path, stats: dict) -> list:
     counts = np.bincount(inst.reshape(-1), minlength=max(objs) + 1)
     if meta["cube_source"] == "scene":
         bad += _scene_agrees(meta, out, inst, depth, Kinv, R, len(counts))
-    f = dict(uv=uv, d=d, xyz=(np.c_[px + 0.5, np.ones(len(px))] @ Kinv.T * d[:, None]) @ R.T,    # (n, 3) answer frame
-             on=inst[px[:, 1], px[:, 0]], objs=objs,
-             visible=[o for o in meta["objects"] if counts[o["id"]] >= meta["min_pixels"]],
-             P=lambda k: f"({coord(uv[k, 0])}, {coord(uv[k, 1])})", pt=lambda k: [(uv[k, 0], 3), (uv[k, 1], 3)])
+    f = dict(d=d, xyz=(np.c_[px + 0.5, np.ones(len(px))] @ Kinv.T * d[:, None]) @ R.T,    # (n, 3) answer frame
+             objs=objs, visible=[o for o in meta["objects"] if counts[o["id"]] >= meta["min_pixels"]],
+             P=lambda k: f"({coord(uv[k, 0])}, {coord(uv[k, 1])})")
     for t, (turn, level) in enumerate(zip(meta["turns"], levels)):
         q, a, kind, where = conv[2 * t]["value"], conv[2 * t + 1]["value"], turn["kind"], f"turn {t} ({turn['kind']})"
         if kind in PIXEL_KINDS:
@@ -102,8 +92,7 @@ def check_spatial(rec: dict, out: Path, stats: dict) -> list:
 
 
 def _scene_agrees(meta: dict, out: Path, inst: np.ndarray, depth: np.ndarray, Kinv, R, n: int) -> list:
-    """Exact synthetic geometry (n = instance ids): every object pixel lies inside its object's cube, and the
-    semantic mask agrees with the objects' categories."""
+    """Exact synthetic geometry (n = instance ids): object pixels lie in their cubes, semantic ids match categories."""
     bad = []
     rows, cols = np.nonzero((inst > 0) & (depth > 0))
     pts = (np.c_[cols + 0.5, rows + 0.5, np.ones(len(rows))] @ Kinv.T * depth[rows, cols][:, None]) @ R.T
@@ -121,7 +110,7 @@ def _scene_agrees(meta: dict, out: Path, inst: np.ndarray, depth: np.ndarray, Ki
 
 def _pixel_turn(kind: str, q: str, a: str, turn: dict, level: str, f: dict, where: str, stats: dict) -> list:
     """Depth, 3D position, displacement and closer-or-farther of the points the turn names."""
-    ks, P, pt, d, xyz = turn["points"], f["P"], f["pt"], f["d"], f["xyz"]
+    ks, P, d, xyz = turn["points"], f["P"], f["d"], f["xyz"]
     bad = [] if level == "pixel" and all(P(k) in q for k in ks) else [
         f"{where}: level {level} or the question does not name its points"]
     if kind == "depth":
@@ -143,7 +132,7 @@ def _pixel_turn(kind: str, q: str, a: str, turn: dict, level: str, f: dict, wher
 
 def _relation_turn(kind: str, q: str, a: str, turn: dict, level: str, f: dict, where: str, stats: dict) -> list:
     """The verdict 'the <A> is <relation> the <B>' from the cubes, and the values compared."""
-    spec, (ia, ib), objs, pt = RELATIONS[kind], turn["objects"], f["objs"], f["pt"]
+    spec, (ia, ib), objs = RELATIONS[kind], turn["objects"], f["objs"]
     names = "|".join(re.escape(objs[x]["name"]) for x in (ia, ib))
     m = re.search(f"[Tt]he ({names}) is ({'|'.join(spec['words'])}) the ({names})[ :]", a)
     if level != "object" or not all(objs[x]["name"] in q for x in (ia, ib)) or not m or m.group(1) == m.group(3):
@@ -185,8 +174,7 @@ def _verdict(where, answer, turn, truth_asked, truth_said, said, stats) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Single-view captions and instruction QA (instruct.py): counts, colours, presence, supports, positions, heights and
-# the object lists of captions, from the instance mask, the labels and the objects in meta.
+# Single-view captions and instruction QA (instruct.py), from the instance mask, the labels and the objects in meta.
 
 WORDS = {w: k for k, w in enumerate(NUMBER_WORDS)}
 
@@ -196,9 +184,8 @@ def _single_facts(meta: dict, inst: np.ndarray) -> dict:
     counts = np.bincount(inst.reshape(-1), minlength=max([0, *labels, *(o["id"] for o in meta["objects"])]) + 1)
     px = lambda i: int(counts[i]) if i < len(counts) else 0
     visible = [o for o in meta["objects"] if px(o["id"]) >= meta["min_pixels"]]
-    cats = {}
+    cats = {c: {"visible": [], "sliver": []} for c in labels.values()}
     for i, c in labels.items():
-        cats.setdefault(c, {"visible": [], "sliver": []})
         if px(i) >= meta["min_pixels"]:
             cats[c]["visible"].append(i)
         elif px(i) > 0:
@@ -211,8 +198,7 @@ def _single_facts(meta: dict, inst: np.ndarray) -> dict:
 def _listed(text: str, order: list, hidden: list, where: str) -> list:
     """The visible objects all named in text, in order; no hidden object named."""
     at = lambda o: re.search(rf"\b(a|an|the|A|An|The) {re.escape(o['name'])}\b", text)
-    found = [at(o).start() if at(o) else -1 for o in order]
-    named = [o["name"] for o in hidden if at(o)]
+    found, named = [at(o).start() if at(o) else -1 for o in order], [o["name"] for o in hidden if at(o)]
     if -1 in found or found != sorted(found) or named:
         return [f"{where}: visible objects missing or out of order, or hidden ones named {named}"]
     return []
@@ -239,8 +225,7 @@ def check_single(rec: dict, out: Path, stats: dict) -> list:
 
 
 def _description(kind: str, a: str, f: dict, where: str) -> list:
-    """A caption or long description: the objects of its first sentence, what stands on what, nearest and farthest,
-    and (long) each object's distance ahead."""
+    """A caption or long description: objects listed, supports, nearest / farthest, (long) each distance ahead."""
     objs, shown = f["objs"], {o["id"] for o in f["visible"]}
     z = lambda o: (o["cube"][0][2] + o["cube"][1][2]) / 2
     bad = _listed(a.split(". ")[0], f["visible"], f["hidden"], where)
@@ -266,8 +251,7 @@ def _description(kind: str, a: str, f: dict, where: str) -> list:
 
 def _single_qa(turn: dict, a: str, f: dict, source: str, inst: np.ndarray, where: str, stats: dict) -> list:
     """Count, colour, is-there, support, position (thirds of the mask's centroid) and height questions."""
-    kind, objs = turn["kind"], f["objs"]
-    c = f["cats"].get(turn.get("category"), {"visible": [], "sliver": []})
+    kind, objs, c = turn["kind"], f["objs"], f["cats"].get(turn.get("category"), {"visible": [], "sliver": []})
     if kind == "count":
         m = re.match(r"There (?:is|are) (\w+) ", a)
         colours = sorted(objs[i]["colour"] for i in c["visible"] if i in objs and objs[i]["colour"])
@@ -294,8 +278,7 @@ def _single_qa(turn: dict, a: str, f: dict, source: str, inst: np.ndarray, where
         if a != f"The {o['name']} stands on {where_on}.":
             return [f"{where}: the {o['name']} stands on {where_on}"]
     elif kind == "position":
-        H, W = inst.shape
-        rows, cols = np.nonzero(inst == turn["object"])
+        (H, W), (rows, cols) = inst.shape, np.nonzero(inst == turn["object"])
         u, v = (cols.mean() + 0.5) / W, (rows.mean() + 0.5) / H
         word = place(min(int(u * 3), 2), min(int(v * 3), 2))
         near = min(abs(x - b) for x in (u, v) for b in (1 / 3, 2 / 3))
@@ -308,8 +291,7 @@ def _single_qa(turn: dict, a: str, f: dict, source: str, inst: np.ndarray, where
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pairs of views (multiview.py): co-visibility, object states per view, camera motion and every answer, with this
-# file's own projection (inverse K, world round trip).
+# Pairs of views (multiview.py), with this file's own projection (inverse K, world round trip).
 
 
 def _pixels_to(view: dict, depth, other: dict, px: np.ndarray) -> tuple:
@@ -372,8 +354,7 @@ def _degrees(text: str, yaw: float, where: str) -> list:
         ok = "kept its heading" in text or "facing the same way" in text
     else:
         m = re.search(r"turned (\d+) degrees to the (left|right)", text)
-        side = "left" if yaw > 0 else "right"
-        ok = bool(m) and abs(int(m.group(1)) - abs(yaw)) <= 0.5 + 1e-6 and m.group(2) == side
+        ok = m and abs(int(m.group(1)) - abs(yaw)) <= 0.5 + 1e-6 and m.group(2) == ("left" if yaw > 0 else "right")
     return [] if ok else [f"{where}: the camera turned {yaw:.2f} degrees (+ = left); answer {text!r}"]
 
 
@@ -416,8 +397,7 @@ def check_pair(rec: dict, out: Path, stats: dict) -> list:
 
 
 def _pair_objects_turn(turn: dict, q: str, a: str, f: dict, where: str, stats: dict) -> list:
-    """What each view shows (in both, in one, in neither: false premises), which view shows an object closer, and
-    relations between objects in each view."""
+    """What each view shows (false premises included), which view shows an object closer, relations per view."""
     tk, st, state, cube = turn["kind"], f["st"], f["state"], f["cube"]
     both = sorted((n for n in st[0] if state(n, 0) == state(n, 1) == "visible"),
                   key=lambda n: cube(n, 0)[0][0] + cube(n, 0)[1][0])
@@ -494,8 +474,7 @@ def _pair_camera_turn(kind: str, q: str, a: str, t, yaw: float, where: str) -> l
 
 
 def _pair_points_turn(turn: dict, q: str, a: str, f: dict, points: list, where: str) -> list:
-    """A point of one view in the other (seen there, hidden, outside), its 3D position in both views' frames, and
-    two points' distance, which must agree between the frames."""
+    """A point of one view in the other, its 3D position in both frames, two points' distance (same in both)."""
     V, depth, P = f["V"], f["depth"], f["P"]
     R = [np.array(v["answer_from_camera"]) for v in V]
     if turn["kind"] == "distance_across":
@@ -506,8 +485,7 @@ def _pair_points_turn(turn: dict, q: str, a: str, f: dict, points: list, where: 
                 bad.append(f"{where}: point {P(k)} is not seen in view 2")
             here.append(R[0] @ cam[0])
             there.append(R[1] @ cam_to[0])
-            H, W = depth[1].shape
-            Q += [(uv[0, 0] / W, 3), (uv[0, 1] / H, 3)]
+            Q += [(x, 3) for x in uv[0] / depth[1].shape[::-1]]
         bad += _numbers(q, [(v, 3) for k in turn["points"] for v in points[k]["uv"]] + Q, where + " question")
         d = np.linalg.norm(here[0] - here[1])
         bad += _numbers(a, [(x, 2) for p in here + there for x in p] + [(d, 2)], where)
@@ -520,8 +498,7 @@ def _pair_points_turn(turn: dict, q: str, a: str, f: dict, points: list, where: 
     if turn["kind"] == "position_across":
         return _numbers(a, [(x, 2) for x in R[1 - s] @ cam_to[0]] + [(x, 2) for x in R[s] @ cam[0]], where)
     said = _state(depth[1 - s], uv, cam_to[:, 2])[0]
-    H, W = depth[1 - s].shape
-    Q = [(uv[0, 0] / W, 3), (uv[0, 1] / H, 3)]
+    Q = [(x, 3) for x in uv[0] / depth[1 - s].shape[::-1]]
     bad = [] if P(k) in q else [f"{where}: the question does not name point {P(k)}"]
     if said == "seen" and a.startswith("It appears at"):
         return bad + _numbers(a, Q + [(cam_to[0, 2], 2), (cam[0, 2], 2)], where)
@@ -534,8 +511,7 @@ def _pair_points_turn(turn: dict, q: str, a: str, f: dict, points: list, where: 
 
 def _choice(q: str, a: str, right: str, where: str) -> list:
     """A multiple-choice answer 'L. option' must pick the option that is right, as the question lists it."""
-    options = dict(re.findall(r"\n([A-D])\. ([^\n]+)", q))
-    m = re.match(r"([A-D])\. (.+)$", a)
+    options, m = dict(re.findall(r"\n([A-D])\. ([^\n]+)", q)), re.match(r"([A-D])\. (.+)$", a)
     if not m or options.get(m.group(1)) != right or m.group(2) != right:
         return [f"{where}: the right option is {right!r}; answer {a!r}"]
     return []
@@ -554,10 +530,9 @@ def _pixel(u: str, v: str, H: int, W: int) -> tuple:
 
 def check_grounding(rec: dict, out: Path, stats: dict) -> list:
     meta, conv = rec["meta"], rec["conversations"]
-    inst = np.asarray(Image.open(out / meta["instance"])).astype(np.int64)
-    sem = np.asarray(Image.open(out / meta["semantic"])).astype(np.int64) if meta.get("semantic") else None
-    H, W = inst.shape
-    names = {o["id"]: o["name"] for o in meta["objects"]}
+    inst = _mask(out / meta["instance"])
+    sem = _mask(out / meta["semantic"]) if meta.get("semantic") else None
+    (H, W), names = inst.shape, {o["id"]: o["name"] for o in meta["objects"]}
     what = lambda r, c: (f"no object: the {CATEGORIES[sem[r, c] - 1]}" if inst[r, c] == 0 and sem is not None
                          else names.get(int(inst[r, c])))
     bad = []
@@ -588,8 +563,7 @@ def check(out, limit: int | None = None) -> tuple:
     """Check every sample of out/data.jsonl -> (problems [str], stats {name: count})."""
     out, problems, stats = Path(out), [], {"samples": 0}
     checkers = {"spatial": check_spatial, "captions": check_single, "instruct": check_single,
-                "grounding": check_grounding,
-                "multiview": check_pair, "spatial-multiview": check_pair}
+                "grounding": check_grounding, "multiview": check_pair, "spatial-multiview": check_pair}
     with open(out / "data.jsonl") as f:
         for n, line in enumerate(f):
             if limit is not None and n >= limit:

@@ -1,20 +1,14 @@
 """
-Single-view data for stages 1 and 2, asked about a view's scene graph (objects, their colours, supports, cubes and
-masks), written by writer.py and checked by check.py:
+Single-view data for stages 1 and 2, asked about a view's scene graph (objects, colours, supports, cubes, masks):
 
     python data.py captions --n 2000 --out data/captions      # stage 1 (alignment): one image, one caption turn
     python data.py instruct --n 2000 --out data/instruct      # stage 2: instruction QA, 5 turns per image
 
-A caption lists the visible objects left to right (with the room), sometimes followed by what stands on what or
-which object is nearest and farthest; its prompt is one of LLaVA-Pretrain-style requests, the image before or after
-it. Instruction QA asks, per image, 4 of: how many <category> (only when no instance of it is a sliver, so the count
-is unambiguous), what colour is the <category> (exactly one visible), is there a <category> / a <colour> <category>
-(half of them false premises, answered "No"), what an object stands on, where it is in the image (thirds of its
-mask's centroid, never near a border between thirds), how tall it is, plus a short or a long description.
-
-"Visible" means at least views.min_pixels(H, W) pixels of the object's mask; "absent" means not one pixel. Objects
-in between are never asked about. On RGB-D frames the categories are labels.json's labels and colours are unknown
-(no colour questions); a frame's captions.txt replaces the generated caption.
+A caption's prompt is a LLaVA-Pretrain-style request, the image before or after it. Instruction QA asks QA_TURNS
+questions of different kinds (QA) per image, and gives one short or long description. "Visible" means at least
+views.min_pixels(H, W) pixels of the object's mask, "absent" not one pixel; objects in between (slivers) are never
+asked about, nor counted. On RGB-D frames the categories are labels.json's labels and colours are unknown (no colour
+questions); a frame's captions.txt replaces the generated caption.
 """
 
 import json
@@ -23,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from dataengine import scenes, views
-from dataengine.text import NUMBER_WORDS, TIE_CENTRE, Turn, article, listing, meters, picker, place, to_conversation
+from dataengine.text import (NUMBER_WORDS, TIE_CENTRE, Turn, article, capitalized, listing, meters, picker, place,
+                             to_conversation)
 from dataengine.views import save_view
 
 CAPTION_PROMPTS = ["Describe the image concisely.", "Provide a brief description of the given image.",
@@ -46,12 +41,10 @@ def plural(word: str) -> str:
 
 
 def facts_of(view: views.View) -> dict:
-    """What the questions need: visible objects left to right, and per category (view.labels) the ids that are
-    visible (>= min pixels) or only slivers (fewer)."""
+    """Visible objects left to right, and per category (view.labels) its visible ids and its slivers' ids."""
     H, W = view.instance.shape
     counts = np.bincount(view.instance.reshape(-1), minlength=max(view.labels, default=0) + 1)
-    min_px = views.min_pixels(H, W)
-    visible, sliver = {}, {}
+    min_px, visible, sliver = views.min_pixels(H, W), {}, {}
     for i, c in view.labels.items():
         if counts[i] >= min_px:
             visible.setdefault(c, []).append(i)
@@ -64,14 +57,10 @@ def facts_of(view: views.View) -> dict:
                 names={o["id"]: o["name"] for o in view.objects}, room=view.room, size=(H, W), instance=view.instance)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Captions (stage 1) and descriptions (stage 2).
-
-
 def first_sentence(facts: dict, pick) -> str:
     """The visible objects left to right, with the room when known."""
     items = listing([article(o["name"]) for o in facts["objects"]])
-    Items, room = items[0].upper() + items[1:], facts["room"]
+    Items, room = capitalized(items), facts["room"]
     return pick([f"A room with {room}, holding {items}.", f"{Items} in a room with {room}.",
                  f"An indoor scene with {room}: {items}."] if room else [f"A scene with {items}.", f"{Items}."])
 
@@ -81,7 +70,6 @@ def centre_z(o) -> float:
 
 
 def caption(facts: dict, pick) -> tuple:
-    """(text, record): the first sentence, then maybe what stands on what, or the nearest and farthest objects."""
     objs, text = facts["objects"], first_sentence(facts, pick)
     shown = {o["id"] for o in objs}
     on = [o for o in objs if o.get("on") in shown]
@@ -98,8 +86,7 @@ def caption(facts: dict, pick) -> tuple:
 
 
 def long_description(facts: dict, pick) -> tuple:
-    """The first sentence, then each visible object left to right: how far ahead its centre is (Z of the answer
-    frame) and what it stands on."""
+    """The first sentence, then per visible object how far ahead its centre is (answer-frame Z) and its support."""
     names, shown = facts["names"], {o["id"] for o in facts["objects"]}
     parts = [first_sentence(facts, pick)]
     for o in facts["objects"]:
@@ -162,13 +149,12 @@ def exists_turn(facts, vocabulary, rng, pick):
     r = rng.random()
     if present and (r < 0.5 or not absent):
         c = pick(present)
-        q = ask(c)
-        if not facts["synthetic"]:
+        if facts["synthetic"]:
+            what = listing([article(facts["by_id"][i]["name"]) for i in facts["visible"][c]])
+        else:
             n = len(facts["visible"][c])
-            return q, f"Yes, there is {'one' if n == 1 else NUMBER_WORDS[min(n, 10)]} {c if n == 1 else plural(c)}.", \
-                dict(kind="exists", category=c)
-        names = listing([article(facts["by_id"][i]["name"]) for i in facts["visible"][c]])
-        return q, f"Yes, there is {names}.", dict(kind="exists", category=c)
+            what = f"{'one' if n == 1 else NUMBER_WORDS[min(n, 10)]} {c if n == 1 else plural(c)}"
+        return ask(c), f"Yes, there is {what}.", dict(kind="exists", category=c)
     seen = {c: {facts["by_id"][i]["colour"] for i in facts["visible"][c] + facts["sliver"].get(c, [])}
             for c in present} if facts["synthetic"] else {}
     swapped = [(c, k) for c in sorted(seen) for k in scenes.COLOURS if k not in seen[c]]
@@ -228,10 +214,8 @@ QA = (count_turn, colour_turn, exists_turn, support_turn, position_turn, height_
 
 
 def instruct_conversation(facts: dict, vocabulary: list, rng) -> tuple:
-    """QA_TURNS question/answer turns of different kinds (those the image has subjects for) and a short or long
-    description, in random order."""
-    pick = picker(rng)
-    turns = []
+    """QA_TURNS turns of different kinds (those with a subject here) and a description, in random order."""
+    pick, turns = picker(rng), []
     for k in rng.permutation(len(QA)):
         made = QA[k](facts, vocabulary, rng, pick)
         if made:
@@ -242,10 +226,6 @@ def instruct_conversation(facts: dict, vocabulary: list, rng) -> tuple:
     turns.append((pick(CAPTION_PROMPTS if rec["kind"] == "caption" else LONG_PROMPTS), text, rec))
     turns = [Turn(rec["kind"], q, a, rec) for q, a, rec in (turns[k] for k in rng.permutation(len(turns)))]
     return to_conversation(turns), [t.level for t in turns], [t.record for t in turns]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing (called by writer.py for kinds "captions" and "instruct").
 
 
 def prepare(cfg, embed=None) -> dict:
@@ -259,15 +239,10 @@ def prepare(cfg, embed=None) -> dict:
 
 def make_sample(cfg, index: int, out, source: dict) -> str:
     rng = np.random.default_rng([cfg.seed, index])
-    if cfg.rgbd:
-        view, _ = views.rgbd_view(scenes.load_rgbd(source["frames"][index % len(source["frames"])]), rng)
-    else:
-        view, _ = views.synthetic_view(rng, cfg.size)
+    view, _ = views.sample_view(cfg, index, source["frames"], rng)
     vocabulary, facts = source["vocabulary"] if cfg.rgbd else list(scenes.OBJECT_CATEGORIES), facts_of(view)
-    if cfg.kind == "captions":
-        conv, levels, turns = caption_conversation(facts, view.captions, rng)
-    else:
-        conv, levels, turns = instruct_conversation(facts, vocabulary, rng)
+    conv, levels, turns = (caption_conversation(facts, view.captions, rng) if cfg.kind == "captions" else
+                           instruct_conversation(facts, vocabulary, rng))
     sid, (H, W) = f"{index:06d}", view.instance.shape
     files = save_view(out, sid, view, f"images/{sid}.png", depth=False, semantic=False)
     counts = np.bincount(view.instance.reshape(-1), minlength=max(view.labels, default=0) + 1)

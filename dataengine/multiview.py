@@ -7,33 +7,19 @@ them: stage 2's multi-view VQA (kind "multiview") and stage 3's multi-view spati
     python data.py multiview --n 500 --out data/mv --rgbd scans/ --encoder weights/dinov2-s14      # no poses
 
 Pairing. The paper keeps view pairs whose LPIPS distance lies in a band: neither near-duplicates nor unrelated.
-With depth and poses the same idea is geometric: the co-visibility of view 1 in view 2 is the share of view 1's
-pixels (with depth) whose 3D points land inside view 2, in front of it, and not behind a nearer surface there
-(view 2's depth at that pixel is at most 3 cm + 3 % nearer). Pairs are kept when it lies in BAND. It is
-directional (a camera that steps back sees all of the other's pixels, not the other way round); meta stores both
-directions. RGB-D frames without poses fall back on the loaded encoder: 1 - the share of patches that are mutual
-nearest neighbours across the two images, kept within FEATURE_BAND (the 10th-90th percentiles of the pairs inside
-BAND, DINOv2-S/14 on synthetic rooms; it tracks co-visibility only loosely, Spearman ~0.3: a coarse filter against
-near-duplicates and unrelated frames). Such pairs make "multiview" data, without the camera-motion questions.
+With depth and poses the idea is geometric: the co-visibility of view 1 in view 2, the share of view 1's pixels (with
+depth) whose 3D points land inside view 2, in front of it and not hidden there (OCCLUSION), kept within BAND. It is
+directional (a camera that steps back sees all of the other's pixels, not the other way round); meta stores both.
+Frames without poses fall back on the encoder's feature_distance, kept within FEATURE_BAND (the 10th-90th percentiles
+of BAND's pairs, DINOv2-S/14 on synthetic rooms; Spearman ~0.3 with co-visibility: a coarse filter), and make
+"multiview" data without camera-motion questions.
 
-Objects are matched across views by name: in a synthetic scene a name (colour + category) is unique; on RGB-D frames
-an object is matched by its label when that label occurs once in each view. Per view an object is "visible" (at
-least views.min_pixels pixels), "absent" (not one pixel) or in between, and then never asked about.
+Objects are matched across views by name: unique in a synthetic scene (colour + category), a label seen once in each
+view on RGB-D frames. An object is asked about only where it is "visible" (views.min_pixels) or "absent" (no pixel).
 
-Stage 2, "multiview": 6 turns in random order; each turn's level names its group.
-    common       which objects both views show; which view shows an object closer; how the camera moved;
-                 is there a <object> in view k (when it is)
-    adversarial  false premises: objects absent from a view or from both, answered as absent ("Which view shows the
-                 green sofa closer?" -> "Neither view shows it: there is no green sofa in either image.")
-    choice       multiple choice A-D: the object both views show, the closer view, the main direction of motion
-Stage 3, "spatial-multiview": 7 turns pixel -> object -> scene (--order applies).
-    pixel   where a point of one view appears in the other, or that it leaves the field of view or is hidden there
-            (and behind what depth) x 2; a point's 3D position in both views' frames
-    object  a relation (left/right, in front/behind, above/below) in each view, which may flip between views x 2
-    scene   where camera 2 is in view 1's frame and how it turned; two points' 3D distance from both views, which
-            must agree
-Every 3D answer is in a view's answer frame (views.py: X right, Y up, Z forward, meters); pixel coordinates are
-(u/W, v/H) in the view named. Answers are computed from the ground truth as stored, so check.py recomputes them.
+Stage 2, "multiview": 6 turns in random order, each turn's level naming its group: common, adversarial (false
+premises, answered as absent) or choice (A-D). Stage 3, "spatial-multiview": 7 turns pixel -> object -> scene
+(--order applies). 3D answers are in a view's answer frame (views.py); pixel coordinates (u/W, v/H) in the view named.
 """
 
 import json
@@ -44,7 +30,7 @@ import numpy as np
 
 from dataengine import scenes, views
 from dataengine.text import (DIRECTIONS, RELATIONS, TIE_CENTRE, Turn, article, coord, listing, meters, ordered, picker,
-                             relation, to_conversation)
+                             position, relation, to_conversation)
 from dataengine.views import View, save_view
 
 BAND = (0.35, 0.65)             # co-visibility of view 1 in view 2
@@ -55,19 +41,13 @@ SEEN, OUTSIDE, HIDDEN, UNKNOWN = 0, 1, 2, 3     # what the other view shows of a
 ORDINAL = ("first", "second")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Geometry: moving pixels from one view to the other, co-visibility, camera motion.
-
-
 def transfer(depth: np.ndarray, K, pose, K_to, pose_to, cols, rows):
     """Pixels (cols, rows) (n,) of a view -> their 3D points in the view's camera frame (n, 3), in the other
     view's camera frame (n, 3), and their continuous pixel coordinates there (u, v) (n,) each (NaN behind it)."""
     K, pose, K_to, pose_to = (np.asarray(m, float) for m in (K, pose, K_to, pose_to))
-    d = depth[rows, cols]
-    ray = np.stack([(cols + 0.5 - K[0, 2]) / K[0, 0], (rows + 0.5 - K[1, 2]) / K[1, 1], np.ones(len(d))], 1)
-    cam = ray * d[:, None]
-    world = cam @ pose[:3, :3].T + pose[:3, 3]
-    cam_to = (world - pose_to[:3, 3]) @ pose_to[:3, :3]                 # R^T (p - o), row-wise
+    ray = np.stack([(cols + 0.5 - K[0, 2]) / K[0, 0], (rows + 0.5 - K[1, 2]) / K[1, 1], np.ones(len(cols))], 1)
+    cam = ray * depth[rows, cols][:, None]
+    cam_to = (cam @ pose[:3, :3].T + pose[:3, 3] - pose_to[:3, 3]) @ pose_to[:3, :3]     # world, then R^T (p - o)
     z = cam_to[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.where(z > 1e-6, K_to[0, 0] * cam_to[:, 0] / z + K_to[0, 2], np.nan)
@@ -76,9 +56,8 @@ def transfer(depth: np.ndarray, K, pose, K_to, pose_to, cols, rows):
 
 
 def visibility(depth_to: np.ndarray, u, v, z) -> np.ndarray:
-    """What the other view (depth_to (H, W)) shows of points at (u, v) with depth z there: SEEN, OUTSIDE (its field
-    of view, or behind it), HIDDEN (its depth at that pixel is nearer by more than OCCLUSION) or UNKNOWN (no depth
-    there). (n,) int8."""
+    """(n,) int8: what the other view (depth_to) shows of points at (u, v) with depth z there: SEEN, OUTSIDE (its
+    field of view, or behind it), HIDDEN (its depth there is nearer by more than OCCLUSION) or UNKNOWN (no depth)."""
     H, W = depth_to.shape
     with np.errstate(invalid="ignore"):
         inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
@@ -97,8 +76,8 @@ def stride_for(H: int, W: int) -> int:
 def covisibility(depth_a, K_a, pose_a, depth_b, K_b, pose_b, stride: int = 1) -> float:
     """Share of view A's pixels with depth (every stride-th row and column, from stride // 2) that view B sees."""
     H, W = depth_a.shape
-    rows, cols = np.meshgrid(np.arange(stride // 2, H, stride), np.arange(stride // 2, W, stride), indexing="ij")
-    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    rows, cols = (x.reshape(-1) for x in np.meshgrid(np.arange(stride // 2, H, stride),
+                                                      np.arange(stride // 2, W, stride), indexing="ij"))
     keep = depth_a[rows, cols] > 0
     rows, cols = rows[keep], cols[keep]
     if len(rows) == 0:
@@ -115,17 +94,12 @@ def covis_both(va: View, vb: View) -> list:
 
 
 def motion(view_a: View, view_b: View):
-    """Camera B's centre in A's answer frame (3,), and how far B is turned from A about the vertical, in degrees
-    (+ = to the left)."""
+    """Camera B's centre in A's answer frame (3,), and B's turn from A about the vertical in degrees (+ = left)."""
     Pa, Pb = np.array(view_a.cam_to_world), np.array(view_b.cam_to_world)
     Ra, Rb = np.array(view_a.answer_from_camera), np.array(view_b.answer_from_camera)
     t = Ra @ (Pa[:3, :3].T @ (Pb[:3, 3] - Pa[:3, 3]))
     forward = Ra @ Pa[:3, :3].T @ Pb[:3, :3] @ Rb.T @ np.array([0, 0, 1.0])      # B's forward in A's answer frame
     return t, float(np.degrees(np.arctan2(-forward[0], forward[2])))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pairs of views.
 
 
 @dataclass
@@ -153,8 +127,7 @@ def states(pair: Pair) -> dict:
             found = {o["name"]: ("visible" if counts[o["id"]] >= min_px else "absent" if counts[o["id"]] == 0 else
                                  "unclear", o) for o in view.objects}
         else:       # a label seen once, lifted under its plain name, is identifiable; twice or more it is not
-            named = {o["name"]: o for o in view.objects if o["name"] == o["category"]}
-            found = {}
+            named, found = {o["name"]: o for o in view.objects if o["name"] == o["category"]}, {}
             for c in sorted(set(labels.values())):     # sorted: a set's order changes with PYTHONHASHSEED
                 seen = [i for i, l in labels.items() if l == c and counts[i] > 0]
                 ok = len(seen) == 1 and c in named and counts[named[c]["id"]] >= min_px
@@ -197,8 +170,7 @@ def synthetic_pair(rng, size: int, band=BAND, shared: int = 2, screen: int = 48)
     for _ in range(200):
         scene = scenes.random_scene(rng)
         cam_a = scenes.random_camera(rng, scene)
-        low_a = scenes.render(scene, cam_a, screen, screen, shadows=False)
-        full_a = None
+        low_a, full_a = scenes.render(scene, cam_a, screen, screen, shadows=False), None
         for _ in range(6):
             cam_b = nearby_camera(rng, scene, cam_a)
             low_b = scenes.render(scene, cam_b, screen, screen, shadows=False)
@@ -220,7 +192,7 @@ def synthetic_pair(rng, size: int, band=BAND, shared: int = 2, screen: int = 48)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 2: multi-view VQA. A turn is (level, question, answer, record); the record is what check.py needs.
+# Stage 2: multi-view VQA.
 
 
 def closer(o1: dict, o2: dict) -> tuple:
@@ -255,7 +227,6 @@ def vqa_conversation(pair: Pair, rng) -> tuple:
 
 
 def common_turns(pair: Pair, st: dict, both: list, pick) -> list:
-    """Which objects both views show; which view shows one of them closer; how the camera moved (with poses)."""
     q = pick(["Which objects can be seen in both views?", "What do the two views have in common?",
               "Name the objects that appear in both images."])
     a = f"Both views show {listing([article(n) for n in both])}." if both else \
@@ -324,8 +295,7 @@ def premise_turn(st: dict, only: list, nowhere: list, rng, pick) -> Turn:
 
 
 def choice_turn(pair: Pair, st: dict, both: list, only: list, rng, pick) -> Turn | None:
-    """Multiple choice A-D: the object both views show, the view that shows one closer, or the main direction of the
-    camera's motion (None when the pair has none of these)."""
+    """Multiple choice A-D (None when the pair has no subject for one)."""
     distractors = pair.absent + [n for n, _ in only]
     kinds = (["choice_common"] if both and len(distractors) >= 2 else []) + (["choice_closer"] if both else [])
     if pair.posed and direction(motion(*pair.views)[0]) is not None:
@@ -339,8 +309,7 @@ def choice_turn(pair: Pair, st: dict, both: list, only: list, rng, pick) -> Turn
         options, q = [f"the {n}" for n in [right] + wrong], "Which of these objects can be seen in both views?"
         right, rec = f"the {right}", dict(kind=kind)
     elif kind == "choice_closer":
-        n = pick(both)
-        options = ["view 1", "view 2", "about the same in both"]
+        n, options = pick(both), ["view 1", "view 2", "about the same in both"]
         right = options[closer(st[n][0][1], st[n][1][1])[0]]
         q, rec = f"Which view shows the {n} closer to the camera?", dict(kind=kind, object=n)
     else:
@@ -358,8 +327,7 @@ def assemble(turns: list) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 3: multi-view spatial turns, pixel -> object -> scene. The points asked about are drawn from pools of each
-# view's interior object pixels; `points` collects them (meta "points").
+# Stage 3: multi-view spatial turns about points drawn from each view's interior object pixels (meta "points").
 
 
 def uv(x, size) -> str:
@@ -388,8 +356,8 @@ def spatial_conversation(pair: Pair, rng, order: str = "forward") -> tuple:
 
 
 def point_pools(pair: Pair) -> list:
-    """Per view: its interior pixels on objects, their 3D points in both cameras, where they land in the other view
-    and what that view shows there (SEEN, OUTSIDE, HIDDEN, UNKNOWN)."""
+    """Per view: interior object pixels, their 3D points in both cameras, where they land in the other view and what
+    it shows there."""
     V, pools = pair.views, []
     for s, t in ((0, 1), (1, 0)):
         rows, cols = np.nonzero(pair.insides[s] & (V[s].instance > 0))
@@ -415,7 +383,6 @@ def draw_point(pools: list, points: list, s: int, rng, want=None, on=None) -> in
 
 
 def match_turn(pair: Pair, pools: list, points: list, s: int, rng, pick) -> Turn:
-    """Where a point of view s appears in the other view, or that it is outside it or hidden there."""
     t, want = 1 - s, SEEN if rng.random() < 0.7 else pick([OUTSIDE, HIDDEN])
     k = draw_point(pools, points, s, rng, want)
     p, j = pools[s], points[k]["j"]
@@ -437,20 +404,15 @@ def match_turn(pair: Pair, pools: list, points: list, s: int, rng, pick) -> Turn
     return Turn("pixel", q, a, dict(kind="match", point=k))
 
 
-def xyz(v) -> str:
-    return ", ".join(meters(x) for x in v)
-
-
 def position_across_turn(pair: Pair, pools: list, points: list, rng, pick) -> Turn:
-    """A point's 3D position in both views' answer frames."""
     s = int(rng.integers(2))
     t, k = 1 - s, draw_point(pools, points, s, rng, SEEN)
     p, j, R = pools[s], points[k]["j"], [np.array(v.answer_from_camera) for v in pair.views]
     P = uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), p["size"])
     q = pick([f"Where is the point {P} of view {s + 1} in 3D, in view {t + 1}'s frame?",
               f"Give the 3D position of the point {P} of view {s + 1} relative to camera {t + 1}."])
-    a = (f"In view {t + 1}'s frame it is at ({xyz(R[t] @ p['cam_t'][j])}) m; in view {s + 1}'s frame it is at "
-         f"({xyz(R[s] @ p['cam'][j])}) m.")
+    a = f"In view {t + 1}'s frame it is at {position(R[t] @ p['cam_t'][j])}; in view {s + 1}'s frame it is at " \
+        f"{position(R[s] @ p['cam'][j])}."
     return Turn("pixel", q, a, dict(kind="position_across", point=k))
 
 
@@ -474,13 +436,12 @@ def relation_across_turn(kind: str, st: dict, both: list, used: set, rng, pick) 
 
 
 def camera_turn(pair: Pair, pick) -> Turn:
-    """Where camera 2 is in view 1's answer frame, and how it turned."""
     t, yaw = motion(*pair.views)
     deg = int(round(abs(yaw)))
     turn = f"turned {deg} degrees to the {'left' if yaw > 0 else 'right'}" if deg else "facing the same way"
     q = pick(["Where is the second camera relative to the first?", "How did the camera move from view 1 to view 2?",
               "Give the position and heading of camera 2 in view 1's frame."])
-    a = (f"Camera 2 is at ({xyz(t)}) m in view 1's frame (X right, Y up, Z forward), {meters(np.linalg.norm(t))} m "
+    a = (f"Camera 2 is at {position(t)} in view 1's frame (X right, Y up, Z forward), {meters(np.linalg.norm(t))} m "
          f"from camera 1, {turn}.")
     return Turn("scene", q, a, dict(kind="camera_motion"))
 
@@ -496,13 +457,10 @@ def distance_across_turn(pair: Pair, st: dict, both: list, pools: list, points: 
     P = [uv((points[k]["px"][0] + 0.5, points[k]["px"][1] + 0.5), p["size"]) for k in (k1, k2)]
     Q = [uv((p["u"][j], p["v"][j]), pools[1]["size"]) for j in js]
     q = f"The points {P[0]} and {P[1]} of view 1 appear at {Q[0]} and {Q[1]} in view 2. How far apart are they in 3D?"
-    a = (f"In view 1's frame they are at ({xyz(here[0])}) m and ({xyz(here[1])}) m; in view 2's at ({xyz(there[0])}) m "
-         f"and ({xyz(there[1])}) m. Either way they are {meters(np.linalg.norm(here[0] - here[1]))} m apart.")
+    a = (f"In view 1's frame they are at {position(here[0])} and {position(here[1])}; in view 2's at "
+         f"{position(there[0])} and {position(there[1])}. Either way they are "
+         f"{meters(np.linalg.norm(here[0] - here[1]))} m apart.")
     return Turn("scene", q, a, dict(kind="distance_across", points=[k1, k2]))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# RGB-D pairs and the feature band.
 
 
 def scene_folders(root) -> list:
@@ -524,8 +482,7 @@ def scene_folders(root) -> list:
 
 def feature_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Unit-length patch tokens a (P, D) of one image, b (m, P, D) of m others -> (m,) 1 - the share of a's patches
-    that are mutual nearest neighbours (cosine) with a patch of the other image: a feature form of co-visibility, 0
-    for the same image, symmetric."""
+    that are mutual nearest neighbours (cosine) with a patch of the other image: 0 for the same image, symmetric."""
     sim = a @ b.transpose(0, 2, 1)                                   # (m, P, P)
     best_ab, best_ba = sim.argmax(2), sim.argmax(1)                  # (m, P) nearest in b, nearest in a
     mutual = np.take_along_axis(best_ba, best_ab, 1) == np.arange(a.shape[0])
@@ -538,16 +495,14 @@ def feature_distances(features: np.ndarray) -> np.ndarray:
 
 
 def rgbd_view(frame: dict) -> tuple:
-    """(View, interior) of a frame; the RANSAC gravity is seeded by the frame's name so that a frame looks the same
-    in every pair."""
+    """(View, interior) of a frame, its RANSAC seeded by the frame's name: the same View in every pair."""
     seed = int.from_bytes(frame["name"].encode()[-8:].rjust(8, b"\0"), "little")
     return views.rgbd_view(frame, np.random.default_rng(seed))
 
 
 def prepare(cfg, embed=None) -> dict:
-    """RGB-D: the ordered frame pairs of each scene whose co-visibility (or, with cfg.encoder, the feature distance of
-    embed(images) -> (n, P, D) unit-length patch tokens) lies in cfg.band and that share enough identifiable objects,
-    and the label vocabulary. Synthetic: nothing."""
+    """RGB-D: the frame pairs of each scene whose co-visibility (with cfg.encoder: feature distance of embed(images))
+    lies in cfg.band and that share enough identifiable objects, and the label vocabulary. Synthetic: nothing."""
     if not cfg.rgbd:
         return {}
     need = 2 if cfg.kind == "spatial-multiview" else 1
@@ -571,14 +526,10 @@ def prepare(cfg, embed=None) -> dict:
                 pair = Pair([va, vb], [None, None])
                 if len(both_visible(pair)) < need or (need == 2 and not pair.posed):
                     continue
-                if dist is not None:
-                    if cfg.band[0] <= dist[i, j] <= cfg.band[1]:
-                        pairs.append([fa, fb, float(dist[i, j])])
-                    continue
-                s = stride_for(*va.depth.shape)
-                c = covisibility(va.depth, va.K, va.cam_to_world, vb.depth, vb.K, vb.cam_to_world, s)
-                if cfg.band[0] <= c <= cfg.band[1]:
-                    pairs.append([fa, fb, None])
+                score = dist[i, j] if dist is not None else covisibility(
+                    va.depth, va.K, va.cam_to_world, vb.depth, vb.K, vb.cam_to_world, stride_for(*va.depth.shape))
+                if cfg.band[0] <= score <= cfg.band[1]:
+                    pairs.append([fa, fb, None if dist is None else float(score)])
     if skipped:
         print(f"multiview: skipped {len(skipped)} frames with fewer than 2 usable objects, e.g. {skipped[0]}")
     if not pairs:
@@ -599,20 +550,14 @@ def rgbd_pair(source: dict, index: int, rng) -> Pair:
     return pair
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Writing (called by writer.py for kinds "multiview" and "spatial-multiview").
-
-
 def make_sample(cfg, index: int, out, source: dict) -> str:
     rng = np.random.default_rng([cfg.seed, index])
-    spatial = cfg.kind == "spatial-multiview"
     pair = rgbd_pair(source, index, rng) if cfg.rgbd else synthetic_pair(rng, cfg.size, cfg.band)
-    if spatial:
+    if cfg.kind == "spatial-multiview":
         conv, levels, points, turns = spatial_conversation(pair, rng, cfg.order)
     else:
         (conv, levels, turns), points = vqa_conversation(pair, rng), []
-    sid = f"{index:06d}"
-    metas = []
+    sid, metas = f"{index:06d}", []
     for k, view in enumerate(pair.views):
         files = save_view(out, f"{sid}_{k}", view, f"images/{sid}_{k}.png", semantic=False)
         H, W = view.depth.shape

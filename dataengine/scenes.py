@@ -11,11 +11,8 @@ Conventions (views.py and data.py build on them; the README states them to users
 - camera frame as in OpenCV: x right, y down, z forward; `cam_to_world` (4, 4) maps camera to world points;
 - pixel (col, row) has its centre at (col + 0.5, row + 0.5); depth is z-depth (camera z) in meters, 0 = unknown.
 
-Objects are built from analytic primitives (boxes, spheres, vertical frusta; a cylinder is a frustum with equal
-radii; a table is a top and four legs). Rendering casts rays against each primitive only over its projected screen
-rectangle, composes them with a z-buffer, and lights them with one directional light whose shadows come from an
-orthographic shadow map traced the same way. Everything is numpy, float32, whole rectangles at a time: no Python
-loop touches a pixel.
+Rendering casts rays against analytic primitives, each over its screen rectangle only, with one directional light
+and an orthographic shadow map traced the same way: numpy, float32, no Python loop touches a pixel.
 """
 
 import json
@@ -73,9 +70,8 @@ class Part:
         if self.kind == "sphere":
             return np.stack([c - self.size[0], c + self.size[0]])
         if self.kind == "box":
-            ex, ey, ez = self.size
             co, si = np.cos(self.yaw), np.sin(self.yaw)
-            axes = np.array([[co, si, 0], [-si, co, 0], [0, 0, 1]]) * np.array([ex, ey, ez])[:, None]  # (3, 3) rows
+            axes = np.array([[co, si, 0], [-si, co, 0], [0, 0, 1]]) * np.array(self.size)[:, None]  # (3, 3) rows
             half = np.abs(axes @ rot.T).sum(0)
             return np.stack([c - half, c + half])
         r0, r1, h = self.size        # a frustum: the hull of its two horizontal disks
@@ -132,10 +128,6 @@ class Camera:
     def intrinsics(self, height: int, width: int) -> np.ndarray:
         f = 0.5 * width / np.tan(np.radians(self.hfov) / 2)
         return np.array([[f, 0, self.principal[0] * width], [0, f, self.principal[1] * height], [0, 0, 1.0]])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The synthetic world: objects built from primitives, placed without collisions, some standing on others.
 
 
 def _build(rng, category: str, small: bool):
@@ -218,10 +210,8 @@ def _material(rng, colour: str, role: int):
 def _place(rng, spec, pos, yaw: float, colour: str, category: str):
     """World Parts of an object built by _build at floor position pos (x, y, z) with rotation yaw."""
     co, si = np.cos(yaw), np.sin(yaw)
-    metal = _linear((0.35, 0.35, 0.37))
-    leaf = _linear(np.array((0.16, 0.45, 0.14)) * rng.uniform(0.8, 1.1))
-    own = {0: _material(rng, colour, 0), 1: _material(rng, colour, 1)}
-    parts = []
+    metal, leaf = _linear((0.35, 0.35, 0.37)), _linear(np.array((0.16, 0.45, 0.14)) * rng.uniform(0.8, 1.1))
+    own, parts = {0: _material(rng, colour, 0), 1: _material(rng, colour, 1)}, []
     for kind, (x, y, z), size, role in spec:
         if role == 2:   # poles and bases are metal; spheres of a plant are foliage
             rgb = leaf if (category == "plant" and kind == "sphere") else metal
@@ -237,8 +227,7 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
     """A room with n_objects (default 3-8) objects; the objects stand in its far part (y > 0.45 Ly) so that a
     camera in the near part (random_camera) sees most of them. Every (colour, category) occurs at most once."""
     room = np.array([rng.uniform(4.5, 8.0), rng.uniform(5.0, 8.0), rng.uniform(2.6, 3.2)])
-    n = int(n_objects or rng.integers(3, 9))
-    pairs = set()
+    n, pairs = int(n_objects or rng.integers(3, 9)), set()
     while len(pairs) < n:
         pairs.add((str(rng.choice(OBJECT_CATEGORIES)), str(rng.choice(list(COLOURS)))))
     wanted = sorted(pairs, key=lambda p: (p[0] in SMALL_OK, p))   # big things first, then the small ones
@@ -246,8 +235,7 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
     for category, colour in wanted:
         on_top = category in SMALL_OK and surfaces and rng.random() < 0.45
         spec, radius, top = _build(rng, category, small=bool(on_top))
-        yaw = float(rng.uniform(0, 2 * np.pi))
-        pos, support = None, None
+        yaw, pos, support = float(rng.uniform(0, 2 * np.pi)), None, None
         if on_top:     # a random free support whose top is big enough
             for k in rng.permutation(len(surfaces)):
                 sid, sx, sy, hx, hy, sz, syaw, taken = surfaces[k]
@@ -275,8 +263,7 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
             surfaces.append([len(objects), pos[0], pos[1], top[0], top[1], top[2], yaw, 0])
     if len(objects) < min(n, 3):        # crowded out (rare): draw again
         return random_scene(rng, n_objects)
-    floor = str(rng.choice(list(FLOORS)))
-    wall = str(rng.choice(list(WALL_COLOURS)))
+    floor, wall = str(rng.choice(list(FLOORS))), str(rng.choice(list(WALL_COLOURS)))
     elevation, azimuth = np.radians(rng.uniform(45, 75)), rng.uniform(0, 2 * np.pi)
     light = np.array([np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth), np.sin(elevation)])
     tint = tuple(rng.uniform(0.85, 1.1) * rng.uniform(0.95, 1.05, 3))
@@ -326,16 +313,14 @@ EPS = 1e-4
 def _hit(part: Part, ox, oy, oz, dx, dy, dz):
     """Nearest hit t > 0 of each ray (inf on a miss) and the unit world normal there (nx, ny, nz)."""
     cx, cy, cz = (float(c) for c in part.centre)
-    px, py, pz = ox - cx, oy - cy, oz - cz
-    inf = np.float32(np.inf)
+    px, py, pz, inf = ox - cx, oy - cy, oz - cz, np.float32(np.inf)
     if part.kind == "box":
         co, si = float(np.cos(part.yaw)), float(np.sin(part.yaw))
         lo = (co * px + si * py, co * py - si * px, pz)            # ray in the box's own axes
         ld = (co * dx + si * dy, co * dy - si * dx, dz)
         near, far = [], []
         for a in range(3):
-            e = float(part.size[a])
-            inv = 1.0 / ld[a]
+            e, inv = float(part.size[a]), 1.0 / ld[a]
             t1, t2 = (-e - lo[a]) * inv, (e - lo[a]) * inv
             near.append(np.minimum(t1, t2))
             far.append(np.maximum(t1, t2))
@@ -348,8 +333,7 @@ def _hit(part: Part, ox, oy, oz, dx, dy, dz):
         return t, co * lnx - si * lny, si * lnx + co * lny, lnz
     if part.kind == "sphere":
         r = float(part.size[0])
-        a = dx * dx + dy * dy + dz * dz
-        b = px * dx + py * dy + pz * dz
+        a, b = dx * dx + dy * dy + dz * dz, px * dx + py * dy + pz * dz
         disc = b * b - a * (px * px + py * py + pz * pz - r * r)
         t = (-b - np.sqrt(np.maximum(disc, 0))) / a
         t = np.where((disc >= 0) & (t > EPS), t, inf)
@@ -361,8 +345,7 @@ def _hit(part: Part, ox, oy, oz, dx, dy, dz):
     A = dx * dx + dy * dy - k * k * dz * dz
     B = 2 * (px * dx + py * dy - k * rho * dz)
     disc = B * B - 4 * A * (px * px + py * py - rho * rho)
-    sq = np.sqrt(np.maximum(disc, 0))
-    t = np.full(np.broadcast(px, dx).shape, inf, F32)
+    sq, t = np.sqrt(np.maximum(disc, 0)), np.full(np.broadcast(px, dx).shape, inf, F32)
     for root in ((-B - sq) / (2 * A), (-B + sq) / (2 * A)):
         z = pz + root * dz
         t = np.where((disc >= 0) & (root > EPS) & (z >= 0) & (z <= h) & (root < t), root, t)
@@ -372,8 +355,7 @@ def _hit(part: Part, ox, oy, oz, dx, dy, dz):
         x, y = px + tc * dx, py + tc * dy
         take = (tc > EPS) & (x * x + y * y <= rc * rc) & (tc < t)
         t, cap = np.where(take, tc, t), np.where(take, sign, cap)
-    x, y, z = px + t * dx, py + t * dy, pz + t * dz
-    side = cap == 0
+    x, y, z, side = px + t * dx, py + t * dy, pz + t * dz, cap == 0
     nx, ny, nz = np.where(side, x, 0), np.where(side, y, 0), np.where(side, -k * (r0 + k * z), cap)
     norm = np.sqrt(nx * nx + ny * ny + nz * nz) + 1e-12
     return t, nx / norm, ny / norm, nz / norm
@@ -453,9 +435,8 @@ def _albedo(table: dict, sid: np.ndarray, p):
 
 @np.errstate(all="ignore")   # misses divide by zero and take square roots of negatives; they are masked out
 def render(scene: Scene, camera: Camera, height: int, width: int, shadows: bool = True) -> dict:
-    """Render one view. Returns rgb uint8 (H, W, 3), depth float32 (H, W) z-depth in meters, instance int32 (H, W)
-    (0 = the room, i = scene.objects[i - 1]), semantic int32 (H, W) (CATEGORIES index + 1), K (3, 3) and
-    cam_to_world (4, 4)."""
+    """One view: rgb uint8 (H, W, 3), depth float32 (H, W) in meters, instance int32 (H, W) (0 = the room, i =
+    scene.objects[i - 1]), semantic int32 (H, W) (CATEGORIES index + 1), K (3, 3) and cam_to_world (4, 4)."""
     K = camera.intrinsics(height, width)
     R, o = camera.cam_to_world[:3, :3], camera.cam_to_world[:3, 3]
     xs = ((np.arange(width) + 0.5 - K[0, 2]) / K[0, 0]).astype(F32)[None, :]    # (1, W) camera x of the ray
@@ -472,8 +453,7 @@ def render(scene: Scene, camera: Camera, height: int, width: int, shadows: bool 
     sid = (on_z & up[2]) + on_x * (2 + up[0]) + on_y * (4 + up[1])       # intp: floor, ceiling, x0, x1, y0, y1
     normal = [(on * (1 - 2 * u)).astype(F32) for on, u in zip((on_x, on_y, on_z), up)]   # facing into the room
     # objects, each part over its screen rectangle
-    parts = [p for obj in scene.objects for p in obj.parts]
-    rects = []
+    parts, rects = [p for obj in scene.objects for p in obj.parts], []
     for p in parts:
         pc = (p.bounds() - o) @ R                                                   # (8, 3) camera coordinates
         if (pc[:, 2] < 1e-3).all():
@@ -498,13 +478,9 @@ def render(scene: Scene, camera: Camera, height: int, width: int, shadows: bool 
     L = [float(v) for v in scene.light]
     diffuse = np.maximum(normal[0] * L[0] + normal[1] * L[1] + normal[2] * L[2], 0) * lit
     shade = scene.ambient * (0.8 + 0.2 * normal[2]) + (1 - scene.ambient) * 1.1 * diffuse      # (H, W)
-    flat = sid.reshape(-1)
-    albedo = _albedo(table, flat, [v.reshape(-1) for v in p])                       # 3 x (H*W,) linear
-    shade = shade.reshape(-1)
-    rgb = np.empty((height * width, 3), np.uint8)
-    for c, a in enumerate(albedo):    # sqrt: gamma 2, the inverse of _linear
-        rgb[:, c] = np.sqrt(np.minimum(a * shade, 1)) * 255 + 0.5
-    rgb = rgb.reshape(height, width, 3)
+    albedo, shade = _albedo(table, sid.reshape(-1), [v.reshape(-1) for v in p]), shade.reshape(-1)  # 3 x (H*W,)
+    rgb = np.stack([np.sqrt(np.minimum(a * shade, 1)) * 255 + 0.5 for a in albedo], -1)   # sqrt: inverse of _linear
+    rgb = rgb.astype(np.uint8).reshape(height, width, 3)
     return dict(rgb=rgb, depth=t, instance=np.take(owner, sid), semantic=np.take(sem, sid), K=K,
                 cam_to_world=camera.cam_to_world.copy())
 
@@ -522,19 +498,16 @@ def _shadow_test(scene: Scene, parts, p, sid, size: int = 256):
     A = (a0 + (np.arange(size) + 0.5) * step).astype(F32)[None, :]
     B = (b0 + (np.arange(size) + 0.5) * step).astype(F32)[:, None]
     origin = [float(u[i]) * A + float(v[i]) * B + float(w[i] * back) for i in range(3)]
-    tmap = np.full((size, size), np.inf, F32)
-    smap = np.full((size, size), -1, np.intp)
+    tmap, smap = np.full((size, size), np.inf, F32), np.full((size, size), -1, np.intp)
     # every part, in view or not, may cast a shadow into the view
     lrects = [_rect(c @ u, c @ v, a0, b0, step, size, size) for c in (q.bounds() for q in parts)]
     _trace(parts, lrects, origin, [F32(x) for x in w], tmap, smap)
-    a = p[0] * float(u[0]) + p[1] * float(u[1]) + p[2] * float(u[2])
-    b = p[0] * float(v[0]) + p[1] * float(v[1]) + p[2] * float(v[2])
-    dist = p[0] * float(w[0]) + p[1] * float(w[1]) + p[2] * float(w[2]) - back
-    col = np.minimum(np.maximum(((a - a0) * (1 / step)).astype(np.intp), 0), size - 1)
-    row = np.minimum(np.maximum(((b - b0) * (1 / step)).astype(np.intp), 0), size - 1)
+    a, b, dist = (p[0] * float(x[0]) + p[1] * float(x[1]) + p[2] * float(x[2]) for x in (u, v, w))   # light frame
+    col, row = (np.minimum(np.maximum(((x - x0) * (1 / step)).astype(np.intp), 0), size - 1) for x, x0 in
+                ((a, a0), (b, b0)))
     texel = row * size + col
     blocker = np.take(smap, texel)
-    return (blocker < 0) | (blocker == sid) | (np.take(tmap, texel) >= dist - 0.01)
+    return (blocker < 0) | (blocker == sid) | (np.take(tmap, texel) >= dist - back - 0.01)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,7 +524,6 @@ FLOOR_LABELS = ("floor", "ground", "carpet", "rug", "floor mat")
 
 
 def frame_folders(root) -> list:
-    """The frame folders under root (root itself when it is one), sorted, as strings."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"--rgbd {root}: not a directory")
@@ -567,19 +539,17 @@ def load_rgbd(folder) -> dict:
     (4, 4) or None. Bad input raises ValueError naming the folder, the file and what was expected."""
     folder = Path(folder)
 
-    def fail(message):
-        raise ValueError(f"RGB-D folder {folder}: {message}")
+    def fail_if(bad, message):
+        if bad:
+            raise ValueError(f"RGB-D folder {folder}: {message}")
 
     def one(names, what="", missing=None):      # the single existing file among names; None or fail(missing)
         found = [folder / n for n in names if (folder / n).exists()]
-        if len(found) > 1:
-            fail(f"both {found[0].name} and {found[1].name} exist; keep one {what}")
-        if not found and missing:
-            fail(missing)
+        fail_if(len(found) > 1, f"both {' and '.join(f.name for f in found[:2])} exist; keep one {what}")
+        fail_if(not found and missing, missing)
         return found[0] if found else None
 
-    if not folder.is_dir():
-        fail("not a directory")
+    fail_if(not folder.is_dir(), "not a directory")
     rgb = np.asarray(Image.open(one(("rgb.png", "rgb.jpg", "rgb.jpeg"), "image", "missing rgb.png (or rgb.jpg)"))
                      .convert("RGB"))
     H, W = rgb.shape[:2]
@@ -587,55 +557,48 @@ def load_rgbd(folder) -> dict:
                "missing depth: expected depth.npy (float meters) or depth.png (uint16 millimeters)")
     if path.suffix == ".npy":
         depth = np.load(path, allow_pickle=False)
-        if depth.dtype.kind != "f":
-            fail(f"depth.npy has dtype {depth.dtype}; expected float meters")
+        fail_if(depth.dtype.kind != "f", f"depth.npy has dtype {depth.dtype}; expected float meters")
     else:
         img = Image.open(path)
-        if img.mode not in ("I;16", "I;16B", "I"):
-            fail(f"depth.png has mode {img.mode}; expected 16-bit millimeters")
+        fail_if(img.mode not in ("I;16", "I;16B", "I"), f"depth.png has mode {img.mode}; expected 16-bit millimeters")
         depth = np.asarray(img) / 1000.0
     depth = np.asarray(depth, np.float64)
-    if depth.shape != (H, W):
-        fail(f"{path.name} has shape {depth.shape}; expected {(H, W)} like the rgb image")
-    if not np.isfinite(depth).all():
-        fail(f"{path.name} has {int((~np.isfinite(depth)).sum())} NaN/inf values; mark unknown depth with 0")
-    if (depth < 0).any() or not (depth > 0).any():
-        fail(f"{path.name} has negative or no positive depths (range {depth.min():.3f} .. {depth.max():.3f})")
+    fail_if(depth.shape != (H, W), f"{path.name} has shape {depth.shape}; expected {(H, W)} like the rgb image")
+    nonfinite = int((~np.isfinite(depth)).sum())
+    fail_if(nonfinite, f"{path.name} has {nonfinite} NaN/inf values; mark unknown depth with 0")
+    fail_if((depth < 0).any() or not (depth > 0).any(),
+            f"{path.name} has negative or no positive depths (range {depth.min():.3f} .. {depth.max():.3f})")
     path = one(("intrinsics.json", "intrinsics.txt"), "intrinsics file",
                "missing intrinsics.json (fx, fy, cx, cy) or intrinsics.txt (3x3 or 4x4 matrix)")
     if path.suffix == ".json":
         k = json.loads(path.read_text())
-        if not ("K" in k or all(n in k for n in ("fx", "fy", "cx", "cy"))):
-            fail(f"intrinsics.json has keys {sorted(k)}; expected 'K' or fx, fy, cx, cy")
+        fail_if(not ("K" in k or all(n in k for n in ("fx", "fy", "cx", "cy"))),
+                f"intrinsics.json has keys {sorted(k)}; expected 'K' or fx, fy, cx, cy")
         K = np.array(k["K"] if "K" in k else [[k["fx"], 0, k["cx"]], [0, k["fy"], k["cy"]], [0, 0, 1]], float)
     else:
         m = np.array(path.read_text().split(), float)
-        if m.size not in (9, 16):
-            fail(f"intrinsics.txt holds {m.size} numbers; expected a 3x3 or 4x4 matrix")
+        fail_if(m.size not in (9, 16), f"intrinsics.txt holds {m.size} numbers; expected a 3x3 or 4x4 matrix")
         K = m.reshape(3, 3) if m.size == 9 else m.reshape(4, 4)[:3, :3]   # ScanNet writes 4x4
-    if K.shape != (3, 3) or K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], (0, 0, 1)):
-        fail(f"intrinsics {K.tolist()} are not a pinhole matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]")
+    fail_if(K.shape != (3, 3) or K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], (0, 0, 1)),
+            f"intrinsics {K.tolist()} are not a pinhole matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]")
     instance = np.asarray(Image.open(one(["instance.png"], missing="missing instance.png (uint8/uint16 instance ids, "
                                                                    "0 = no object)")))
-    if instance.shape != (H, W) or instance.dtype.kind not in "ui":
-        fail(f"instance.png has shape {instance.shape} ({instance.dtype}); expected {(H, W)} integer ids, as rgb")
+    fail_if(instance.shape != (H, W) or instance.dtype.kind not in "ui",
+            f"instance.png has shape {instance.shape} ({instance.dtype}); expected {(H, W)} integer ids, as rgb")
     raw = json.loads(one(["labels.json"], missing='missing labels.json ({"<instance id>": "<category>", ...})')
                      .read_text())
-    if not isinstance(raw, dict) or not all(isinstance(v, str) and v.strip() for v in raw.values()):
-        fail("labels.json must map instance ids to non-empty strings")
-    if not all(k.strip().isdigit() for k in raw):
-        fail(f"labels.json keys {sorted(raw)} must be integer instance ids")
+    fail_if(not isinstance(raw, dict) or not all(isinstance(v, str) and v.strip() for v in raw.values()),
+            "labels.json must map instance ids to non-empty strings")
+    fail_if(not all(k.strip().isdigit() for k in raw), f"labels.json keys {sorted(raw)} must be integer instance ids")
     labels = {int(k): v.strip() for k, v in raw.items()}
     unknown = sorted(set(np.unique(instance).tolist()) - {0} - set(labels))
-    if unknown:
-        fail(f"instance.png has ids {unknown} with no label in labels.json")
+    fail_if(unknown, f"instance.png has ids {unknown} with no label in labels.json")
     path = one(["captions.txt"])
     captions = [c.strip() for c in path.read_text().splitlines() if c.strip()] if path else []
     path, pose = one(["pose.txt"]), None
     if path:
         pose = np.array(path.read_text().split(), float)
-        if pose.size != 16:
-            fail(f"pose.txt holds {pose.size} numbers; expected a 4x4 cam_to_world matrix")
+        fail_if(pose.size != 16, f"pose.txt holds {pose.size} numbers; expected a 4x4 cam_to_world matrix")
         pose = pose.reshape(4, 4)
     return dict(name=folder.name, rgb=rgb, depth=depth.astype(F32), K=K, instance=instance.astype(np.int32),
                 labels=labels, captions=captions, cam_to_world=pose)

@@ -1,19 +1,15 @@
 """
 The spatial conversation stage 3 trains on: one image and 12 question/answer pairs built from its 3D ground truth,
-pixel -> object -> scene -> caption. writer.py writes it as kind "spatial"; check.py recomputes every answer.
+pixel -> object -> scene -> caption: 5 pixel turns (depth, 3D position, closer, displacement), 4 object relations, 1
+distance between objects and 2 captions. writer.py writes it as kind "spatial"; check.py recomputes every answer.
 
     view, inside = views.synthetic_view(rng, 448)
     conv, levels, points, records = conversation(view, inside, rng, order="forward")
 
-5 pixel-level turns (depth at a point, its 3D position, which of two points is closer, the displacement between two
-points), 4 object-level (left/right, in front/behind, above/below, taller/wider/bigger: the verdict and the values it
-rests on), 1 scene-level (distance between two objects, centre to centre and between their closest surfaces) and 2
-captions. Every 3D answer is in the viewer-centred, gravity-aligned answer frame of views.py; relations compare
-bounding-cube centres (or extents for sizes) and call near-ties ties.
-
-Answers are concise and carry the image, not the question: "2.35 m.", "(0.12, -0.40, 2.35) m.", "Yes, the first
-point is closer than the second: 2.10 m vs 2.35 m." -- no query coordinate is echoed, so nearly every supervised
-number is one the encoder must supply (tools/answer_stats.py measures the share).
+Answers carry the image, not the question: "2.35 m.", "(0.12, -0.40, 2.35) m.", "Yes, the first point is closer
+than the second: 2.10 m vs 2.35 m." -- no query coordinate is echoed, so nearly every supervised number is one the
+encoder must supply (tools/answer_stats.py measures the share). Relations compare bounding-cube centres (or extents)
+in views.py's answer frame and call near-ties ties.
 """
 
 import json
@@ -23,15 +19,14 @@ import numpy as np
 
 from dataengine import scenes, views
 from dataengine.text import (CLOSER_WORDS, FORMS, PIXEL_KINDS, QUESTIONS, RELATIONS, TIE_DEPTH, Turn, article,
-                             coord, cube_distance, listing, meters, ordered, picker, relation, relation_questions,
-                             to_conversation)
+                             capitalized, coord, cube_distance, listing, meters, ordered, picker, position, relation,
+                             relation_questions, to_conversation)
 from dataengine.views import View, save_view
 
 
 def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order: str = "forward"):
     """-> (conversations [{"from", "value"}] x 24, levels x 12, points [{"px", "uv"}], turn records x 12)."""
-    H, W = view.depth.shape
-    pick = picker(rng)
+    (H, W), pick = view.depth.shape, picker(rng)
     # up to 4 focus objects; the 4 object turns and the scene turn ask about pairs spread over them
     focus = [int(i) for i in rng.permutation(views.candidates(view, inside))[:4]]
     uses = dict.fromkeys(focus, 0)
@@ -66,10 +61,10 @@ def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order
         taken[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = True
         px.append((c, r))
     px = np.array(px)
-    facts = dict(P=[f"({coord((c + 0.5) / W)}, {coord((r + 0.5) / H)})" for c, r in px],
-                 on=view.instance[px[:, 1], px[:, 0]], names={o["id"]: o["name"] for o in view.objects},
+    cam = views.unproject(view.depth, np.array(view.K))[px[:, 1], px[:, 0]]          # (n, 3) camera frame
+    facts = dict(P=[f"({coord((c + 0.5) / W)}, {coord((r + 0.5) / H)})" for c, r in px], d=cam[:, 2],
+                 xyz=cam @ np.array(view.answer_from_camera).T, names={o["id"]: o["name"] for o in view.objects},
                  cubes={o["id"]: o["cube"] for o in view.objects})
-    facts["d"], facts["xyz"] = views.point_facts(view, px)
     turns, n = [], 0
     for kind, objs in zip(pixel_kinds, wanted):
         turns.append(pixel_turn(kind, list(range(n, n + len(objs))), facts, rng, pick))
@@ -86,41 +81,29 @@ def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order
 def pixel_turn(kind: str, idx: list, facts: dict, rng, pick) -> Turn:
     """A question about one or two points; the answer is only what the image tells (no echoed coordinates)."""
     P, d, xyz = facts["P"], facts["d"], facts["xyz"]
-    i, j = idx[0], idx[-1]
-    rec = dict(kind=kind, points=idx)
+    i, j, rec = idx[0], idx[-1], dict(kind=kind, points=idx)
     if kind == "depth":
         return Turn("pixel", pick(QUESTIONS["depth"]).format(p=P[i]), f"{meters(d[i])} m.", rec)
     if kind == "position":
-        return Turn("pixel", pick(QUESTIONS["position"]).format(p=P[i]), f"({vector(xyz[i])}) m.", rec)
+        return Turn("pixel", pick(QUESTIONS["position"]).format(p=P[i]), f"{position(xyz[i])}.", rec)
     if kind == "closer":
         form, want = int(rng.integers(2)), int(rng.integers(2))      # yes/no or which; about "closer" or "farther"
-        out = 2 if abs(d[i] - d[j]) < TIE_DEPTH else int(d[i] > d[j])
-        if form == 0:      # the verdict keeps the question's order; Yes / No / Not clearly answers it
-            s, o, rel, prefix = i, j, out, ["No, ", "Yes, ", "Not clearly: "][2 if out == 2 else int(out == want)]
-        else:              # the verdict names the point that has the asked-about property first
-            s, o = (i, j) if out in (2, want) else (j, i)
-            rel, prefix = (2, "Neither: ") if out == 2 else (want, "")
+        s, o, rel, prefix = verdict(form, want, 2 if abs(d[i] - d[j]) < TIE_DEPTH else int(d[i] > d[j]), i, j)
         nth = {i: "first", j: "second"}
         a = capitalized(f"{prefix}the {nth[s]} point is {CLOSER_WORDS[rel]} the {nth[o]}: {meters(d[s])} m vs "
                         f"{meters(d[o])} m.")
         question = pick(QUESTIONS["closer"][form][want]).format(p=P[i], q=P[j])
         return Turn("pixel", question, a, dict(rec, form=FORMS[form], want=want))
     v = xyz[j] - xyz[i]
-    a = f"({vector(v)}) m, {meters(np.linalg.norm(v))} m apart."
+    a = f"{position(v)}, {meters(np.linalg.norm(v))} m apart."
     return Turn("pixel", pick(QUESTIONS["displacement"]).format(p=P[i], q=P[j]), a, rec)
 
 
 def object_turn(kind: str, a: int, b: int, facts: dict, rng, pick) -> Turn:
-    """A relation between objects a and b from their cubes: the verdict, then the values it rests on (the first
-    object named first)."""
+    """A relation between objects a and b from their cubes: the verdict, then the values it rests on."""
     spec, names, cubes = RELATIONS[kind], facts["names"], facts["cubes"]
-    out = relation(kind, cubes[a], cubes[b])[0]
     form, want = int(rng.integers(2)), int(rng.integers(2))
-    if form == 0:
-        s, o, rel, prefix = a, b, out, ["No, ", "Yes, ", "Not clearly: "][2 if out == 2 else int(out == want)]
-    else:
-        s, o = (a, b) if out in (2, want) else (b, a)
-        rel, prefix = (2, "Neither: ") if out == 2 else (want, "")
+    s, o, rel, prefix = verdict(form, want, relation(kind, cubes[a], cubes[b])[0], a, b)
     _, vs, vo, margin = relation(kind, cubes[s], cubes[o])
     by = f" by {meters(margin)} m" if rel != 2 and spec.get("measure") != "volume" else ""
     if "axis" in spec:
@@ -137,23 +120,24 @@ def object_turn(kind: str, a: int, b: int, facts: dict, rng, pick) -> Turn:
 def scene_turn(a: int, b: int, facts: dict, pick) -> Turn:
     names, cubes = facts["names"], facts["cubes"]
     centre, gap = cube_distance(cubes[a], cubes[b])
-    ca, cb = (vector(np.sum(cubes[x], 0) / 2) for x in (a, b))
-    text = f"Centres at ({ca}) m and ({cb}) m: {meters(centre)} m apart, {meters(gap)} m between the closest surfaces."
+    ca, cb = (position(np.sum(cubes[x], 0) / 2) for x in (a, b))
+    text = f"Centres at {ca} and {cb}: {meters(centre)} m apart, {meters(gap)} m between the closest surfaces."
     return Turn("scene", pick(QUESTIONS["distance"]).format(a=names[a], b=names[b]), text,
                 dict(kind="distance", objects=[a, b]))
 
 
-def vector(v) -> str:
-    return ", ".join(meters(c) for c in v)
-
-
-def capitalized(text: str) -> str:
-    return text[0].upper() + text[1:]
+def verdict(form: int, want: int, out: int, a, b) -> tuple:
+    """(subject, object, relation said, prefix) of the answer about a and b when the truth is `out` (2 = a tie). A
+    yes/no question (form 0) keeps its order and is answered Yes / No / Not clearly; a "which" question wanting
+    relation `want` is answered by naming first the one that has it."""
+    if form == 0:
+        return a, b, out, ["No, ", "Yes, ", "Not clearly: "][2 if out == 2 else int(out == want)]
+    s, o = (a, b) if out in (2, want) else (b, a)
+    return (s, o, 2, "Neither: ") if out == 2 else (s, o, want, "")
 
 
 def caption_turns(view: View, facts: dict, pick) -> list:
-    """The objects that are visible, left to right (with the room), and near to far (with what each stands on, from
-    the scene graph); a user's captions replace them when the RGB-D folder has some."""
+    """Visible objects left to right (with the room), then near to far (with supports); or the frame's captions."""
     names, (H, W) = facts["names"], view.depth.shape
     counts = np.bincount(view.instance.reshape(-1), minlength=max(names) + 1)
     visible = [o for o in view.objects if counts[o["id"]] >= views.min_pixels(H, W)]
@@ -162,8 +146,8 @@ def caption_turns(view: View, facts: dict, pick) -> list:
         first = Turn("caption", pick(QUESTIONS["caption_list"]), view.captions[0], dict(kind="caption_user"))
     else:
         text = pick([f"A room with {view.room}, holding {items}.", f"An indoor scene with {view.room}: {items}.",
-                     f"{items[0].upper()}{items[1:]} in a room with {view.room}."] if view.room else
-                    [f"A scene with {items}.", f"{items[0].upper()}{items[1:]}."])
+                     f"{capitalized(items)} in a room with {view.room}."] if view.room else
+                    [f"A scene with {items}.", f"{capitalized(items)}."])
         first = Turn("caption", pick(QUESTIONS["caption_list"]), text, dict(kind="caption_list"))
     if len(view.captions) > 1:
         return [first, Turn("caption", pick(QUESTIONS["caption_user"]), view.captions[1], dict(kind="caption_user"))]
@@ -174,22 +158,13 @@ def caption_turns(view: View, facts: dict, pick) -> list:
     return [first, Turn("caption", pick(QUESTIONS["caption_depth"]), text, dict(kind="caption_depth"))]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Writing (called by writer.py for kind "spatial").
-
-
-def prepare(spec, embed=None) -> list:
-    """The RGB-D frame folders (empty for the synthetic rooms)."""
+def prepare(spec, embed=None) -> list:       # the RGB-D frame folders, if any
     return scenes.frame_folders(spec.rgbd) if spec.rgbd else []
 
 
 def make_sample(spec, index: int, out: Path, frames: list) -> str:
-    """Generate sample `index`, write its image and ground truth under out, and return its JSON line."""
     rng = np.random.default_rng([spec.seed, index])
-    if spec.rgbd:
-        view, inside = views.rgbd_view(scenes.load_rgbd(frames[index % len(frames)]), rng)
-    else:
-        view, inside = views.synthetic_view(rng, spec.size)
+    view, inside = views.sample_view(spec, index, frames, rng)
     conv, levels, points, turns = conversation(view, inside, rng, spec.order)
     sid, (H, W) = f"{index:06d}", view.depth.shape
     files = save_view(out, sid, view, f"images/{sid}.png")

@@ -1,8 +1,7 @@
 """
 The words and numbers every kind of generated data shares: relation phrasings and their tie tolerances, how numbers
-are written, the named `Turn` and the one path from turns to a LLaVA conversation. The bottom of the data engine:
-it imports nothing of ours, so every builder (spatial.py, instruct.py, multiview.py) and the checker (check.py) can
-import it.
+are written, the named `Turn` and the one path from turns to a LLaVA conversation. The bottom of the data engine: it
+imports nothing of ours, so the builders and the checker can all import it.
 
     turns = [Turn("pixel", "What is the depth at (0.241, 0.766)?", "2.35 m.", {"kind": "depth", "points": [0]})]
     conversation = to_conversation(turns)   # [{"from": "human", "value": "<image>\nWhat is ..."}, {"from": "gpt", ...}]
@@ -18,8 +17,8 @@ TIE_CENTRE = 0.10    # m: cube centres closer than this along an axis are level
 TIE_RATIO = 1.10     # sizes within this ratio of each other are "about as tall / wide / big"
 
 # Object relations: words = (A less than B, A more than B, a tie) along an answer-frame axis (cube centres) or a
-# measure (cube extents). A question wanting words[k] asks "Is the {a} <words[k]> the {b}?" or ASK[words[k]] (yes/no),
-# or "Which is <MOST[kind][k]>, the {a} or the {b}?" or WHICH[words[k]] (relation_questions).
+# measure (cube extents). A question wanting words[k] asks "Is the {a} <words[k]> the {b}?" or PHRASES[words[k]][0]
+# (yes/no), or "Which is <MOST[kind][k]>, the {a} or the {b}?" or PHRASES[words[k]][1] (relation_questions).
 RELATIONS = {
     "left_right": dict(axis=0, words=("to the left of", "to the right of", "roughly level, left to right, with")),
     "front_behind": dict(axis=2, words=("in front of", "behind", "about as far away as")),
@@ -28,33 +27,21 @@ RELATIONS = {
     "wider": dict(measure="width", words=("narrower than", "wider than", "about as wide as")),
     "bigger": dict(measure="volume", words=("smaller than", "bigger than", "about as big as")),
 }
-ASK = {
-    "to the left of": "From the camera's viewpoint, is the {a} left of the {b}?",
-    "to the right of": "Does the {a} appear to the right of the {b}?",
-    "in front of": "Is the {a} closer to the camera than the {b}?",
-    "behind": "Is the {a} farther from the camera than the {b}?",
-    "below": "Is the {a} lower than the {b}?",
-    "above": "Is the {a} higher up than the {b}?",
-    "shorter than": "Is the {a} less tall than the {b}?",
-    "taller than": "Does the {a} stand taller than the {b}?",
-    "narrower than": "Does the {a} look narrower than the {b}?",
-    "wider than": "Is the {a} broader than the {b}, left to right?",
-    "smaller than": "Does the {a} take up less space than the {b}?",
-    "bigger than": "Is the {a} larger than the {b}?",
-}
-WHICH = {
-    "to the left of": "Which of the {a} and the {b} is further left?",
-    "to the right of": "Which of the two is further right, the {a} or the {b}?",
-    "in front of": "Which is in front, the {a} or the {b}?",
-    "behind": "Which of the {a} and the {b} is further away?",
-    "below": "Which of the {a} and the {b} sits lower?",
-    "above": "Which of the {a} and the {b} is higher up?",
-    "shorter than": "Which of the {a} and the {b} is shorter?",
-    "taller than": "Which of the {a} and the {b} is taller?",
-    "narrower than": "Which of the {a} and the {b} is narrower?",
-    "wider than": "Which of the {a} and the {b} is wider?",
-    "smaller than": "Which of the {a} and the {b} is smaller?",
-    "bigger than": "Which of the {a} and the {b} is larger?",
+PHRASES = {
+    "to the left of": ("From the camera's viewpoint, is the {a} left of the {b}?",
+                       "Which of the {a} and the {b} is further left?"),
+    "to the right of": ("Does the {a} appear to the right of the {b}?",
+                        "Which of the two is further right, the {a} or the {b}?"),
+    "in front of": ("Is the {a} closer to the camera than the {b}?", "Which is in front, the {a} or the {b}?"),
+    "behind": ("Is the {a} farther from the camera than the {b}?", "Which of the {a} and the {b} is further away?"),
+    "below": ("Is the {a} lower than the {b}?", "Which of the {a} and the {b} sits lower?"),
+    "above": ("Is the {a} higher up than the {b}?", "Which of the {a} and the {b} is higher up?"),
+    "shorter than": ("Is the {a} less tall than the {b}?", "Which of the {a} and the {b} is shorter?"),
+    "taller than": ("Does the {a} stand taller than the {b}?", "Which of the {a} and the {b} is taller?"),
+    "narrower than": ("Does the {a} look narrower than the {b}?", "Which of the {a} and the {b} is narrower?"),
+    "wider than": ("Is the {a} broader than the {b}, left to right?", "Which of the {a} and the {b} is wider?"),
+    "smaller than": ("Does the {a} take up less space than the {b}?", "Which of the {a} and the {b} is smaller?"),
+    "bigger than": ("Is the {a} larger than the {b}?", "Which of the {a} and the {b} is larger?"),
 }
 MOST = {"left_right": ("further to the left", "further to the right"), "front_behind": ("nearer to the camera",
         "farther back"), "above_below": ("lower", "higher"), "taller": ("shorter", "taller"),
@@ -98,6 +85,15 @@ def coord(x) -> str:
     return f"{round(float(x), 3) + 0.0:.3f}"
 
 
+def position(v) -> str:
+    """A 3D point or vector as the answers write it: "(0.12, -0.40, 2.35) m"."""
+    return f"({', '.join(meters(c) for c in v)}) m"
+
+
+def capitalized(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
 def place(col: int, row: int) -> str:
     """A cell of the image's 3 x 3 grid in words: "centre", "left", "upper right", ..."""
     if (col, row) == (1, 1):
@@ -113,14 +109,9 @@ def listing(items) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Relations between objects, from their cubes.
-
-
 def relation(kind: str, a, b):
     """(outcome: 0 = words[0], 1 = words[1], 2 = tie; value for a; value for b; margin) of two cubes [min, max]."""
-    spec = RELATIONS[kind]
-    a, b = np.array(a), np.array(b)
+    spec, a, b = RELATIONS[kind], np.array(a), np.array(b)
     if "axis" in spec:
         va, vb = (a.sum(0) / 2)[spec["axis"]], (b.sum(0) / 2)[spec["axis"]]
         return (2 if abs(va - vb) < TIE_CENTRE else int(va > vb)), va, vb, abs(va - vb)
@@ -133,8 +124,8 @@ def relation_questions(kind: str, form: int, want: int) -> list:
     """The phrasings of a question wanting RELATIONS[kind]["words"][want]: yes/no (form 0) or "which" (form 1)."""
     word = RELATIONS[kind]["words"][want]
     if form == 0:
-        return [f"Is the {{a}} {word} the {{b}}?", ASK[word]]
-    return [f"Which is {MOST[kind][want]}, the {{a}} or the {{b}}?", WHICH[word]]
+        return [f"Is the {{a}} {word} the {{b}}?", PHRASES[word][0]]
+    return [f"Which is {MOST[kind][want]}, the {{a}} or the {{b}}?", PHRASES[word][1]]
 
 
 def cube_distance(a, b):
@@ -142,10 +133,6 @@ def cube_distance(a, b):
     a, b = np.array(a), np.array(b)
     gap = np.maximum(0, np.maximum(a[0] - b[1], b[0] - a[1]))
     return float(np.linalg.norm(a.sum(0) / 2 - b.sum(0) / 2)), float(np.linalg.norm(gap))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Turns.
 
 
 class Turn(NamedTuple):
@@ -163,8 +150,7 @@ def picker(rng: np.random.Generator):
 
 
 def ordered(turns: list, order: str, rng: np.random.Generator, levels=("caption", "scene", "object", "pixel")):
-    """Turns in the --order of the paper's ablation: forward (as built, pixel -> object -> scene), reversed (by
-    level, `levels` giving the reversed order) or shuffled."""
+    """Turns in the ablation's --order: forward (as built), reversed (by level, in the order `levels`) or shuffled."""
     if order == "forward":
         return turns
     if order == "reversed":
@@ -175,8 +161,7 @@ def ordered(turns: list, order: str, rng: np.random.Generator, levels=("caption"
 
 
 def to_conversation(turns: list, image: str = "<image>\n") -> list:
-    """[{"from": "human", "value"}, {"from": "gpt", "value"}] per turn; `image` (the image marker(s)) opens the
-    first question."""
+    """A human and a gpt message per turn; `image` (the image markers) opens the first question."""
     conv = []
     for k, t in enumerate(turns):
         conv += [{"from": "human", "value": (image if k == 0 else "") + t.question}, {"from": "gpt", "value": t.answer}]

@@ -28,22 +28,16 @@ from dataengine import scenes
 from storage.atomic import write_file_atomically
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Lifting: depth -> 3D points -> the answer frame -> per-object bounding cubes.
-
-
 def unproject(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     """(H, W) z-depth -> (H, W, 3) camera-frame points (OpenCV axes); pixel centres at +0.5."""
     H, W = depth.shape
-    x = (np.arange(W) + 0.5 - K[0, 2]) / K[0, 0]
-    y = (np.arange(H) + 0.5 - K[1, 2]) / K[1, 1]
+    x, y = (np.arange(W) + 0.5 - K[0, 2]) / K[0, 0], (np.arange(H) + 0.5 - K[1, 2]) / K[1, 1]
     return np.stack([depth * x[None, :], depth * y[:, None], depth], -1)
 
 
 def answer_rotation(up=None) -> np.ndarray:
-    """(3, 3) rotation from camera coordinates to the answer frame: rows are its X (right), Y (up), Z (forward)
-    axes in camera coordinates. up = the gravity 'up' direction in camera coordinates; None = the camera's own
-    -y (the camera frame with Y flipped)."""
+    """(3, 3) rotation camera -> answer frame (rows: its X, Y, Z axes in camera coordinates); up: gravity's 'up' in
+    camera coordinates, None = the camera's own -y."""
     if up is None:
         return np.diag([1.0, -1.0, 1.0])
     up = np.asarray(up, float) / np.linalg.norm(up)
@@ -82,9 +76,8 @@ def interior(instance: np.ndarray, radius: int, depth: np.ndarray | None = None)
 
 def floor_up(points: np.ndarray, rng: np.random.Generator, min_points: int, max_tilt_deg: float = 40.0,
              tol: float = 0.02, iters: int = 256):
-    """RANSAC for a floor in points (N, 3) (camera frame): a plane whose upward normal is within max_tilt_deg of
-    the camera's -y, lying below the camera, with at least min_points inliers within tol meters. Returns
-    (up (3,), camera height above the plane) or None."""
+    """RANSAC for a floor in camera-frame points (N, 3): a plane below the camera, its normal within max_tilt_deg of
+    -y, with >= min_points inliers within tol m. -> (up (3,), camera height above it) or None."""
     if len(points) < max(min_points, 3):
         return None
     sub = points[rng.choice(len(points), min(len(points), 3000), replace=False)]
@@ -132,20 +125,17 @@ def robust_cube(points: np.ndarray) -> np.ndarray | None:
 
 def lift(depth: np.ndarray, K: np.ndarray, instance: np.ndarray, rng: np.random.Generator, up=None,
          floor_ids=(), radius: int = 1) -> dict:
-    """Lift a frame to the answer frame. up: gravity in camera coordinates when known (synthetic); otherwise a
-    RANSAC floor (over the instances floor_ids if any, else the unlabelled pixels) gives it, else the camera frame.
-    Returns R (3, 3) camera -> answer frame, gravity ("known" | "floor" | "camera"), camera_height (m or None),
-    cubes {instance id: (2, 3) [min, max] in the answer frame} from each object's eroded mask."""
+    """Lift a frame to the answer frame: up (gravity in camera coordinates) when known, else a RANSAC floor (the
+    instances floor_ids, else the unlabelled pixels), else the camera frame. -> R (3, 3) camera -> answer frame,
+    gravity, camera_height (m or None), cubes {instance id: (2, 3) [min, max]} from each object's eroded mask."""
     points = unproject(depth, K)                                                     # (H, W, 3)
-    valid = depth > 0
     gravity, height = "known" if up is not None else "camera", None
     if up is None:
         floor = np.isin(instance, list(floor_ids)) if len(floor_ids) else instance == 0
-        found = floor_up(points[floor & valid], rng, min_points=int(0.03 * depth.size))
+        found = floor_up(points[floor & (depth > 0)], rng, min_points=int(0.03 * depth.size))
         if found is not None:
             (up, height), gravity = found, "floor"
-    R = answer_rotation(up)
-    inside = interior(instance, radius, depth)
+    R, inside = answer_rotation(up), interior(instance, radius, depth)
     ids = instance[inside]
     order = np.argsort(ids, kind="stable")
     ids, pts = ids[order], (points[inside] @ R.T)[order]                            # (N, 3) answer frame
@@ -155,12 +145,8 @@ def lift(depth: np.ndarray, K: np.ndarray, instance: np.ndarray, rng: np.random.
     return dict(R=R, gravity=gravity, camera_height=height, cubes={i: c for i, c in cubes.items() if c is not None})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# A View: one image with its ground truth, exactly as it is stored (data.py writes it, check.py reads it).
-
-
 @dataclass
-class View:
+class View:         # one image with its ground truth, exactly as stored (the builders write it, check.py reads it)
     rgb: np.ndarray              # (H, W, 3) uint8
     depth: np.ndarray            # (H, W) float64 meters as stored (millimetres), 0 = unknown
     instance: np.ndarray         # (H, W) int, 0 = no object
@@ -226,6 +212,13 @@ def synthetic_view(rng: np.random.Generator, size: int) -> tuple:
     raise RuntimeError("no view with 2 visible objects in 300 tries: check random_scene / random_camera")
 
 
+def sample_view(spec, index: int, frames: list, rng: np.random.Generator) -> tuple:
+    """(View, interior mask) of a single-view sample: RGB-D frame folder index % len(frames), or a synthetic room."""
+    if spec.rgbd:
+        return rgbd_view(scenes.load_rgbd(frames[index % len(frames)]), rng)
+    return synthetic_view(rng, spec.size)
+
+
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 
 
@@ -236,8 +229,7 @@ def rgbd_view(frame: dict, rng: np.random.Generator) -> tuple:
     floor_ids = [i for i, label in frame["labels"].items() if label.lower() in scenes.FLOOR_LABELS]
     lifted = lift(depth, frame["K"], frame["instance"], rng, floor_ids=floor_ids)
     kept = sorted(lifted["cubes"].items(), key=lambda kv: kv[1][:, 0].sum())        # left to right
-    labels = [frame["labels"][i] for i, _ in kept]
-    objects = []
+    labels, objects = [frame["labels"][i] for i, _ in kept], []
     for k, (i, cube) in enumerate(kept):
         label, nth = labels[k], labels[:k + 1].count(labels[k])
         ordinal = ORDINALS[nth - 1] if nth <= 10 else f"{nth}th"
@@ -254,23 +246,11 @@ def rgbd_view(frame: dict, rng: np.random.Generator) -> tuple:
     return view, inside
 
 
-def point_facts(view: View, px: np.ndarray):
-    """px (n, 2) (col, row) -> depth (n,) and answer-frame position (n, 3)."""
-    K = np.array(view.K)
-    d = view.depth[px[:, 1], px[:, 0]]
-    ray = np.stack([(px[:, 0] + 0.5 - K[0, 2]) / K[0, 0], (px[:, 1] + 0.5 - K[1, 2]) / K[1, 1], np.ones(len(px))], 1)
-    return d, (ray * d[:, None]) @ np.array(view.answer_from_camera).T
-
-
 def load_depth(path: Path) -> np.ndarray:
     """Stored depth -> float64 meters: uint16 PNG millimetres or float32 .npy meters."""
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False).astype(np.float64)
     return np.asarray(Image.open(path)).astype(np.float64) / 1000
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A view's files: its image and ground truth, written atomically with fixed encoder settings (same array, same bytes).
 
 
 def png_bytes(a: np.ndarray) -> bytes:
@@ -289,15 +269,8 @@ def png_bytes(a: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + body
 
 
-def npy_bytes(a: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, a, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def save_view(out: Path, stem: str, view: View, image: str, depth: bool = True, semantic: bool = True) -> dict:
-    """Write a view's image and ground truth under out: instance ids (PNG), depth (uint16 millimetres up to 65.535 m,
-    float32 .npy beyond) and semantic ids when asked for. Returns their paths relative to out."""
+    """Write a view's image, instance ids, depth (as stored()) and semantic ids under out -> their paths there."""
     files = {}
 
     def put(key: str, path: str, data: bytes):
@@ -312,5 +285,7 @@ def save_view(out: Path, stem: str, view: View, image: str, depth: bool = True, 
     if depth and view.depth.max() <= 65.535:
         put("depth", f"gt/{stem}_depth.png", png_bytes(np.round(view.depth * 1000).astype(np.uint16)))
     elif depth:
-        put("depth", f"gt/{stem}_depth.npy", npy_bytes(view.depth.astype(np.float32)))
+        buffer = io.BytesIO()
+        np.save(buffer, view.depth.astype(np.float32), allow_pickle=False)
+        put("depth", f"gt/{stem}_depth.npy", buffer.getvalue())
     return files

@@ -1,9 +1,8 @@
 """
 The writer every kind of data goes through: one sample per index, seeded from (seed, index), so content never
 depends on --workers; shards of samples are written atomically and data.jsonl is assembled from them, so a re-run
-continues where one stopped. The builders are spatial.py ("spatial"), instruct.py ("captions", "instruct") and
-multiview.py ("multiview", "spatial-multiview"); each has prepare(spec, embed) -> source, what every sample needs
-(RGB-D frame folders, label vocabularies, view pairs; embed: images -> patch features, for the feature band), and
+continues where one stopped. Each builder (BUILDERS) has prepare(spec, embed) -> source, what every sample needs
+(RGB-D frame folders, label vocabularies, view pairs; embed: images -> patch features), and
 make_sample(spec, index, out, source) -> one JSON line.
 
     write_dataset("spatial", "data/spatial", n=1000, seed=0, size=448, workers=2)     # -> data/spatial/data.jsonl
@@ -21,7 +20,9 @@ from pathlib import Path
 from dataengine import grounding, instruct, multiview, scenes, spatial
 from storage.atomic import write_file_atomically, write_text_atomically
 
-KINDS = ("spatial", "captions", "instruct", "grounding", "multiview", "spatial-multiview")
+BUILDERS = {"spatial": spatial, "captions": instruct, "instruct": instruct, "grounding": grounding,
+            "multiview": multiview, "spatial-multiview": multiview}      # kind -> the module that builds its samples
+KINDS = tuple(BUILDERS)
 ORDERED = ("spatial", "spatial-multiview")      # kinds whose turns go pixel -> object -> scene: --order applies
 ORDERS = ("forward", "reversed", "shuffled")
 
@@ -36,13 +37,6 @@ class DatasetSpec:     # what fixes a dataset's content; saved in <kind>.json, a
     kind: str = "spatial"
     band: list | None = None           # multi-view kinds: [lo, hi] of the co-visibility (or feature-distance) band
     encoder: str | None = None         # multi-view kinds on RGB-D frames without poses: the encoder of that band
-
-
-def builder(kind: str):
-    """The module that builds samples of `kind`."""
-    if "multiview" in kind:
-        return multiview
-    return instruct if kind in ("captions", "instruct") else grounding if kind == "grounding" else spatial
 
 
 def fast_malloc():
@@ -67,7 +61,7 @@ def _init(spec, out, source):
 
 
 def _job(index):
-    return index, builder(_worker["spec"].kind).make_sample(_worker["spec"], index, _worker["out"], _worker["source"])
+    return index, BUILDERS[_worker["spec"].kind].make_sample(_worker["spec"], index, _worker["out"], _worker["source"])
 
 
 def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder) -> DatasetSpec:
@@ -110,27 +104,24 @@ def open_dataset(out: Path, spec: DatasetSpec):
 def write_dataset(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
                   rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None,
                   embed=None) -> Path:
-    """Write (or finish writing) n samples of `kind` (one of KINDS) to out; returns the path of its data.jsonl.
-    rgbd: a folder of RGB-D frame folders instead of the synthetic rooms (size then does not apply; multi-view kinds
-    want scene folders of frames, see multiview.py). order: turn order of the spatial kinds (ignored by the others).
-    band: multi-view kinds' [lo, hi] co-visibility band (default multiview.BAND), or the feature-distance band when
-    `encoder` (its path, recorded in the spec) pairs RGB-D frames that have no poses; embed computes its features."""
+    """Write (or finish writing) n samples of `kind` to out -> its data.jsonl. rgbd: RGB-D frame folders instead of
+    the synthetic rooms (multi-view kinds: scene folders of frames). band: the co-visibility band, or the feature band
+    when `encoder` (its path) pairs frames without poses; embed computes those features."""
     spec = dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder)
     out = Path(out)
     open_dataset(out, spec)
-    source = builder(kind).prepare(spec, embed)
+    source = BUILDERS[kind].prepare(spec, embed)
     fast_malloc()
     plan = [(a, min(a + spec.shard_size, n)) for a in range(0, n, spec.shard_size)]
     shard = lambda a, b: out / "shards" / f"{a:06d}-{b:06d}.jsonl"
     todo = [(a, b) for a, b in plan if not shard(a, b).exists()]
     indices = [i for a, b in todo for i in range(a, b)]
-    lines, t0, shown = {}, time.time(), 0.0
+    lines, t0, shown, pool = {}, time.time(), 0.0, None
     if workers > 1 and len(indices) > 1:
         pool = mp.get_context("spawn").Pool(workers, _init, (spec, str(out), source))
         results = pool.imap(_job, indices, chunksize=4)
     else:
-        make = builder(kind).make_sample
-        pool, results = None, ((i, make(spec, i, out, source)) for i in indices)
+        results = ((i, BUILDERS[kind].make_sample(spec, i, out, source)) for i in indices)
     try:
         for done, (i, line) in enumerate(results, 1):
             lines[i] = line
