@@ -288,3 +288,20 @@ def test_diagnostics_on_a_stage_directory(three_stages):
         d = result[name]
         assert d["n"] > 0 and d["gap_ci95"][0] <= d["gap"] <= d["gap_ci95"][1]
         assert all(v == v for v in d.values() if isinstance(v, float))                    # no NaN
+
+
+def test_boosted_encoder_packs_to_attn_plus_and_gates(three_stages, tmp_path):
+    """tools/boosted_encoder.py: a stage-3 export -> its Attn+ and gates in bf16 -> back onto the baseline."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import boosted_encoder
+
+    tmp, _ = three_stages
+    export, base = tmp / "runs" / "tiny" / "stage3" / "vision", tmp / "runs" / "tiny" / "base" / "vision"
+    packed = load_file(boosted_encoder.pack(export, tmp_path / "enc.safetensors"))
+    assert packed and all(boosted_encoder.is_boost(k) and v.dtype == torch.bfloat16 for k, v in packed.items())
+    a, b = load_vit(export), load_vit(boosted_encoder.unpack(base, tmp_path / "enc.safetensors", tmp_path / "enc"))
+    assert all(torch.equal(b.state_dict()[k], v.float()) for k, v in packed.items())
+    x = torch.randn(2, 3, 32, 32)
+    assert (a(x) - b(x)).abs().max() < 0.05 * a(x).abs().max()
+    with pytest.raises(ValueError, match="no dual-channel tensors"):
+        boosted_encoder.pack(base, tmp_path / "none.safetensors")
