@@ -33,9 +33,10 @@ def score(per_image: dict, key: str, images: np.ndarray) -> float:
         return float((inter[present] / np.maximum(union[present], 1)).mean())
     if key in ("linear_correct", "knn_correct"):
         of = np.asarray(per_image["object_image"])
-        counts = np.bincount(images, minlength=len(per_image["depth_lin1_rmse"]))[of]   # each object x its image's draws
+        # each test object counts as often as its image was drawn
+        counts = np.bincount(images, minlength=len(per_image["depth_lin1_rmse"]))[of]
         return float((np.asarray(per_image[key]) * counts).sum() / max(counts.sum(), 1))
-    return float(np.asarray(per_image[key])[images].mean())
+    return float(np.nanmean(np.asarray(per_image[key], dtype=float)[images]))
 
 
 def arm_value(per_images: list, key: str, images) -> float:
@@ -71,7 +72,8 @@ def main(argv=None):
         name, _, members = item.partition("=")
         missing = [m for m in members.split(",") if m not in by_name or "per_image" not in by_name[m]]
         if missing:
-            sys.exit(f"{args.report}: no per-image results for {missing} (names: {sorted(by_name)}; eval.py --per-image)")
+            sys.exit(f"{args.report}: no per-image results for {missing} (names: {sorted(by_name)}; "
+                     "eval.py --per-image)")
         arms[name] = [by_name[m]["per_image"] for m in members.split(",")]
     n_images = len(next(iter(arms.values()))[0]["depth_lin1_rmse"])
     rows, table = {}, []
