@@ -29,8 +29,8 @@ def score(per_image: dict, key: str, images: np.ndarray) -> float:
     if key == "seg":
         conf = np.asarray(per_image["seg_confusion"])[images].sum(0)         # (C, C) rows: truth
         inter, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
-        present = conf.sum(1) > 0
-        return float((inter[present] / np.maximum(union[present], 1)).mean())
+        present = union > 0                      # as probes.miou: classes in the truth or the prediction
+        return float((inter[present] / union[present]).mean())
     if key in ("linear_correct", "knn_correct"):
         of = np.asarray(per_image["object_image"])
         # each test object counts as often as its image was drawn

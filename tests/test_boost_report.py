@@ -1,0 +1,58 @@
+"""Per-image probe results and the experiment's table (experiments/boost_report.py): the per-image numbers add up to
+the reported ones, and the paired bootstrap finds a planted difference and no difference where there is none."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation import probes, suite
+from model import ViT, ViTConfig
+from test_eval import SMALL, TINY
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import boost_report  # noqa: E402
+
+
+def test_per_image_results_add_up(tmp_path):
+    ps = probes.load_probe_set(probes.make_probe_sets(tmp_path / "p", n_images=16, seed=5, size=64, min_pixels=12,
+                                                      test_every=2, log=None), crop_size=16)
+    torch.manual_seed(0)
+    res, _ = suite.run_probes(ViT(ViTConfig(**TINY)), ps, SMALL, 32, 16, cache=False, log=None, per_image=True)
+    each, n_test = res["per_image"], int((~ps.train).sum())
+    assert len(each["depth_lin1_rmse"]) == len(each["seg_confusion"]) == n_test == 8
+    assert np.nanmean(each["depth_lin1_rmse"]) == pytest.approx(res["depth_lin1"]["rmse"], rel=1e-6)
+    everything = np.arange(n_test)
+    assert boost_report.score(each, "seg", everything) == pytest.approx(res["segmentation"]["miou"], rel=1e-6)
+    assert boost_report.score(each, "knn_correct", everything) == pytest.approx(res["classification"]["knn_acc"])
+    assert boost_report.score(each, "linear_correct", everything) == pytest.approx(
+        res["classification"]["linear_acc"])
+
+
+def fake_encoder(rng, n, offset):
+    """Per-image results of an encoder whose depth RMSE is the shared image difficulty plus `offset` and noise."""
+    difficulty = np.linspace(0.4, 1.0, n)
+    conf = [np.diag([5, 5]).tolist() for _ in range(n)]
+    return {"depth_lin1_rmse": (difficulty + offset + 0.01 * rng.standard_normal(n)).tolist(),
+            "depth_lin4_rmse": difficulty.tolist(), "seg_confusion": conf, "linear_correct": [1] * n,
+            "knn_correct": [1] * n, "object_image": list(range(n))}
+
+
+def test_boost_report_finds_a_planted_difference(tmp_path):
+    rng, n = np.random.default_rng(0), 60
+    encoders = [("base", 0.0)] + [(f"boost-s{s}", -0.05) for s in (1, 2, 3)] + [(f"control-s{s}", 0.0) for s in (1, 2, 3)]
+    report = {"encoders": [{"name": name, "results": {"per_image": fake_encoder(rng, n, off)}}
+                           for name, off in encoders]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    boost_report.main([str(tmp_path / "report.json"), "--arm", "baseline=base", "--arm",
+                       "boost=boost-s1,boost-s2,boost-s3", "--arm", "control=control-s1,control-s2,control-s3",
+                       "--n-boot", "200", "--out", str(tmp_path / "table")])
+    rows = json.loads((tmp_path / "table.json").read_text())["metrics"]
+    planted = rows["depth_lin1_rmse"]["differences"]["boost-control"]
+    assert planted["diff"] == pytest.approx(-0.05, abs=0.01) and planted["ci95"][1] < 0
+    none = rows["depth_lin1_rmse"]["differences"]["control-baseline"]
+    assert none["ci95"][0] < 0 < none["ci95"][1]
+    assert "boost − control" in (tmp_path / "table.md").read_text()
