@@ -60,10 +60,10 @@ mkdir -p results
 python experiments/boost_report.py "runs/$NAME-eval/report.json" --arm baseline=dinov2-s14 \
   --arm "boost=${boost#,}" --arm "control=${control#,}" --out "results/$NAME"
 first=$(echo $SEEDS | cut -d' ' -f1)
-python eval.py --qa "$D/heldout-grounding" --qa-samples 48 --vlm "runs/$NAME/stage2" --qa-max-new 24 \
+python eval.py --qa "$D/heldout-grounding" --qa-samples 32 --vlm "runs/$NAME/stage2" --qa-max-new 24 \
   --out "runs/$NAME-grounding" 2>&1 | tee "runs/$NAME-grounding.log"
-python eval.py --qa "$D/heldout" --qa-samples 16 --vlm "runs/$NAME/stage2" --vlm "runs/$NAME-boost-s$first/stage3" \
-  --vlm "runs/$NAME-control-s$first/stage3" --diagnose --qa-max-new 48 --out "runs/$NAME-qa" 2>&1 | tee "runs/$NAME-qa.log"
+python eval.py --qa "$D/heldout" --qa-samples 12 --vlm "runs/$NAME/stage2" --vlm "runs/$NAME-boost-s$first/stage3" \
+  --diagnose --qa-max-new 48 --out "runs/$NAME-qa" 2>&1 | tee "runs/$NAME-qa.log"
 cp "runs/$NAME-grounding/report.json" "results/$NAME-grounding.json"
 cp "runs/$NAME-qa/report.json" "results/$NAME-qa.json"
 python tools/boosted_encoder.py pack "runs/$NAME-boost-s$first/stage3/vision" "results/$NAME-boost-s$first-encoder.safetensors"
