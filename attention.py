@@ -32,16 +32,10 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rotary position embeddings. Helpers return (cos, sin) in fp32; `apply_rope` casts them to the activations' dtype.
-
-
 def rope_1d(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None = None):
-    """Text RoPE. positions (T,) or (B, T) integers -> cos, sin of shape (T, head_dim) or (B, T, head_dim).
-
-    `scaling` is a Llama-3 style `rope_scaling` dict (rope_type "llama3"); other types are refused rather than
-    silently ignored, because a wrong frequency table still produces fluent-looking garbage.
-    """
+    """Text RoPE. positions (T,) or (B, T) integers -> fp32 cos, sin of shape (T, head_dim) or (B, T, head_dim).
+    `scaling`: a Llama-3 `rope_scaling` dict; other types are refused, not ignored: a wrong frequency table still
+    produces fluent-looking garbage."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     if scaling is not None:
         inv_freq = _llama3_scaled(inv_freq, scaling)
@@ -68,11 +62,9 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 def rope_2d(h: int, w: int, head_dim: int, theta: float = 100.0, device=None):
-    """DINOv3 patch RoPE for an h x w grid -> cos, sin of shape (h*w, head_dim), patches in row-major order.
-
+    """DINOv3 patch RoPE for an h x w grid -> fp32 cos, sin of shape (h*w, head_dim), patches in row-major order.
     Patch centres are normalized to [-1, 1] in (y, x); head_dim/4 frequencies per axis, laid out as
-    [y-freqs, x-freqs] and tiled twice so that rotate_half pairs match.
-    """
+    [y-freqs, x-freqs] and tiled twice so that rotate_half pairs match."""
     inv_freq = 1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)  # (hd/4,)
     ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h * 2 - 1
     xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w * 2 - 1
@@ -100,15 +92,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([prefix, rest * cos + rotate_half(rest) * sin], dim=-2)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# KV cache: preallocated buffers, written in place, so generation never re-allocates per token.
-
-
 class KVCache:
-    """Keys and values of every layer for a batch being generated: (n_layers, B, Hkv, max_len, hd) each.
-
-    `layers[i]` is the hook layer i's attention calls; the model advances `pos` once per forward, after all layers.
-    """
+    """Keys and values of every layer, (n_layers, B, Hkv, max_len, hd) each, allocated once and written in place.
+    `layers[i]` is the hook layer i's attention calls; the model advances `pos` once per forward, after all layers."""
 
     def __init__(self, n_layers, batch, n_kv_heads, head_dim, max_len, device=None, dtype=torch.float32):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
@@ -131,9 +117,6 @@ class _LayerCache:
         c.k[self.layer, :, :, start:end] = k
         c.v[self.layer, :, :, start:end] = v
         return c.k[self.layer, :, :, :end], c.v[self.layer, :, :, :end]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
@@ -180,21 +163,12 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# SpatialBoost's dual channel.
-
-
 class DualChannelAttention(nn.Module):
-    """out = σ(a)·Attn(x) + (1−σ(a))·Attn+(x).
-
-    `attn` is the pre-trained attention, frozen; `attn_plus` starts as its exact clone and trains; the gate a ∈ R^D
-    starts at zero, so σ(a) = 1/2 and the output equals the original attention's at initialisation. The gate acts
-    per output channel, letting each feature dimension decide how much new spatial attention it takes in.
-
-    The two channels run as two plain attention calls. Fusing them (one qkv matmul and one SDPA over 2H heads) was
-    measured slower for a training step on CPU because it also computes weight gradients for the frozen half; see
-    BENCHMARKS.md and bench/bench_vit.py.
-    """
+    """out = σ(a)·Attn(x) + (1−σ(a))·Attn+(x): `attn` pre-trained and frozen, `attn_plus` its trainable clone, the
+    gate a ∈ R^D zero at init (σ(a) = 1/2: the output is unchanged) and per output channel, so each feature dimension
+    decides how much new spatial attention it takes in. The channels run as two plain attention calls: fusing them
+    (one qkv matmul, one SDPA over 2H heads) made a CPU training step slower, as it also computes weight gradients for
+    the frozen half (BENCHMARKS.md, bench/bench_vit.py)."""
 
     def __init__(self, attn: Attention):
         super().__init__()
@@ -227,12 +201,9 @@ def add_dual_channel(model: nn.Module) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA, for the paper's ablation of how the encoder trains (dual channel vs full fine-tuning vs LoRA vs frozen).
-
-
 class LoRALinear(nn.Module):
-    """base(x) + B·A·x: a frozen Linear plus a trainable rank-r update, B zero-initialised (output unchanged)."""
+    """base(x) + B·A·x: a frozen Linear plus a trainable rank-r update, B zero-initialised (output unchanged). For
+    the paper's ablation of how the encoder trains (dual channel vs full fine-tuning vs LoRA vs frozen)."""
 
     def __init__(self, base: nn.Linear, rank: int):
         super().__init__()

@@ -55,6 +55,20 @@ def run_encoders(run: str, runs_dir: str = "runs") -> list:
     return [("baseline", repo_path(cfg["base_vision"])), (f"boosted ({run})", stage / "vision")]
 
 
+def ask_vlm(stage_dir: Path, samples: list, args, label=None, diagnosing=False) -> tuple[dict, list, dict | None]:
+    """A stage directory's VLM on the held-out samples -> (QA scores, its answers, the two diagnostics or None)."""
+    vlm, tok, cfg = load_stage(stage_dir)
+    print(f"qa: {label or stage_dir}: {len(samples)} held-out conversations, context {args.qa_context}")
+    scores, answers = evaluate_qa(samples, vlm_answer_fn(vlm, tok, cfg.image_size, args.qa, args.qa_max_new,
+                                                          args.qa_context))
+    diagnosed = diagnose(vlm, tok, cfg.image_size, samples, args.qa) if diagnosing else None
+    if diagnosed:
+        for name, d in diagnosed.items():
+            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in d.items()))
+    return scores, answers, diagnosed
+
+
 def run_qa(run: str, samples: list, args) -> dict:
     """Spatial QA of a run's VLM before (stage 2) and after (stage 3) the boost, on the same held-out samples."""
     out = {}
@@ -63,30 +77,12 @@ def run_qa(run: str, samples: list, args) -> dict:
         if not (stage_dir / "config.json").exists():
             print(f"qa: {stage_dir} not found, skipped")
             continue
-        vlm, tok, cfg = load_stage(stage_dir)
-        print(f"qa: {name}: {len(samples)} held-out conversations, context {args.qa_context}")
-        answer = vlm_answer_fn(vlm, tok, cfg.image_size, args.qa, args.qa_max_new, args.qa_context)
-        out[name], answers = evaluate_qa(samples, answer)
+        out[name], answers, _ = ask_vlm(stage_dir, samples, args, label=name)
         out_dir = Path(args.out or repo_path(args.runs_dir) / run / "eval")
         out_dir.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"id": s["id"], "answers": a}) + "\n" for s, a in zip(samples, answers)]
         write_text_atomically(out_dir / f"answers-stage{stage}.jsonl", "".join(lines))
-        del vlm
     return out
-
-
-def ask_vlm(stage_dir: Path, samples: list, args) -> tuple[dict, dict | None]:
-    """One stage directory's VLM on the held-out samples: its QA scores, and with --diagnose the two diagnostics."""
-    vlm, tok, cfg = load_stage(stage_dir)
-    print(f"qa: {stage_dir}: {len(samples)} held-out conversations, context {args.qa_context}")
-    scores, _ = evaluate_qa(samples, vlm_answer_fn(vlm, tok, cfg.image_size, args.qa, args.qa_max_new,
-                                                   args.qa_context))
-    diagnosed = diagnose(vlm, tok, cfg.image_size, samples, args.qa) if args.diagnose else None
-    if diagnosed:
-        for name, d in diagnosed.items():
-            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in d.items()))
-    return scores, diagnosed
 
 
 def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -106,9 +102,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--make-probes", action="store_true", help="only write the probe set (replacing it) and exit")
     add("--rgbd", help="also run the depth probes on RGB-D frame folders (scenes.load_rgbd format)")
     add("--qa", help="held-out spatial conversations (a data.py directory) to score --answers against")
-    add("--answers", action="append", default=[], help="NAME=answers.jsonl ({'id', 'answers': [str per turn]} per "
-        "line), repeatable: one QA column each; without it, --run's VLMs answer (stage 2 before the boost, stage 3 "
-        "after)")
+    add("--answers", action="append", default=[], help="NAME=answers.jsonl ({'id', 'answers': [str per turn]} "
+        "per line), repeatable: one QA column each; without it --run's VLMs answer (stage 2: before, 3: after boost)")
     add("--vlm", action="append", default=[], help="a finished stage directory (runs/NAME/stageK), repeatable: its VLM "
         "answers --qa, and with --diagnose its image dependence and localization gap are measured on --qa's data")
     add("--diagnose", action="store_true", help="with --vlm: the loss on answer digits with the true vs another "
@@ -198,7 +193,7 @@ def main(argv=None):
                          "VLMs answer")
             qa.update(run_qa(args.run, samples, args))
         for stage_dir in args.vlm:
-            qa[stage_dir], diagnosed = ask_vlm(Path(stage_dir), samples, args)
+            qa[stage_dir], _, diagnosed = ask_vlm(Path(stage_dir), samples, args, diagnosing=args.diagnose)
             report.setdefault("diagnostics", {})[stage_dir] = diagnosed
         report["qa"] = qa
     report["wall_time_s"] = round(time.time() - t_start, 1)

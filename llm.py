@@ -40,7 +40,6 @@ LOSS_CHUNK = 2**24  # logit elements per chunk of the supervised loss: 64 MB in 
 @dataclass
 class LLMConfig:
     """Defaults are a tiny random model over the byte-level tokenizer (256 bytes + 3 specials + <image>)."""
-
     vocab_size: int = 260
     dim: int = 128
     n_layers: int = 4
@@ -122,12 +121,7 @@ class LLMConfig:
         return c
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
@@ -165,8 +159,7 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Recompute each block in backward instead of storing its activations; gradients still reach the inputs.
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
         self.apply(self._init)
 
     @staticmethod
@@ -181,11 +174,9 @@ class LLM(nn.Module):
 
     def hidden(self, idx=None, embeds=None, positions=None, mask=None, cache: KVCache | None = None):
         """Token ids (B, T) or input embeddings (B, T, D) -> hidden states (B, T, D) after the final norm.
-
         positions: (T,) or (B, T) per-sample RoPE positions; default 0..T-1 (after the cache's length with a cache).
         mask: (B or 1, 1, T, S) bool, True = may attend; it replaces the causal mask, so it must be causal itself
-        (`block_causal` builds one for packed rows). cache: a KVCache, advanced by T.
-        """
+        (`block_causal` builds one for packed rows). cache: a KVCache, advanced by T."""
         x = self.embed(idx) if embeds is None else embeds  # (B, T, D)
         T = x.shape[1]
         if positions is None:
@@ -206,15 +197,11 @@ class LLM(nn.Module):
         return self.lm_head(self.hidden(idx, positions=positions, mask=mask))
 
     def loss(self, h, ids, weights, reduction: str = "sum"):
-        """Weighted next-token cross-entropy over the supervised tokens only.
-
-        h (B, T, D) from hidden(); ids (B, T) the input token ids; weights (B, T): weights[b, t] > 0 marks ids[b, t]
-        as a token the model must produce (render's mask, as is), predicted from h[b, t-1]. The shift happens here:
-        position t predicts token t+1, so weights[:, 0] is never used. Returns sum(w * CE) ("sum"; the trainer
-        divides by the global supervised-token count) or that over sum(w) ("mean", transformers' loss with -100
-        labels when the weights are 0/1). The supervised rows of h are gathered first, and the (N, V) logits never
-        exist beyond one chunk, forward or backward.
-        """
+        """Weighted next-token cross-entropy over the supervised tokens only. h (B, T, D) from hidden(); ids (B, T)
+        the input ids; weights (B, T), render's mask as is: weights[b, t] > 0 marks ids[b, t] as a token to produce,
+        predicted from h[b, t-1] (the shift happens here, so weights[:, 0] is never used). Returns sum(w * CE)
+        ("sum"; the trainer divides by the global supervised-token count) or that over sum(w) ("mean": transformers'
+        loss with -100 labels for 0/1 weights). Only supervised rows of h meet the vocabulary, one chunk at a time."""
         w = weights[:, 1:].float()  # (B, T-1)
         sel = w > 0
         hs, targets, ws = h[:, :-1][sel], ids[:, 1:][sel], w[sel]  # (N, D), (N,), (N,)
@@ -246,13 +233,10 @@ class LLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx=None, embeds=None, pad_mask=None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, stop_ids=(), generator=None) -> list[list[int]]:
-        """Continue prompts given as ids (B, T) or embeddings (B, T, D), left-padded when of unequal length.
-
-        pad_mask (B, T) bool, True on real tokens (False only at the start of a row); None = no padding.
-        temperature 0 is greedy; otherwise sampling from softmax(logits / temperature), optionally restricted to the
-        top_k tokens and/or the smallest set with probability >= top_p. Returns, per sample, the new token ids up
-        to (not including) the first of `stop_ids`.
-        """
+        """Continue prompts given as ids (B, T) or embeddings (B, T, D), left-padded when of unequal length: pad_mask
+        (B, T) bool, True on real tokens (None = no padding). temperature 0 is greedy, else sampling from
+        softmax(logits / temperature), optionally limited to the top_k tokens and/or the smallest set with probability
+        >= top_p. Returns, per sample, the new token ids up to (not including) the first of `stop_ids`."""
         x = self.embed(idx) if embeds is None else embeds  # (B, T, D)
         B, T, _ = x.shape
         dev = x.device
@@ -303,11 +287,10 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 
 def block_causal(segments: torch.Tensor):
-    """Packing several samples into one row. segments (B, T) ints, equal along each sample's consecutive run ->
-    positions (B, T) restarting at 0 in each sample, and mask (B, 1, T, T) bool: causal within a sample, nothing
-    across. Pass both to hidden(); the loss needs weights 0 on each sample's first token (render's mask is).
-    Built in numpy, block by block (collate calls it for every packed batch): a fresh np.zeros costs nothing until
-    written, and small torch ops pay for intra-op thread hand-offs: ~10x faster than comparing all pairs in torch."""
+    """Packing several samples into one row. segments (B, T) ints, equal along each sample's run -> positions (B, T)
+    restarting at 0 in each sample, and mask (B, 1, T, T) bool: causal within a sample, nothing across. Pass both to
+    hidden(); the loss needs weights 0 on each sample's first token (render's mask is). Numpy, block by block: an
+    unwritten np.zeros costs nothing and small torch ops pay thread hand-offs (~10x faster than all pairs in torch)."""
     seg = segments.cpu().numpy()
     B, T = seg.shape
     starts = np.ones((B, T), bool)
@@ -351,8 +334,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                         grad_w.addmm_(g.T, hc)  # accumulate in place: no (V, D) temporary per chunk
                     elif need_w:
                         grad_w += (g.T @ hc).float()
-        # kept on ctx (they are neither inputs nor outputs) so that backward can scale them in place and hand them
-        # over: no second (V, D) buffer
+        # on ctx (neither inputs nor outputs): backward scales them in place and hands them over, no second buffer
         ctx.grads = tuple(g if g is None else g.to(t.dtype) for g, t in ((grad_h, h), (grad_w, weight)))
         return total
 
@@ -364,18 +346,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return *(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads), None, None, None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading: HF-layout safetensors directories and GGUF files, with strict key checks.
-
-
 def load_llm(path, dtype: torch.dtype | None = None) -> tuple[LLM, Tokenizer]:
-    """(model, tokenizer) from an HF-layout directory (config.json, model.safetensors or sharded with
-    model.safetensors.index.json, tokenizer.json) or a .gguf file (llama architecture, dequantized). dtype: None
-    keeps the checkpoint's floating dtype (fp32 for GGUF). The model is returned in eval mode."""
+    """(model in eval mode, tokenizer) from an HF-layout dir (config.json, model.safetensors or its sharded index,
+    tokenizer.json) or a .gguf file (llama, dequantized). dtype None keeps the checkpoint's (fp32 for GGUF)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         import gguf
-
         reader = gguf.GGUFReader(path)
         cfg, sd = read_gguf(reader, str(path))
         tok = Tokenizer.from_hf(*gguf_tokenizer_files(reader), source=str(path))
@@ -427,8 +403,7 @@ GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj"
 
 
 def _hf_name(gguf_name: str) -> str:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; unknown names come back unchanged so that
-    the strict key check reports them."""
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight', others unchanged (for the key check)."""
     parts = gguf_name.split(".")
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_BLOCK_NAMES:
         return f"model.layers.{parts[1]}.{GGUF_BLOCK_NAMES[parts[2]]}.{parts[3]}"
@@ -446,7 +421,6 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def read_gguf(reader, source: str = "gguf") -> tuple[LLMConfig, dict]:
     """Config and dequantized fp32 tensors (HF names, q/k permutation undone) of a llama-architecture GGUF."""
     import gguf
-
     field = functools.partial(gguf_field, reader)
     f32 = lambda x: float(str(np.float32(x)))  # GGUF floats are f32: 1e-5 reads 9.99999975e-06; the shortest decimal
     arch = field("general.architecture")
@@ -481,12 +455,10 @@ def read_gguf(reader, source: str = "gguf") -> tuple[LLMConfig, dict]:
 
 
 def gguf_to_hf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a GGUF checkpoint as an HF-layout directory that both load_llm and transformers'
-    LlamaForCausalLM.from_pretrained read: config.json, model.safetensors (dequantized, in `dtype`, HF key names,
-    q/k permutation undone), tokenizer.json (the checkpoint's real pre-tokenizer, e.g. SmolLM2's
-    Sequence[Digits, ByteLevel]), tokenizer_config.json (special tokens, chat template); atomically."""
+    """A GGUF checkpoint as an HF-layout dir that load_llm and transformers' from_pretrained read, atomically:
+    config.json, model.safetensors (dequantized, in `dtype`, HF names, q/k permutation undone), tokenizer.json (the
+    real pre-tokenizer, e.g. SmolLM2's Sequence[Digits, ByteLevel]), tokenizer_config.json (specials, chat template)."""
     import gguf
-
     reader = gguf.GGUFReader(gguf_path)
     cfg, sd = read_gguf(reader, str(gguf_path))
     tj, tok_config = gguf_tokenizer_files(reader)
@@ -500,8 +472,7 @@ def gguf_to_hf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
 
 
 def save_llm(lm, tok, out: Path) -> Path:
-    """An LLM as an HF-layout dir (config.json, model.safetensors in transformers' names) plus our tokenizer cache
-    (tokenizer.tiktoken + .json), which `load_llm` reads back."""
+    """An HF-layout dir (model.safetensors in transformers' names) plus our tokenizer cache, which load_llm reads."""
     state = {k: v for k, v in lm.state_dict().items() if not (lm.cfg.tie_embeddings and k == "lm_head.weight")}
     save_tok = lambda tmp: tok.save(tmp / "tokenizer.tiktoken")
     return write_model_dir(out, state, {"config.json": lm.cfg.to_hf()}, save_tok)

@@ -58,9 +58,6 @@ class ViTConfig:
         return int(self.cls_token) + self.n_registers
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The network.
-
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 
@@ -188,8 +185,7 @@ class ViT(nn.Module):
         return rope_2d(h, w, self.cfg.dim // self.cfg.heads, theta, device=device) if theta else None
 
     def blocks_forward(self, x, rope=None, keep=(), stop=None):
-        """Run the blocks (all, or up to block index `stop`); return the last hidden state computed and the
-        (un-normed) outputs of the blocks in `keep`."""
+        """Blocks 0..stop (default all) -> (the last hidden state, the un-normed outputs of the blocks in `keep`)."""
         kept = []
         for i, block in enumerate(self.blocks[: None if stop is None else stop + 1]):
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -211,8 +207,7 @@ class ViT(nn.Module):
         return tokens[:, 0] if self.cls_token is not None else tokens.mean(1)
 
     def patch_grid(self, pixels, layer=-1):
-        """The patch tokens of block `layer` after the final norm, (B, h, w, D), running no block past it: what the
-        VLM's projector reads."""
+        """The projector's input: block `layer`'s patch tokens after the final norm (B, h, w, D), no later block run."""
         h, w = self.grid(*pixels.shape[2:])
         x, _ = self.blocks_forward(self.embed(pixels), self._rope(h, w, pixels.device), stop=layer % len(self.blocks))
         return self.norm(x[:, self.cfg.n_prefix:]).reshape(x.shape[0], h, w, -1)
@@ -241,17 +236,10 @@ def _init_weights(m):
             nn.init.zeros_(m.bias)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Preprocessing: images -> normalized pixels at the encoder's resolution.
-
-
 def preprocess(images, cfg: ViTConfig, size: int | None = None, crop: bool = False):
-    """PIL images, uint8 arrays (H, W, 3) or a uint8 tensor (B, 3, H, W) -> float (B, 3, S, S), normalized.
-
-    The default squashes the whole image to S x S: every pixel stays in view, so the normalized (u/W, v/H)
-    coordinates our spatial questions use still point at the same content. `crop=True` is the classification
-    policy of the DINOv2 processor (resize the short side to S·256/224, centre crop S).
-    """
+    """PIL images, uint8 arrays (H, W, 3) or a uint8 tensor (B, 3, H, W) -> float (B, 3, S, S), normalized. The
+    default squashes the image to S x S: every pixel stays in view, so the normalized (u/W, v/H) coordinates of our
+    questions keep their content. crop=True: DINOv2's classification policy (short side to S·256/224, centre crop)."""
     size = size or cfg.image_size
     if isinstance(images, torch.Tensor):
         batch = [images] if images.dim() == 4 else [images[None]]
@@ -287,14 +275,9 @@ def _to_uint8_chw(image):
     return torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None]  # (1, 3, H, W); a copy: PIL arrays are read-only
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The projector.
-
-
 class Projector(nn.Module):
-    """LLaVA-1.5's Linear -> GELU -> Linear from the encoder's width to the LLM's, optionally merging each
-    merge x merge block of patches into one token first (pixel shuffle), so a 32x32 grid costs 256 LLM tokens.
-    patches (B, h, w, D) -> (B, N, llm_dim)."""
+    """LLaVA-1.5's Linear -> GELU -> Linear, after merging each merge x merge block of patches into one token (pixel
+    shuffle: a 32x32 grid costs 256 LLM tokens at merge 2). patches (B, h, w, D) -> (B, N, llm_dim)."""
 
     def __init__(self, vision_dim: int, llm_dim: int, merge: int = 1):
         super().__init__()
@@ -340,8 +323,7 @@ class VLM(nn.Module):
         return x.masked_scatter(is_image[..., None], img.to(x.dtype))
 
     def forward(self, ids, pixels, weights, positions=None, mask=None):
-        """The summed next-token loss over supervised tokens (weights = the render mask); the trainer normalizes
-        by the global count of supervised tokens."""
+        """The summed next-token loss over supervised tokens (weights: render's mask); the trainer normalizes it."""
         h = self.lm.hidden(embeds=self.embed(ids, pixels), positions=positions, mask=mask)  # (B, T, D)
         return self.lm.loss(h, ids, weights, reduction="sum")
 
@@ -354,10 +336,6 @@ class VLM(nn.Module):
         ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=dev)  # (B, T)
         pad_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=dev)
         return self.lm.generate(embeds=self.embed(ids, pixels), pad_mask=pad_mask, **kw)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading and saving.
 
 
 def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:
@@ -460,8 +438,7 @@ def _rename_hf(state: dict, renames: list, cfg: ViTConfig, path) -> dict:
 
 
 def check_state(module: nn.Module, state: dict, source) -> None:
-    """Every parameter of `module` filled by `state` with the right shape, and every tensor of `state` used; else a
-    KeyError naming the missing, unexpected and mis-shaped keys."""
+    """Strict: every parameter filled with its shape, every tensor used; else a KeyError naming the keys at fault."""
     missing, unexpected, bad = state_diff({k: v.shape for k, v in module.state_dict().items()}, state)
     mismatches = "; ".join(f"{k}: file {a} vs expected {b}" for k, a, b in bad[:8])
     problems = [f"missing tensors: {listed(missing)}" if missing else "",
@@ -499,8 +476,7 @@ def load_vit(path, dtype: torch.dtype | None = None) -> ViT:
 
 
 def save_vit(vit: ViT, path) -> None:
-    """Write an encoder as config.json + model.safetensors in our own names; `load_vit` reads it back exactly.
-    Written into a temporary directory that then replaces `path`, so a crash never leaves a half-written export."""
+    """An encoder as config.json + model.safetensors in our own names, atomically; `load_vit` reads it back exactly."""
     dual = any(isinstance(m, DualChannelAttention) for m in vit.modules())
     write_model_dir(path, vit.state_dict(), {"config.json": {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg),
                                                               "dual_channel": dual}})

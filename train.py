@@ -42,7 +42,6 @@ from training.runs import (gathered, latest_checkpoint, load_checkpoint, load_st
 
 @dataclass
 class Config:
-    # --- what to train
     stage: int = 3  # 1: projector | 2: projector + LLM | 3: the boost (Attn+, gates, projector)
     preset: str = "tiny"  # tiny | small | base: defaults for everything below; flags override them
     name: str = ""  # run name: runs/<name>/stage<k>/ (default: the preset's name)
@@ -65,7 +64,6 @@ class Config:
     freeze_projector: bool = False  # stage 3: train only the encoder side
     shuffle_images: bool = False  # stage 3 control: each conversation is paired with another sample's image
     system_prompt: str = "default"  # "default": the checkpoint's own; "none": no system turn; or the text
-    # --- data
     data: str = ""  # dataset dir(s), "dirA,dirB:0.5" (weights mix); "" = data/<preset>/<stage kind>, made if absent
     data_size: int = 0  # use only the first N samples (0: all): the dataset-size ablation
     order: str = "forward"  # turn order of generated spatial data: forward | reversed | shuffled
@@ -74,7 +72,6 @@ class Config:
     max_len: int = 1024  # tokens per sample; whole trailing turns are dropped beyond it (and counted)
     pack: bool = False  # pack several samples per row (block-diagonal causal mask)
     workers: int = 0  # data-loader worker processes
-    # --- optimization
     lr: float = 0.0  # 0: the stage's default (see STAGE_LR); stage 3: Attn+ (or the encoder, LoRA)
     gate_lr: float = 0.0  # stage 3: the gates' rate (0: 100 x lr): the gate's gradient is 0 at init, and Adam moves
     #                       it at most ~lr per step, so at the encoder's rate σ(a) stays at 1/2 in a short run
@@ -88,13 +85,11 @@ class Config:
     epochs: float = 1.0
     max_steps: int = 0  # >0 overrides epochs
     seed: int = 1337
-    # --- system
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16, AMX), else fp32
     compile: str = "auto"  # auto (on CUDA) | on | off
     grad_ckpt: bool = False  # recompute activations of the ViT and the LLM in backward
     fsdp: bool = False  # shard the LLM with FSDP2 (with torchrun)
-    # --- checkpoints and logs
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     keep_last: int = 2
     resume: bool = False  # continue from the stage's latest checkpoint
@@ -151,8 +146,8 @@ def validate(cfg: Config) -> list[str]:
     checks += [(getattr(cfg, k) in ok, f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: {'|'.join(ok)}")
                for k, ok in CHOICES.items()]
     checks += [(cfg.batch_size > 0 and cfg.global_batch > 0, "--batch-size and --global-batch must be positive"),
-               (cfg.lr > 0 and cfg.gate_lr > 0 and cfg.projector_lr > 0, "--lr, --gate-lr, --projector-lr: must be "
-                                                                            "positive"),
+               (cfg.lr > 0 and cfg.gate_lr > 0 and cfg.projector_lr > 0,
+                "--lr, --gate-lr, --projector-lr: must be positive"),
                (not cfg.shuffle_images or cfg.stage == 3, "--shuffle-images is the stage-3 control"),
                (0 <= cfg.warmup_frac < 1, f"--warmup-frac {cfg.warmup_frac}: must be in [0, 1)"),
                (cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision),
@@ -160,10 +155,6 @@ def validate(cfg: Config) -> list[str]:
                (cfg.merge >= 1, "--merge must be >= 1"),
                (cfg.max_len >= 16, "--max-len must be >= 16")]
     return [msg for ok, msg in checks if not ok]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The processes.
 
 
 @dataclass
@@ -179,7 +170,6 @@ class Runtime:
 
 
 def setup_runtime(cfg: Config) -> Runtime:
-    """The device, the process group under torchrun (WORLD_SIZE > 1), bf16 autocast and compilation."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -198,17 +188,12 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls (avx512_bf16 or AMX): there bf16 autocast is ~1.6x faster per step than fp32; elsewhere
-    bf16 is emulated and slower."""
+    """Native bf16 matmuls (avx512_bf16, AMX): bf16 autocast is ~1.6x faster there than fp32; emulated elsewhere."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The model: built from its sources, then each earlier stage's trained tensors applied in order.
 
 
 def base_sources(cfg: Config, run_dir: Path, log, write: bool = True) -> dict:
@@ -232,8 +217,7 @@ def base_sources(cfg: Config, run_dir: Path, log, write: bool = True) -> dict:
 
 
 def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
-    """The VLM before any stage: encoder and LLM from their sources, the <image> token added, a fresh projector
-    (seeded, so every stage and process builds the same one)."""
+    """The VLM before any stage: sources loaded, <image> added, a fresh projector seeded alike everywhere."""
     vit = load_vit(repo_path(sources["vision"]))
     lm, tok = load_llm(repo_path(sources["llm"]))
     if cfg.system_prompt != "default":
@@ -317,16 +301,12 @@ def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer
     return vlm, tok, sources, init
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data.
-
-
 STAGE_DATA = {1: ["captions"], 2: ["instruct", "multiview"], 3: ["spatial", "spatial-multiview"]}
 
 
-def default_data(cfg: Config, log) -> list[tuple[Path, float]]:
-    """This stage's datasets with their mixing weights: --data, or data/<preset>/<kind> for each of the stage's
-    kinds (mixed 1:1), generated on first use."""
+def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer) -> tuple[ConversationDataset, int, int, int]:
+    """-> (dataset, micro-steps per step, steps per epoch, total steps). The data: --data, or data/<preset>/<kind>
+    for each of the stage's kinds (mixed 1:1), generated on first use."""
     out = []
     for item in cfg.data.split(",") if cfg.data else []:
         path, _, weight = item.partition(":")
@@ -338,18 +318,25 @@ def default_data(cfg: Config, log) -> list[tuple[Path, float]]:
         ordered = kind.startswith("spatial") and cfg.order != "forward"
         path = repo_path(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
         if not (path / "data.jsonl").exists():
-            log(f"no {kind} data at {path}: generating {cfg.gen_samples} samples ({cfg.image_size}px) ...")
+            rt.log(f"no {kind} data at {path}: generating {cfg.gen_samples} samples ({cfg.image_size}px) ...")
             write_dataset(kind, path, n=cfg.gen_samples, seed=cfg.seed, size=cfg.image_size, order=cfg.order,
                           workers=max(cfg.workers, min(4, os.cpu_count() or 1)))
         out.append((path, 1.0))
-    return out
+    n_img_tokens = vlm.n_image_tokens(cfg.image_size)
+    ds = ConversationDataset(out, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
+                             max_len=cfg.max_len, limit=cfg.data_size or None,
+                             shuffle_images=cfg.seed if cfg.shuffle_images else None)
+    accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), rt.world, rt.rank, 0, 0)
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    rt.log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in out)} | {n_img_tokens} tokens per image "
+           f"| global batch {cfg.global_batch} = {cfg.batch_size} x {accum} micro-steps x {rt.world} | {total} steps")
+    return ds, accum, steps_per_epoch, total
 
 
 def batch_plan(cfg: Config, n: int, world: int, rank: int, start: int, end: int) -> tuple[int, int, list]:
-    """The data order, fixed by the seed: a permutation per epoch seeded by (seed, epoch); each step takes the next
-    global batch of it, and rank r reads micro-batches r, r + world, ... of that batch. Steps start..end-1 of this
-    rank, as a flat list of micro-batches: given to the DataLoader as its batch_sampler, resuming at `start` is
-    exact whatever the number of workers. Returns (micro-steps per step, steps per epoch, plan)."""
+    """-> (micro-steps per step, steps per epoch, plan): a permutation per epoch seeded by (seed, epoch), each step
+    the next global batch of it, rank r reading its micro-batches r, r + world, ... Steps start..end-1 of this rank
+    as one flat list of micro-batches (the DataLoader's batch_sampler): resuming is exact whatever the workers."""
     accum = cfg.global_batch // (cfg.batch_size * world)
     steps_per_epoch = n // cfg.global_batch
     if steps_per_epoch == 0:
@@ -366,16 +353,11 @@ def batch_plan(cfg: Config, n: int, world: int, rank: int, start: int, end: int)
     return accum, steps_per_epoch, plan
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The optimizer and the logs.
-
-
 def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Module, torch.optim.Optimizer, int]:
     """-> (the module the loop calls, AdamW, the step to start at): the LLM sharded (FSDP2) before the optimizer
     sees it, the latest checkpoint restored (--resume), DDP around the rest, blocks compiled."""
     if cfg.fsdp:  # each LLM block sharded over the ranks; the other trainable tensors: reduce_and_clip
         from torch.distributed.fsdp import fully_shard
-
         for layer in vlm.lm.model.layers:
             fully_shard(layer)
     opt = torch.optim.AdamW(param_groups(vlm, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=rt.device == "cuda")
@@ -454,7 +436,6 @@ def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
     if cfg.wandb:
         try:
             import wandb
-
             wandb.init(project="spatialboost", name=f"{cfg.name}-stage{cfg.stage}", config=dataclasses.asdict(cfg))
         except ImportError:
             rt.log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
@@ -489,24 +470,12 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The loop.
-
-
 def train(cfg: Config) -> Path | None:
     rt = setup_runtime(cfg)
     log, device = rt.log, rt.device
     out_dir = repo_path(cfg.runs_dir) / cfg.name / f"stage{cfg.stage}"
     vlm, tok, sources, init = stage_model(cfg, rt, out_dir)
-    datasets = default_data(cfg, log)
-    n_img_tokens = vlm.n_image_tokens(cfg.image_size)
-    ds = ConversationDataset(datasets, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
-                             max_len=cfg.max_len, limit=cfg.data_size or None,
-                             shuffle_images=cfg.seed if cfg.shuffle_images else None)
-    accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), rt.world, rt.rank, 0, 0)
-    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in datasets)} | {n_img_tokens} tokens per image "
-        f"| global batch {cfg.global_batch} = {cfg.batch_size} x {accum} micro-steps x {rt.world} | {total} steps")
+    ds, accum, steps_per_epoch, total = stage_data(cfg, rt, vlm, tok)
     model, opt, step = prepare(vlm, cfg, rt, out_dir)
     end = cfg.bench + 2 if cfg.bench else total  # a benchmark times `bench` steps after two warm-up steps
     loader = iter(torch.utils.data.DataLoader(
@@ -580,8 +549,7 @@ def train(cfg: Config) -> Path | None:
 
 
 def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dict, init, t_start: float) -> Path:
-    """The stage directory (every rank gathers, rank 0 writes), the stage-3 encoder export, the process group
-    closed."""
+    """The stage dir (every rank gathers, rank 0 writes), the stage-3 encoder export; the process group closed."""
     save_stage(out_dir, vlm, cfg, sources, init, master=rt.master)
     if rt.master:
         if cfg.stage == 3:

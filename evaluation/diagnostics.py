@@ -1,6 +1,6 @@
 """
 Two diagnostics of a trained VLM that need no generation, on any stage directory and any held-out spatial or
-grounding dataset (python eval.py --diagnose runs/NAME/stage2 --diag-data data/heldout):
+grounding dataset (python eval.py --vlm runs/NAME/stage2 --diagnose --qa data/heldout):
 
 - image dependence: the loss on the answers' digits with the true image vs with another image of the set. Zero
   means the answers' numbers do not depend on the image at all.
@@ -9,7 +9,7 @@ grounding dataset (python eval.py --diagnose runs/NAME/stage2 --diag-data data/h
 
 Each is a mean per digit token, paired per sample, with a bootstrap 95 % interval over samples.
 
-    result = diagnose(vlm, tok, image_size, samples, data_dir)     # {"image_dependence": {...}, "localization_gap": ...}
+    result = diagnose(vlm, tok, image_size, samples, data_dir)     # {"image_dependence": ..., "localization_gap": ...}
 """
 
 import re
@@ -27,8 +27,7 @@ POINT_KINDS = ("depth", "position", "point")      # single-point questions whose
 
 def digit_weights(tok, ids: list, mask: list) -> list:
     """1 on the supervised tokens that hold a digit, else 0."""
-    has_digit = {}
-    out = []
+    has_digit, out = {}, []
     for i, m in zip(ids, mask):
         if m and i not in has_digit:
             has_digit[i] = any(ch.isdigit() for ch in tok.decode([i]))
@@ -70,7 +69,6 @@ def point_turns(sample: dict) -> list:
 
 
 def ask(question: str) -> dict:
-    """A question as the first message of a one-image conversation."""
     return {"from": "human", "value": "<image>\n" + question.replace("<image>\n", "").replace("<image>", "")}
 
 

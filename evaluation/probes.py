@@ -66,7 +66,6 @@ class ProbeConfig:
     doubling depth_steps or depth_rows moves lin.1 RMSE by < 0.01 m (about the spread over probe seeds, 0.003 m)."""
     seed: int = 0
     batch: int = 8  # images per step of the dense probes
-    # depth
     depth_bins: int = 256
     min_depth: float = 1e-3
     max_depth: float = 10.0
@@ -75,11 +74,9 @@ class ProbeConfig:
     depth_steps: int = 500
     depth_lr: float = 1e-2
     depth_rows: int = 16  # random rows of the x4 map scored per image per step (of 4h)
-    # segmentation
     seg_steps: int = 1000
     seg_lr: float = 1e-2
     seg_rows: int = 8  # random rows of the label map scored per image per step (of H)
-    # classification
     cls_steps: int = 300
     cls_lr: float = 1e-2
     cls_wd: float = 1e-3
@@ -91,10 +88,6 @@ class ProbeConfig:
         """The same probes with `fraction` of the training steps: a smoke test, not a measurement."""
         return dataclasses.replace(self, depth_steps=int(self.depth_steps * fraction),
                                    seg_steps=int(self.seg_steps * fraction), cls_steps=int(self.cls_steps * fraction))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Probe sets.
 
 
 def _object_boxes(instance, min_pixels):
@@ -112,10 +105,9 @@ def _object_boxes(instance, min_pixels):
 
 def make_probe_sets(out_dir, n_images: int = 480, seed: int = 0, size: int = 224, views: int = 2,
                     min_pixels: int = 150, test_every: int = 4, overwrite: bool = False, log=print) -> Path:
-    """Render held-out scenes (`views` cameras each, n_images views in all) into a probe set directory (format in
-    the module docstring): images with depth and semantic ground truth for the dense probes, and every object
-    covering >= min_pixels of a view as a box with its category (classification) and its identity across the
-    views of its scene (retrieval). Written to a temporary directory and renamed when complete."""
+    """Render held-out scenes (`views` cameras each, n_images views in all) into a probe set directory, atomically
+    (format in the module docstring): images with depth and semantic ground truth for the dense probes, and every
+    object covering >= min_pixels of a view as a box with its category and its identity across the scene's views."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
@@ -224,9 +216,8 @@ def load_probe_set(root, crop_size: int = 112) -> ProbeSet:
 
 
 def load_rgbd_set(root, size: int = 224, test_every: int = 4) -> ProbeSet:
-    """Depth-only probe set from RGB-D frame folders (scenes.load_rgbd's format: one folder per frame under root).
-    Images are resized to size x size (bicubic) and depth with nearest neighbours, as the encoders see them;
-    every test_every-th frame (sorted by name) is a test frame."""
+    """Depth-only probe set from RGB-D frame folders under root (scenes.load_rgbd's format), resized to size x size
+    (images bicubic, depth nearest); every test_every-th frame (sorted by name) is a test frame."""
     root = Path(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not folders:
@@ -242,13 +233,9 @@ def load_rgbd_set(root, size: int = 224, test_every: int = 4) -> ProbeSet:
     return ProbeSet(root=root, fingerprint=digest, classes=[], images=images, depth=depth, labels=None, train=train)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics.
-
-
-def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None, per_image: bool = False) -> dict:
-    """pred, gt (N, H, W) meters; valid (N, H, W) bool. Each metric computed per image, then averaged over images.
-    Images without a valid pixel are skipped."""
+def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None, per_image=False) -> dict:
+    """pred, gt (N, H, W) meters; valid (N, H, W) bool. Each metric computed per image, then averaged over images
+    (images without a valid pixel skipped); per_image: one value per image instead, NaN for those."""
     if pred.shape != gt.shape:
         raise ValueError(f"depth_metrics: pred {tuple(pred.shape)} and gt {tuple(gt.shape)} differ")
     if pred.dim() == 2:
@@ -273,7 +260,7 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | No
     ratio_a = torch.maximum(a / g, g / a)
     out.update({"rmse_aligned": mean((a - g) ** 2).sqrt(), "absrel_aligned": mean((a - g).abs() / g),
                 "d1_aligned": mean((ratio_a < 1.25).double())})
-    if per_image:   # one value per image (NaN where an image has no valid pixel)
+    if per_image:
         return {k: torch.full((len(keep),), float("nan"), dtype=torch.float64).masked_scatter(keep, v)
                 for k, v in out.items()}
     return {k: v.mean().item() for k, v in out.items()}
@@ -309,9 +296,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
 
 
 def retrieval_map(x, key, image) -> dict:
-    """Instance retrieval. x (N, D) one vector per crop; key (N,) instance identity (positives share it); image (N,)
-    which image each crop comes from: a query ranks every crop of the other images. Queries without a positive are
-    skipped. Returns mAP, recall@1 and the number of queries."""
+    """x (N, D) one vector per crop, key (N,) instance identity, image (N,) its image: each query ranks every crop of
+    the other images (positives share its key; queries without one skipped) -> mAP, recall@1, number of queries."""
     x = F.normalize(x.float(), dim=1)
     sim = (x @ x.T).masked_fill(image[:, None] == image[None, :], float("-inf"))  # (N, N); own image, self excluded
     pos = (key[:, None] == key[None, :]) & (image[:, None] != image[None, :])
@@ -321,10 +307,6 @@ def retrieval_map(x, key, image) -> dict:
     precision = hits.cumsum(1) / torch.arange(1, x.shape[0] + 1, dtype=torch.float64)
     ap = (precision * hits).sum(1) / hits.sum(1)
     return {"map": ap.mean().item(), "recall@1": hits[:, 0].mean().item(), "queries": int(has.sum())}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Losses and heads.
 
 
 def sig_loss(pred, gt, valid, lam: float = 0.85):
@@ -349,9 +331,8 @@ def feature_stats(x: torch.Tensor, chunk: int = 64):
 
 
 class LinearProbe(nn.Module):
-    """Standardize with fixed training-set statistics, then one linear layer. (..., C) -> (..., n_out).
-    With `cls_stats`, forward(x, cls) is the linear layer on [x ; cls] (cls broadcast to every position of x),
-    computed as two products so that the global token is never copied to every patch."""
+    """Standardize with fixed training-set statistics, then one linear layer. (..., C) -> (..., n_out). With
+    `cls_stats`, forward(x, cls) is that layer on [x ; cls], as two products: cls is never copied to every patch."""
 
     def __init__(self, stats, n_out: int, cls_stats=None):
         super().__init__()
@@ -388,8 +369,7 @@ def resized_rows(values, rows, size):
 
 
 def depth_from_bins(logits, cfg: ProbeConfig):
-    """logits (..., K) over the bins -> depth (...): DINOv2's 'linear' (relu + 0.1, normalized) or softmax weights,
-    times the bin centres."""
+    """logits (..., K) -> depth (...): the bin centres weighted by DINOv2's 'linear' (relu + 0.1) or by softmax."""
     centres = torch.linspace(cfg.min_depth, cfg.max_depth, cfg.depth_bins)
     if cfg.depth_norm == "linear":
         w = F.relu(logits) + 0.1
@@ -436,8 +416,7 @@ def _random_rows(gen, batch, height, n):
 
 
 def fit_depth(patches, cls, depth, cfg: ProbeConfig) -> LinearProbe:
-    """patches (N, h, w, Cp) and cls (N, Cc) or None: cached features (any float dtype); depth (N, H, W) meters,
-    0 = no ground truth. Each step scores `cfg.depth_rows` random rows of the x4 map per image (module docstring)."""
+    """patches (N, h, w, Cp), cls (N, Cc) or None: cached features (any float dtype); depth (N, H, W) m, 0 = unknown."""
     gen = _start(cfg)
     head = LinearProbe(feature_stats(patches), cfg.depth_bins, None if cls is None else feature_stats(cls))
     N, h, w, _ = patches.shape
@@ -457,8 +436,7 @@ def fit_depth(patches, cls, depth, cfg: ProbeConfig) -> LinearProbe:
 
 @torch.no_grad()
 def predict_depth(head, patches, cls, cfg: ProbeConfig, out_size, batch: int = 8) -> torch.Tensor:
-    """The full protocol: logits at the patch grid, x4 bilinear, bins -> depth, bilinear resize to out_size.
-    -> (N, H, W) meters."""
+    """The full protocol (logits at the patch grid, x4 bilinear, bins -> depth, resized to out_size) -> (N, H, W) m."""
     out = []
     for i in range(0, len(patches), batch):
         logits = head(patches[i:i + batch], None if cls is None else cls[i:i + batch]).permute(0, 3, 1, 2)
@@ -469,8 +447,7 @@ def predict_depth(head, patches, cls, cfg: ProbeConfig, out_size, batch: int = 8
 
 
 def fit_segmentation(patches, labels, n_classes: int, cfg: ProbeConfig, ignore_index: int = -1) -> LinearProbe:
-    """patches (N, h, w, C); labels (N, H, W) class ids, ignore_index = unlabeled. The logits are upsampled to the
-    labels; each step scores `cfg.seg_rows` random label rows per image (the logits of the full map)."""
+    """patches (N, h, w, C); labels (N, H, W) class ids, ignore_index = unlabeled; logits upsampled to the labels."""
     gen = _start(cfg)
     head = LinearProbe(feature_stats(patches), n_classes)
     N, h, w, _ = patches.shape

@@ -236,10 +236,9 @@ def _mean(xs):
 
 
 def score_qa(samples: list, answers: list) -> dict:
-    """answers[i][t] = the model's answer to turn t of samples[i]. -> {"by_type": {kind: {...}}, "by_level": {...},
-    "overall": {...}}: accuracy (correct fraction, unparsed answers count as wrong), parse_rate, n, and per kind
-    depth within10/within25, mean and median relative error, mean 3D error (m), caption recall. Turns whose
-    reference answer cannot be read are counted as unscorable, not scored."""
+    """answers[i][t]: the answer to turn t of samples[i] -> {"by_type": {kind: {...}}, "by_level", "overall"}, each
+    with accuracy (unparsed answers count as wrong), parse_rate, n and where they apply within10/within25, mean and
+    median relative and 3D (m) errors, caption recall. Turns with an unreadable reference count as unscorable_turns."""
     turns, unscorable = [], 0
     for sample, said in zip(samples, answers, strict=True):
         for t, answer in enumerate(said):
@@ -315,10 +314,6 @@ def read_answers(path, samples: list) -> list:
             raise ValueError(f"{path}: sample {s['id']} has {len(by_id[s['id']])} answers for "
                              f"{len(s['conversations']) // 2} turns")
     return [by_id[s["id"]] for s in samples]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Answering with a trained VLM.
 
 
 def vlm_answer_fn(vlm, tok, image_size: int, data_dir, max_new_tokens: int = 160, context: str = "none"):

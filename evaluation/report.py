@@ -13,7 +13,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from storage.atomic import write_file_atomically, write_text_atomically
 
-
 LOWER_IS_BETTER = {"rmse", "absrel", "si_rmse", "rmse_aligned", "absrel_aligned", "rel_err", "rel_err_median",
                    "err_m", "err_m_median"}
 HEADLINE = [("depth_lin1", "rmse"), ("depth_lin4", "rmse"), ("depth_lin1", "d1"), ("depth_lin1", "si_rmse"),
@@ -61,9 +60,8 @@ ENCODER_COLOURS = [(90, 90, 90), (31, 119, 180), (255, 127, 14), (44, 160, 44), 
 
 
 def plot_report(path, names: list, rows: list, examples: list) -> None:
-    """report.png with Pillow: one small bar chart per headline metric (one bar per encoder), then a qualitative
-    panel of the first test image: RGB, ground-truth depth and each encoder's lin.1 depth (one colour scale), and
-    the segmentation labels with each encoder's prediction."""
+    """report.png: a bar chart per headline metric (a bar per encoder), then the first test image: RGB, true depth
+    and each encoder's lin.1 depth (one colour scale), the segmentation labels and each encoder's prediction."""
     font = ImageFont.load_default(size=13)
     by_key = {(p, m): v for p, m, v in rows}
     charts = [(p, m, by_key[(p, m)]) for p, m in HEADLINE if (p, m) in by_key]
@@ -124,8 +122,7 @@ def qa_rows(qa: dict) -> list:
 
 
 def write_report(out_dir, report: dict, names: list, results: list, examples: list, qa: dict | None = None) -> str:
-    """report.json (every number), report.md (the tables) and, with encoders, report.png in out_dir; returns the
-    text tables."""
+    """report.json, report.md and, with encoders, report.png in out_dir; returns the text tables."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text, md = [], [f"# SpatialBoost evaluation\n\n{report.get('summary', '')}\n"]

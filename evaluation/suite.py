@@ -27,12 +27,7 @@ FEATURE_VERSION = 2  # bump when what encode() stores changes: old cache files a
 QUICK_FRACTION = 0.2  # the quick summary trains each probe head for this share of the full suite's steps
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Features: computed once per encoder, cached.
-
-
 def _fit(size: int, patch: int) -> int:
-    """The nearest side to `size` that is a multiple of the patch size."""
     return max(patch, round(size / patch) * patch)
 
 
@@ -98,16 +93,11 @@ def cached_features(vit: ViT, ps: probes.ProbeSet, image_size: int, crop_size: i
     return feats
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The probe suite.
-
-
 def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int = 224, crop_size: int = 112,
                cache: bool = True, log=print, per_image: bool = False) -> tuple[dict, dict]:
-    """Every probe the probe set supports, for one encoder. Returns (metrics {probe: {metric: value}},
-    examples {name: array} of the first test image for the figure). per_image: also results["per_image"], what
-    each test image contributes (depth RMSE, a segmentation confusion matrix, its objects' correctness), for
-    bootstrap intervals over test images (experiments/boost_report.py)."""
+    """Every probe the probe set supports, for one encoder -> (metrics {probe: {metric: value}}, examples {name:
+    array} of the first test image, for the figure). per_image: also results["per_image"], each test image's part
+    (depth RMSE, segmentation confusion, objects' correctness), for bootstrap intervals: experiments/boost_report.py."""
     log, t0 = log or (lambda *_: None), time.time()
     feats = cached_features(vit, ps, image_size, crop_size, cache, log)
     times, D = {"features": time.time() - t0}, vit.cfg.dim
@@ -169,9 +159,8 @@ def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int 
 
 @torch.no_grad()
 def dual_channel_stats(vit: ViT) -> list:
-    """Per dual-channel layer: how far stage 3 moved it. σ(a) near 1/2 with Attn+ near Attn means the layer barely
-    changed; σ(a) near 0 or 1 means the gate saturated onto one channel. Empty for an encoder without the dual
-    channel. rel_change = ‖W+ − W‖ / ‖W‖ over the q/k/v/o weights."""
+    """Per dual-channel layer (none: []), how far stage 3 moved it: σ(a) near 1/2 with Attn+ near Attn, barely;
+    σ(a) near 0 or 1, the gate saturated onto one channel. rel_change = ‖W+ − W‖ / ‖W‖ over the q/k/v/o weights."""
     stats = []
     for name, m in vit.named_modules():
         if isinstance(m, DualChannelAttention):
@@ -185,9 +174,8 @@ def dual_channel_stats(vit: ViT) -> list:
 
 
 def quick_summary(stage_dir, log=print) -> dict:
-    """A minute's look at a finished stage-3 run: short depth / segmentation / k-NN probes on a small held-out probe
-    set at the run's image size, baseline vs boosted. A smoke test of the whole path, not a result: eval.py's full
-    suite is the measurement."""
+    """A minute's look at a finished stage-3 run, baseline vs boosted: short depth / segmentation / k-NN probes on a
+    small probe set at the run's image size. A smoke test of the whole path; eval.py's full suite is the measurement."""
     stage_dir = Path(stage_dir)
     meta = json.loads((stage_dir / "config.json").read_text())
     size = meta["config"]["image_size"]

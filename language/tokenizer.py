@@ -57,15 +57,10 @@ def _token_content(x):
     return x.get("content") if isinstance(x, dict) else x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
 class Tokenizer:
     """encode/decode with the checkpoint's own vocabulary, special-token ids, and `render` for chat training data.
-
     Ids: `bos_id`, `eos_id`, `pad_id`, `eot_id` (end of turn: <|im_end|> or <|eot_id|>), `image_id` (None until
-    `add_image_token()`), `stop_ids` (what generation stops on). Any of bos/pad may be None.
-    """
+    `add_image_token()`), `stop_ids` (what generation stops on). Any of bos/pad may be None."""
 
     def __init__(self, ranks: dict[bytes, int], specials: dict[str, int], pattern: str, *,
                  rank_to_id: list[int] | None = None, extra: dict[int, bytes] | None = None,
@@ -113,12 +108,9 @@ class Tokenizer:
         self.n_vocab = max(table) + 1
         self._bytes = [table.get(i, b"") for i in range(self.n_vocab)]  # id -> bytes, for decode
 
-    # --- encode / decode ----------------------------------------------------------------------------------------
-
     def encode(self, text: str, specials: bool = True) -> list[int]:
         """Token ids of `text`, as the checkpoint's HF tokenizer gives them without add_special_tokens (no BOS).
-        specials=True recognizes added-token strings such as "<|im_end|>" in the text (HF's default);
-        specials=False encodes them as plain text."""
+        specials: added-token strings such as "<|im_end|>" are recognized (HF's default), else encoded as text."""
         if self.normalizer == "NFC":
             text = unicodedata.normalize("NFC", text)
         allowed = self._enc.special_tokens_set if specials else set()
@@ -159,8 +151,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        """ids: list of ints or a 1-D tensor. Invalid UTF-8 (a character cut between tokens) becomes U+FFFD, as in
-        HF's ByteLevel decoder."""
+        """ids: ints or a 1-D tensor. Invalid UTF-8 (a character cut between tokens) becomes U+FFFD, as in HF."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         if skip_special:
@@ -172,7 +163,6 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int | None:
-        """The end-of-turn token of the chat format."""
         return self.specials.get("<|eot_id|>" if self.chat_style == "llama3" else "<|im_end|>")
 
     @property
@@ -193,24 +183,19 @@ class Tokenizer:
         self.image_id = self.add_special_token(token)
         return self.image_id
 
-    # --- chat rendering -----------------------------------------------------------------------------------------
-
     def render(self, conversation: list[dict], n_image_tokens: int = 1, add_generation_prompt: bool = False):
         """Conversation [{"from": "human"|"gpt"|"system", "value": str}, ...] -> (ids, mask), two lists of ints of
         equal length. mask[t] = 1 exactly on the tokens the model must produce: each assistant answer and its
         end-of-turn token (not the newline after it, nor any header). Built piece by piece, so the mask needs no
         search in the text; the ids equal encoding the rendered string except where a message starts with two or
         more whitespace characters (the regex then splits that run at the message boundary).
-
         Formats: ChatML `<|im_start|>{role}\\n{text}<|im_end|>\\n` (SmolLM2, Qwen), or Llama-3
         `<|begin_of_text|>` + `<|start_header_id|>{role}<|end_header_id|>\\n\\n{text.strip()}<|eot_id|>` when the
-        checkpoint's template uses those headers. System prompt policy: a leading "system" turn is used as given;
-        otherwise `self.system_prompt` (the default the checkpoint's own chat template inserts, e.g. SmolLM2's
-        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"; None for none) is prepended. Set
-        `tok.system_prompt = None` to train without one. Each "<image>" in a human turn becomes n_image_tokens
-        copies of `image_id`. Message text is encoded with specials=False: a literal "<|im_end|>" in data stays
-        text and cannot break the turn structure. add_generation_prompt appends the assistant header.
-        """
+        checkpoint's template uses those headers. A leading "system" turn is used as given, else `self.system_prompt`
+        (the default the checkpoint's own chat template inserts, e.g. SmolLM2's "You are a helpful AI assistant
+        named SmolLM, ..."; None: no system turn) is prepended. Each "<image>" in a human turn becomes
+        n_image_tokens copies of `image_id`. Message text is encoded with specials=False: a literal "<|im_end|>" in
+        data stays text and cannot break the turn structure. add_generation_prompt appends the assistant header."""
         roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
         ids, mask = [], []
 
@@ -266,12 +251,9 @@ class Tokenizer:
             emit(header("assistant"))
         return ids, mask
 
-    # --- construction -------------------------------------------------------------------------------------------
-
     @classmethod
     def byte_level(cls, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")) -> "Tokenizer":
-        """256 byte tokens (id = byte value) + specials from id 256, ChatML chat format, no system prompt: the tiny
-        preset's tokenizer. eos and pad are <|endoftext|>."""
+        """The tiny preset's tokenizer: 256 bytes (id = byte value), specials from 256, eos = pad = <|endoftext|>."""
         spec = {s: 256 + k for k, s in enumerate(specials)}
         eos = spec.get("<|endoftext|>")
         return cls({bytes([b]): b for b in range(256)}, spec, GPT2_PATTERN, bos_id=None, eos_id=eos, pad_id=eos,
@@ -279,9 +261,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        """From a directory, a tokenizer.json file, a .gguf file or a .tiktoken cache written by `save`. A directory
-        is read from its tokenizer.tiktoken cache when it has one (what `save` wrote, image token included), else
-        from tokenizer.json [+ tokenizer_config.json, chat_template.jinja]."""
+        """From a tokenizer.json, .gguf or .tiktoken (`save`'s cache) file, or a directory: its tokenizer.tiktoken
+        when present (image token included), else tokenizer.json [+ tokenizer_config.json, chat_template.jinja]."""
         path = Path(path)
         if path.suffix == ".gguf":
             return cls.from_gguf(path)
@@ -367,12 +348,9 @@ class Tokenizer:
                    pad_id=token_id("pad_token"), chat_style="llama3" if llama3 else "chatml",
                    system_prompt=None if llama3 else default_system_prompt(template), name=Path(source).stem)
 
-    # --- the .tiktoken cache ------------------------------------------------------------------------------------
-
     def save(self, path):
-        """Write `path` (.tiktoken: the standard `base64(token) rank` lines that tiktoken.load reads) and
-        `path`.json (everything else), atomically. `Tokenizer.load(path)` reads them back without parsing
-        tokenizer.json or GGUF metadata."""
+        """Write `path` (.tiktoken: the `base64(token) rank` lines tiktoken.load reads) and `path`.json (the rest),
+        atomically; `Tokenizer.load(path)` reads them back without parsing tokenizer.json or GGUF metadata."""
         path = Path(path)
         if path.suffix != ".tiktoken":
             raise ValueError(f"save: {path} should end in .tiktoken")
@@ -395,10 +373,6 @@ class Tokenizer:
         extra = {int(i): base64.b64decode(b) for i, b in meta.pop("extra").items()}
         return cls(ranks, meta.pop("specials"), meta.pop("pattern"), extra=extra,
                    special_ids=set(meta.pop("special_ids")), **meta)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# tokenizer.json pieces: pre-tokenizer -> regex, the chat template's default system prompt, GGUF metadata -> files.
 
 
 def _byte_level_json(use_regex: bool) -> dict:
@@ -456,7 +430,6 @@ GGUF_PRETOKENIZERS = {
 
 
 def gguf_field(reader, key: str, default=None):
-    """A GGUF metadata value, or default when the file has no such key."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
@@ -464,7 +437,6 @@ def gguf_field(reader, key: str, default=None):
 def gguf_tokenizer_files(path) -> tuple[dict, dict]:
     """A GGUF file's tokenizer metadata as (tokenizer.json, tokenizer_config.json) dicts."""
     import gguf  # only needed for GGUF files
-
     reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
     field = functools.partial(gguf_field, reader)
     kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")

@@ -67,8 +67,7 @@ def save_tensors(state: dict, path: Path) -> None:
 
 def write_model_dir(out: Path, state: dict, files: dict, more=None) -> Path:
     """out/model.safetensors holding `state`, out/<name> for each of `files` (JSON, indented), and whatever
-    more(tmp_dir) adds: written into a temporary directory that then replaces `out`, so a reader never sees a
-    half-written one."""
+    more(tmp_dir) adds, all written atomically (write_dir_atomically)."""
     def write(tmp):
         save_file(_plain(state), tmp / "model.safetensors", metadata={"format": "pt"})
         for name, obj in files.items():

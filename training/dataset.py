@@ -137,8 +137,8 @@ def derangement(n: int, seed: int) -> np.ndarray:
 class ConversationDataset(torch.utils.data.Dataset):
     """sources: [(dataset dir or file, weight)]. ds[i] -> dict(ids (T,) long, weights (T,) uint8 (render's mask),
     pixels (k, 3, S, S) float, dropped_turns int, problem None | str, max_len int). shuffle_images (a seed): the
-    shuffled-answer control -- each record's conversation comes with the images of another record of its source, so
-    a model trained on it learns the format and the answers' statistics but nothing that ties them to the image."""
+    shuffled-answer control -- each record's conversation comes with another record's images (same source): a model
+    trained on it learns the format and the answers' statistics, nothing that ties them to the image."""
 
     def __init__(self, sources, tok, vit_cfg, image_size: int, n_image_tokens: int, max_len: int,
                  limit: int | None = None, strict: bool = False, shuffle_images: int | None = None):
@@ -228,13 +228,12 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list, pad_id: int | None, pack: bool = False, max_len: int | None = None) -> dict:
-    """Samples -> a batch. Without packing: one row per sample, right-padded with pad_id (0 if None; padded positions
-    have weight 0). With packing: samples fill rows greedily in order up to max_len (default: the samples' own), with
-    llm.block_causal's per-sample positions and block-diagonal causal mask, so packed samples cannot see each other,
-    and `segments` (B, T) (0 = padding), from which a trainer may rebuild both on the GPU instead of moving the mask.
-    pixels hold every kept sample's images in row order, the order the VLM splices them in. Items with a problem are
-    left out and listed in `problems`. n_supervised counts the positions t >= 1 with weight > 0: exactly the tokens
-    LLM.loss scores."""
+    """Samples -> a batch. Without packing: one row per sample, right-padded with pad_id (0 if None; weight 0). With
+    packing: samples fill rows greedily in order up to max_len (default: the samples' own), with llm.block_causal's
+    per-sample positions and block-diagonal causal mask, so packed samples cannot see each other, and `segments`
+    (B, T) (0 = padding), from which a trainer may rebuild both on the GPU instead of moving the mask. pixels: every
+    kept sample's images in row order, as the VLM splices them in. Items with a problem are left out and listed in
+    `problems`. n_supervised counts the positions t >= 1 with weight > 0: exactly the tokens LLM.loss scores."""
     pad = 0 if pad_id is None else pad_id
     good = [it for it in items if it["problem"] is None]
     if pack:

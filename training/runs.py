@@ -1,6 +1,5 @@
 """
-A training run on disk: the stage directories train.py leaves behind and its resumable checkpoints. Safetensors and
-JSON only: no pickle anywhere a user might load someone else's file.
+A training run on disk: train.py's stage directories and resumable checkpoints, safetensors and JSON only (no pickle).
 
     runs/<name>/base/                     random encoder / LLM of a preset that has no weights (tiny), made once
     runs/<name>/stage<k>/config.json      the resolved Config, `sources` (where the frozen parts come from), `init`
@@ -27,14 +26,9 @@ from storage.atomic import write_text_atomically
 from storage.tensors import listed, save_tensors, state_diff, write_model_dir
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Stage directories.
-
-
 def stage_chain(stage_dir: Path) -> list[Path]:
     """The stage dirs a model is made of, oldest first: follow each config.json's `init` back to the first."""
-    chain, seen = [], set()
-    d = Path(stage_dir)
+    chain, seen, d = [], set(), Path(stage_dir)
     while d is not None:
         cfg_file = d / "config.json"
         if not cfg_file.exists():
@@ -49,8 +43,7 @@ def stage_chain(stage_dir: Path) -> list[Path]:
 
 
 def load_stage_weights(vlm, stage_dir: Path) -> None:
-    """Apply the tensors a finished stage trained. A stage-3 dir with dual-channel (or LoRA) tensors wraps the
-    encoder first."""
+    """Apply the tensors a finished stage trained; dual-channel (or LoRA) tensors wrap the encoder first."""
     state = load_file(Path(stage_dir) / "model.safetensors")
     if any(".attn_plus." in k for k in state) and not any(isinstance(m, DualChannelAttention) for m in vlm.modules()):
         add_dual_channel(vlm.vit)
@@ -76,7 +69,6 @@ def sharded_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A full tensor laid out as `param` is: sharded again when param is an FSDP2 shard."""
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
-
         return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
     return value
 
@@ -87,8 +79,7 @@ def trained_state(vlm) -> dict:
 
 
 def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master: bool = True) -> None:
-    """The finished stage: trained tensors, then config.json (written last, so its presence means complete).
-    Every rank calls it (shards are gathered); the master writes."""
+    """Trained tensors, then config.json (last: it marks the stage done). All ranks gather shards; the master writes."""
     state = trained_state(vlm)
     if not master:
         return
@@ -99,9 +90,6 @@ def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master
             "init": str(init) if init else None, "base_vision": sources["vision"]}
     write_text_atomically(out_dir / "config.json", json.dumps(meta, indent=2))
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Resumable checkpoints.
 
 RESUME_KEYS = ("stage", "seed", "global_batch", "batch_size", "data", "data_size", "max_steps", "epochs", "lr",
                "gate_lr", "projector_lr", "warmup_frac", "shuffle_images", "vision_tune", "pack", "max_len")
