@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from attention import add_dual_channel, add_lora, merge_lora
-from dataengine.writer import write_dataset
+from dataengine.writer import KINDS, write_dataset
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
@@ -301,12 +301,13 @@ def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer
     return vlm, tok, sources, init
 
 
-STAGE_DATA = {1: ["captions"], 2: ["instruct", "multiview"], 3: ["spatial", "spatial-multiview"]}
+STAGE_DATA = {1: ["captions"], 2: ["instruct", "grounding", "multiview"], 3: ["spatial", "spatial-multiview"]}
 
 
 def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer) -> tuple[ConversationDataset, int, int, int]:
     """-> (dataset, micro-steps per step, steps per epoch, total steps). The data: --data, or data/<preset>/<kind>
-    for each of the stage's kinds (mixed 1:1), generated on first use."""
+    for each of the stage's kinds (mixed 1:1), generated on first use, each kind from its own seed so that no two
+    stages train on the same images."""
     out = []
     for item in cfg.data.split(",") if cfg.data else []:
         path, _, weight = item.partition(":")
@@ -319,7 +320,8 @@ def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer) -> tuple[Conv
         path = repo_path(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
         if not (path / "data.jsonl").exists():
             rt.log(f"no {kind} data at {path}: generating {cfg.gen_samples} samples ({cfg.image_size}px) ...")
-            write_dataset(kind, path, n=cfg.gen_samples, seed=cfg.seed, size=cfg.image_size, order=cfg.order,
+            write_dataset(kind, path, n=cfg.gen_samples, seed=cfg.seed + 1000 * (KINDS.index(kind) + 1),
+                          size=cfg.image_size, order=cfg.order,
                           workers=max(cfg.workers, min(4, os.cpu_count() or 1)))
         out.append((path, 1.0))
     n_img_tokens = vlm.n_image_tokens(cfg.image_size)

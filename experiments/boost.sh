@@ -57,6 +57,9 @@ done
 python eval.py $encoders --probes data/probes-240 --n-images 480 --test-every 2 --per-image --threads 2 \
   --out "runs/$NAME-eval" 2>&1 | tee "runs/$NAME-eval.log"
 mkdir -p results
+cp "runs/$NAME-eval/report.json" "results/$NAME-eval.json"
+cp "runs/$NAME-eval/report.md" "results/$NAME-eval.md"
+cp "runs/$NAME-eval/report.png" "results/$NAME.png"
 python experiments/boost_report.py "runs/$NAME-eval/report.json" --arm baseline=dinov2-s14 \
   --arm "boost=${boost#,}" --arm "control=${control#,}" --out "results/$NAME"
 first=$(echo $SEEDS | cut -d' ' -f1)
