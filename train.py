@@ -551,7 +551,8 @@ def train(cfg: Config) -> Path | None:
 
 
 def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dict, init, t_start: float) -> Path:
-    """The stage dir (every rank gathers, rank 0 writes), the stage-3 encoder export; the process group closed."""
+    """The stage dir (every rank gathers, rank 0 writes) and the stage-3 encoder export; every rank waits for both.
+    main() closes the process group once train() has returned."""
     save_stage(out_dir, vlm, cfg, sources, init, master=rt.master)
     if rt.master:
         if cfg.stage == 3:
@@ -562,7 +563,6 @@ def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dic
         rt.log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")
     if rt.world > 1:
         dist.barrier()
-        dist.destroy_process_group()
     return out_dir
 
 
@@ -582,6 +582,8 @@ def report_bench(cfg, timings, vlm, device, patches, peak, log) -> None:
 def main(argv=None):
     cfg = parse_config(argv)
     out = train(cfg)
+    if dist.is_initialized():  # after train() has returned, so that no DDP / FSDP module still holds the group
+        dist.destroy_process_group()
     if out is not None and cfg.stage == 3 and cfg.probe and int(os.environ.get("RANK", "0")) == 0:
         quick_summary(out)
 
