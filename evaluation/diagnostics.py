@@ -78,18 +78,17 @@ def diagnose(vlm, tok, image_size: int, samples: list, data_dir, log=print) -> d
     images = [first_image(s, data_dir) for s in samples]
     true_l, other_l, point_l, swap_l = [], [], [], []
     for k, s in enumerate(samples):
-        conv = s["conversations"]
+        conv, own = s["conversations"], {}           # own: turn -> (loss, count) with its true image
         for t in range(len(conv) // 2):               # every turn asked alone, with its image
             turn = [ask(conv[2 * t]["value"]), conv[2 * t + 1]]
-            a, n = digit_loss(vlm, tok, turn, images[k], image_size, n_img)
+            own[t] = a, n = digit_loss(vlm, tok, turn, images[k], image_size, n_img)
             b, _ = digit_loss(vlm, tok, turn, images[(k + 1) % len(images)], image_size, n_img)
             if n:
                 true_l.append(a / n)
                 other_l.append(b / n)
         for t, p, q in point_turns(s):
-            question, answer = conv[2 * t]["value"], conv[2 * t + 1]
-            a, n = digit_loss(vlm, tok, [ask(question), answer], images[k], image_size, n_img)
-            b, _ = digit_loss(vlm, tok, [ask(question.replace(p, q)), answer], images[k], image_size, n_img)
+            (a, n), question = own[t], conv[2 * t]["value"]
+            b, _ = digit_loss(vlm, tok, [ask(question.replace(p, q)), conv[2 * t + 1]], images[k], image_size, n_img)
             if n:
                 point_l.append(a / n)
                 swap_l.append(b / n)
