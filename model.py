@@ -440,6 +440,9 @@ def _rename_hf(state: dict, renames: list, cfg: ViTConfig, path) -> dict:
         out["patch_embed.weight"] = w.reshape(w.shape[0], p, p, 3).permute(0, 3, 1, 2)
     if "mask_token" in out:
         out["mask_token"] = out["mask_token"].reshape(1, -1)
+    registers = out.get("register_tokens")
+    if registers is not None and not cfg.n_registers and tuple(registers.shape) == (1, 0, cfg.dim):
+        del out["register_tokens"]  # num_register_tokens=0: transformers saves an empty (1, 0, D) table
     return out
 
 
