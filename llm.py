@@ -17,7 +17,6 @@ and k per head, Llama-3 rescales RoPE frequencies. All attention goes through at
 """
 
 import functools
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,8 +27,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import Attention, KVCache, RMSNorm, rope_1d
-from language.tokenizer import Tokenizer, gguf_field, gguf_tokenizer_files
-from storage.tensors import listed, read_safetensors, state_diff, write_model_dir
+from language.tokenizer import Tokenizer, gguf_field, gguf_tokenizer_files, open_gguf
+from storage.atomic import read_json
+from storage.tensors import listed, non_float, read_safetensors, state_diff, write_model_dir
 
 __all__ = ["LLMConfig", "LLM", "Tokenizer", "load_llm", "save_llm", "gguf_to_hf", "block_causal"]
 
@@ -351,15 +351,14 @@ def load_llm(path, dtype: torch.dtype | None = None) -> tuple[LLM, Tokenizer]:
     tokenizer.json) or a .gguf file (llama, dequantized). dtype None keeps the checkpoint's (fp32 for GGUF)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        import gguf
-        reader = gguf.GGUFReader(path)
+        reader = open_gguf(path)
         cfg, sd = read_gguf(reader, str(path))
-        tok = Tokenizer.from_hf(*gguf_tokenizer_files(reader), source=str(path))
+        tok = Tokenizer.from_hf(*gguf_tokenizer_files(reader, str(path)), source=str(path))
     elif path.is_dir():
         config = path / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"load_llm: {path} has no config.json")
-        cfg = LLMConfig.from_hf(json.loads(config.read_text()), source=str(config))
+        cfg = LLMConfig.from_hf(read_json(config), source=str(config))
         sd = read_safetensors(path)
         tok = Tokenizer.load(path)
     else:
@@ -369,7 +368,7 @@ def load_llm(path, dtype: torch.dtype | None = None) -> tuple[LLM, Tokenizer]:
 
 def from_state_dict(cfg: LLMConfig, sd: dict, dtype=None, source: str = "checkpoint") -> LLM:
     """An LLM holding exactly the tensors of `sd` (HF key names): every parameter filled, every tensor used, shapes
-    equal — otherwise one ValueError naming the missing, unexpected and mis-shaped keys."""
+    equal, every tensor a float (never cast from integers) — otherwise a ValueError naming the keys at fault."""
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints; recomputed
     with torch.device("meta"):  # no random init of weights about to be replaced
         lm = LLM(cfg)
@@ -386,6 +385,9 @@ def from_state_dict(cfg: LLMConfig, sd: dict, dtype=None, source: str = "checkpo
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if names]
     if problems:
         raise ValueError(f"{source}: the weights do not match the {cfg.model_type} config; " + "; ".join(problems))
+    ints = non_float(sd)
+    if ints:
+        raise ValueError(f"{source}: not floating point where a float weight is expected: {listed(ints)}")
     dtype = dtype or sd[emb].dtype
     sd = {k: v.to(dtype) for k, v in sd.items()}
     if cfg.tie_embeddings:
@@ -420,7 +422,6 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def read_gguf(reader, source: str = "gguf") -> tuple[LLMConfig, dict]:
     """Config and dequantized fp32 tensors (HF names, q/k permutation undone) of a llama-architecture GGUF."""
-    import gguf
     field = functools.partial(gguf_field, reader)
     f32 = lambda x: float(str(np.float32(x)))  # GGUF floats are f32: 1e-5 reads 9.99999975e-06; the shortest decimal
     arch = field("general.architecture")
@@ -444,24 +445,35 @@ def read_gguf(reader, source: str = "gguf") -> tuple[LLMConfig, dict]:
                     max_seq_len=int(field("llama.context_length", 2048)), model_type="llama")
     sd = {}
     for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dimensions fastest-first
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        w = torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are views of the read-only map
-        name = _hf_name(t.name)
+        w, name = _dequantized(t, source), _hf_name(t.name)
         if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             w = _unpermute(w, n_heads if ".q_proj." in name else n_kv)
         sd[name] = w
     return cfg, sd
 
 
+def _dequantized(t, source: str) -> torch.Tensor:
+    """One GGUF tensor as fp32 in torch's dimension order. Integer tensors are refused, not cast: a float weight
+    stored as integers is a broken file, and casting would load numbers no model was trained with."""
+    import gguf
+    kind = t.tensor_type.name
+    if kind in ("I8", "I16", "I32", "I64"):
+        raise ValueError(f"{source}: tensor {t.name!r} has type {kind} where a float (or quantized) weight is expected")
+    shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dimensions fastest-first
+    try:
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    except NotImplementedError as e:
+        raise ValueError(f"{source}: tensor {t.name!r} has type {kind}, which gguf cannot dequantize") from e
+    return torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are views of the read-only map
+
+
 def gguf_to_hf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
     """A GGUF checkpoint as an HF-layout dir that load_llm and transformers' from_pretrained read, atomically:
     config.json, model.safetensors (dequantized, in `dtype`, HF names, q/k permutation undone), tokenizer.json (the
     real pre-tokenizer, e.g. SmolLM2's Sequence[Digits, ByteLevel]), tokenizer_config.json (specials, chat template)."""
-    import gguf
-    reader = gguf.GGUFReader(gguf_path)
+    reader = open_gguf(gguf_path)
     cfg, sd = read_gguf(reader, str(gguf_path))
-    tj, tok_config = gguf_tokenizer_files(reader)
+    tj, tok_config = gguf_tokenizer_files(reader, str(gguf_path))
     from_state_dict(cfg, {k: v.to("meta") for k, v in sd.items()}, source=str(gguf_path))  # strict key check
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)

@@ -8,7 +8,6 @@ patch grid, or DINOv3's 2D RoPE), which prefix tokens exist (CLS, registers), la
 SwiGLU) and biases. Everything else is one transformer block, written once.
 """
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, fields
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from attention import Attention, DualChannelAttention, add_dual_channel, rope_2d
-from storage.tensors import listed, read_safetensors, state_diff, write_model_dir
+from storage.atomic import read_json
+from storage.tensors import listed, non_float, read_safetensors, state_diff, write_model_dir
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -340,13 +340,13 @@ class VLM(nn.Module):
 
 def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:
     """Translate an HF config.json into (ViTConfig, key renames); the renames map checkpoint names to ours."""
-    kind, get = cfg.get("model_type"), cfg.get
+    kind, get, need = cfg.get("model_type"), cfg.get, lambda key: _need(cfg, key, path)
     if kind in ("siglip", "siglip2") and "vision_config" in cfg:  # full image-text checkpoints: the vision tower
         return _hf_config({**cfg["vision_config"], "model_type": kind + "_vision_model"}, path)
     if kind not in ("dinov2", "dinov2_with_registers", "dinov3_vit", "siglip_vision_model", "siglip2_vision_model"):
         raise ValueError(f"{path}/config.json: unknown model_type {kind!r}; supported: dinov2, dinov2_with_registers, "
                          f"dinov3_vit, siglip_vision_model, siglip2_vision_model, siglip, siglip2, {EXPORT_TYPE}")
-    shape = dict(dim=cfg["hidden_size"], depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"])
+    shape = dict(dim=need("hidden_size"), depth=need("num_hidden_layers"), heads=need("num_attention_heads"))
     L, B = r"(\d+)", r"blocks.\1."  # a block index in the checkpoint's name -> the same block in ours
     dino = [(r"embeddings\.cls_token", "cls_token"), (r"embeddings\.mask_token", "mask_token"),
             (r"embeddings\.register_tokens", "register_tokens")]
@@ -374,7 +374,7 @@ def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:
     if kind == "dinov3_vit":
         if get("query_bias", True) != get("value_bias", True) or not get("proj_bias", True):
             raise ValueError(f"{path}: DINOv3 with query_bias != value_bias or without proj_bias is not supported")
-        vc = ViTConfig(family="dinov3", **shape, mlp_dim=cfg["intermediate_size"], patch_size=get("patch_size", 16),
+        vc = ViTConfig(family="dinov3", **shape, mlp_dim=need("intermediate_size"), patch_size=get("patch_size", 16),
                        mlp_gated=get("use_gated_mlp", False), act=_act(get("hidden_act", "gelu"), path),
                        image_size=get("image_size", 224), pos_grid=0, rope_theta=get("rope_theta", 100.0),
                        n_registers=get("num_register_tokens", 0), qkv_bias=get("query_bias", True),
@@ -387,7 +387,7 @@ def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:
             (pre + r"mlp\.down_proj\.", B + "mlp.fc2."), (r"norm\.", "norm.")]
     ps, naflex = get("patch_size", 16), kind == "siglip2_vision_model"
     grid = math.isqrt(get("num_patches", 256)) if naflex else get("image_size", 224) // ps
-    vc = ViTConfig(family="siglip", **shape, mlp_dim=cfg["intermediate_size"], patch_size=ps,
+    vc = ViTConfig(family="siglip", **shape, mlp_dim=need("intermediate_size"), patch_size=ps,
                    act=_act(get("hidden_act", "gelu_pytorch_tanh"), path), image_size=grid * ps, pos_grid=grid,
                    pos_resize="bilinear_aa" if naflex else "bicubic", cls_token=False, layerscale=False,
                    norm_eps=get("layer_norm_eps", 1e-6), pool_head=get("vision_use_head", True),
@@ -399,6 +399,12 @@ def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:
         (pre + r"self_attn\.", B + "attn."), (pre + r"mlp\.", B + "mlp."), (r"post_layernorm\.", "norm."),
         (r"head\.attention\.in_proj_", "head.in_proj_"), (r"head\.attention\.out_proj\.", "head.out_proj."),
         (r"head\.layernorm\.", "head.norm."), (r"head\.probe", "head.probe"), (r"head\.mlp\.", "head.mlp.")]
+
+
+def _need(cfg: dict, key: str, path):
+    if key not in cfg:
+        raise ValueError(f"{path}/config.json: missing {key!r}, which a {cfg.get('model_type')} config needs")
+    return cfg[key]
 
 
 def _act(name, path):
@@ -434,16 +440,22 @@ def _rename_hf(state: dict, renames: list, cfg: ViTConfig, path) -> dict:
         out["patch_embed.weight"] = w.reshape(w.shape[0], p, p, 3).permute(0, 3, 1, 2)
     if "mask_token" in out:
         out["mask_token"] = out["mask_token"].reshape(1, -1)
+    registers = out.get("register_tokens")
+    if registers is not None and not cfg.n_registers and tuple(registers.shape) == (1, 0, cfg.dim):
+        del out["register_tokens"]  # num_register_tokens=0: transformers saves an empty (1, 0, D) table
     return out
 
 
 def check_state(module: nn.Module, state: dict, source) -> None:
-    """Strict: every parameter filled with its shape, every tensor used; else a KeyError naming the keys at fault."""
+    """Strict: every parameter filled with a float tensor of its shape, every tensor used; else a KeyError naming
+    the keys at fault."""
     missing, unexpected, bad = state_diff({k: v.shape for k, v in module.state_dict().items()}, state)
     mismatches = "; ".join(f"{k}: file {a} vs expected {b}" for k, a, b in bad[:8])
+    ints = non_float(state)
     problems = [f"missing tensors: {listed(missing)}" if missing else "",
                 f"unexpected tensors: {listed(unexpected)}" if unexpected else "",
-                f"shape mismatches: {mismatches}" if bad else ""]
+                f"shape mismatches: {mismatches}" if bad else "",
+                f"not floating point where a float weight is expected: {listed(ints)}" if ints else ""]
     if any(problems):
         raise KeyError(f"{source}: " + " | ".join(p for p in problems if p))
 
@@ -454,12 +466,14 @@ def load_vit(path, dtype: torch.dtype | None = None) -> ViT:
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    cfg_json = json.loads((path / "config.json").read_text())
+    cfg_json = read_json(path / "config.json")
     state = read_safetensors(path)
     dual = False
     if cfg_json.get("model_type") == EXPORT_TYPE:
-        names = {f.name for f in fields(ViTConfig)}
-        vc = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_json["vit"].items() if k in names})
+        names, vit_json = {f.name for f in fields(ViTConfig)}, _need(cfg_json, "vit", path)
+        if not isinstance(vit_json, dict):
+            raise ValueError(f"{path}/config.json: 'vit' should be an object of ViTConfig fields, got {vit_json!r}")
+        vc = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vit_json.items() if k in names})
         dual = cfg_json.get("dual_channel", False)
     else:
         vc, renames = _hf_config(cfg_json, path)

@@ -22,7 +22,9 @@ Added tokens (special or not) are split out of the text before the regex, as HF 
 import base64
 import functools
 import json
+import math
 import re
+import struct
 import unicodedata
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import numpy as np
 import regex
 import tiktoken
 
-from storage.atomic import write_text_atomically
+from storage.atomic import read_json, write_text_atomically
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -55,6 +57,11 @@ def byte_chars() -> list[str]:
 def _token_content(x):
     """tokenizer_config.json names tokens either as a string or as an AddedToken dict."""
     return x.get("content") if isinstance(x, dict) else x
+
+
+# what Tokenizer.save writes to the .tiktoken file's .json sidecar, and _load_tiktoken requires
+CACHE_FIELDS = ("pattern", "specials", "special_ids", "rank_to_id", "normalizer", "unk_id", "extra", "fuse_unk",
+                "bos_id", "eos_id", "pad_id", "chat_style", "system_prompt", "name")
 
 
 class Tokenizer:
@@ -273,12 +280,12 @@ class Tokenizer:
         folder, file = (path, path / "tokenizer.json") if path.is_dir() else (path.parent, path)
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json (nor tokenizer.tiktoken) at {file}")
-        tj = json.loads(file.read_text(encoding="utf-8"))
+        tj = read_json(file)
         cfg_file = folder / "tokenizer_config.json"
-        config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        config = read_json(cfg_file) if cfg_file.is_file() else {}
         if (folder / "chat_template.jinja").is_file():  # transformers >= 4.43 saves the template separately
             config["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls.from_hf(tj, config, source=str(file))
+        return cls.from_hf(tj, config, source=str(file), config_source=str(cfg_file))
 
     @classmethod
     def from_gguf(cls, path) -> "Tokenizer":
@@ -286,12 +293,12 @@ class Tokenizer:
         return cls.from_hf(tj, config, source=str(path))
 
     @classmethod
-    def from_hf(cls, tj: dict, config: dict | None = None, source: str = "tokenizer.json") -> "Tokenizer":
-        """From the parsed tokenizer.json and (optionally) tokenizer_config.json; errors name what is unsupported."""
-        config = config or {}
-        model, norm, decoder = tj.get("model") or {}, tj.get("normalizer"), tj.get("decoder")
-        if model.get("type") != "BPE":
-            raise ValueError(f"{source}: model type {model.get('type')!r} is not supported (supported: BPE)")
+    def from_hf(cls, tj: dict, config: dict | None = None, source: str = "tokenizer.json",
+                config_source: str | None = None) -> "Tokenizer":
+        """From the parsed tokenizer.json and (optionally) tokenizer_config.json; errors name the file and what is
+        missing, malformed or unsupported."""
+        model, added = _bpe_parts(tj, source)
+        norm, decoder = tj.get("normalizer"), tj.get("decoder")
         for key in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key):
                 raise ValueError(f"{source}: BPE option {key}={model[key]!r} is not supported")
@@ -299,7 +306,7 @@ class Tokenizer:
             raise ValueError(f"{source}: normalizer {norm.get('type')!r} is not supported (supported: none, NFC)")
         if decoder is not None and decoder.get("type") != "ByteLevel":
             raise ValueError(f"{source}: decoder {decoder.get('type')!r} is not supported (supported: ByteLevel)")
-        pattern, added = pretokenizer_pattern(tj.get("pre_tokenizer"), source), tj.get("added_tokens") or []
+        pattern = pretokenizer_pattern(tj.get("pre_tokenizer"), source)
         for t in added:
             for flag in ("lstrip", "rstrip", "single_word"):
                 if t.get(flag):
@@ -333,19 +340,13 @@ class Tokenizer:
         reach = set(reachable)
         extra = {i: to_bytes(s) or s.encode("utf-8") for s, i in vocab.items() if i not in reach and i not in taken}
 
-        def token_id(key):
-            s = _token_content(config.get(key))
-            return specials.get(s, vocab.get(s)) if s is not None else None
-
         unk = model.get("unk_token")
-        template = config.get("chat_template") or ""
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), "")
+        ids, template = _config_tokens(config or {}, lambda s: specials.get(s, vocab.get(s)), config_source or source)
         llama3 = "<|start_header_id|>" in template or (not template and "<|start_header_id|>" in specials)
         return cls(ranks, specials, pattern, rank_to_id=rank_to_id, extra=extra, special_ids=special_ids,
                    normalizer=None if norm is None else "NFC", unk_id=None if unk is None else vocab[unk],
-                   fuse_unk=bool(model.get("fuse_unk")), bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
-                   pad_id=token_id("pad_token"), chat_style="llama3" if llama3 else "chatml",
+                   fuse_unk=bool(model.get("fuse_unk")), bos_id=ids["bos_token"], eos_id=ids["eos_token"],
+                   pad_id=ids["pad_token"], chat_style="llama3" if llama3 else "chatml",
                    system_prompt=None if llama3 else default_system_prompt(template), name=Path(source).stem)
 
     def save(self, path):
@@ -355,11 +356,9 @@ class Tokenizer:
         if path.suffix != ".tiktoken":
             raise ValueError(f"save: {path} should end in .tiktoken")
         lines = (f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(self.ranks.items(), key=lambda x: x[1]))
-        meta = {"pattern": self.pattern, "specials": self.specials, "special_ids": sorted(self.special_ids),
-                "rank_to_id": self.rank_to_id, "normalizer": self.normalizer, "unk_id": self.unk_id,
-                "extra": {i: base64.b64encode(b).decode() for i, b in self.extra.items()}, "fuse_unk": self.fuse_unk,
-                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "chat_style": self.chat_style,
-                "system_prompt": self.system_prompt, "name": self.name}
+        meta = {k: getattr(self, k) for k in CACHE_FIELDS}
+        meta.update(special_ids=sorted(self.special_ids),
+                    extra={i: base64.b64encode(b).decode() for i, b in self.extra.items()})
         write_text_atomically(path, "".join(lines))
         write_text_atomically(Path(str(path) + ".json"), json.dumps(meta, ensure_ascii=False))
 
@@ -368,11 +367,66 @@ class Tokenizer:
         meta_file = Path(str(path) + ".json")
         if not meta_file.is_file():
             raise FileNotFoundError(f"{path}: the sidecar {meta_file.name} written by Tokenizer.save is missing")
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in path.read_bytes().splitlines())}
+        meta = read_json(meta_file)
+        missing, unknown = sorted(set(CACHE_FIELDS) - meta.keys()), sorted(meta.keys() - set(CACHE_FIELDS))
+        if missing or unknown:
+            raise ValueError(f"{meta_file}: " + "; ".join([f"missing keys {missing}"] * bool(missing) + [
+                f"unknown keys {unknown}"] * bool(unknown)) + f" (Tokenizer.save writes {', '.join(CACHE_FIELDS)})")
+        ranks = {}
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:  # binascii.Error is one too
+                raise ValueError(f"{path}:{n}: expected '<base64 token> <rank>', got {line[:80]!r}") from e
         extra = {int(i): base64.b64decode(b) for i, b in meta.pop("extra").items()}
         return cls(ranks, meta.pop("specials"), meta.pop("pattern"), extra=extra,
                    special_ids=set(meta.pop("special_ids")), **meta)
+
+
+def _bpe_parts(tj: dict, source: str) -> tuple[dict, list]:
+    """tokenizer.json's model and added_tokens, checked for the keys and types from_hf reads: a corrupt or foreign
+    file fails with the part at fault named, not with a KeyError from deep inside."""
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(f"{source}: expected a 'model' object (the tokenizers library's tokenizer.json format)")
+    if model.get("type") != "BPE":
+        raise ValueError(f"{source}: model type {model.get('type')!r} is not supported (supported: BPE)")
+    vocab, merges, added = model.get("vocab"), model.get("merges") or [], tj.get("added_tokens") or []
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{source}: model.vocab should be an object {{token: integer id}}")
+    is_pair = lambda m: (isinstance(m, str) and m.count(" ") == 1 or isinstance(m, list) and len(m) == 2
+                         and all(isinstance(x, str) for x in m))
+    for k, m in enumerate(merges if isinstance(merges, list) else [merges]):
+        if not is_pair(m):
+            raise ValueError(f"{source}: model.merges[{k}] is {str(m)[:80]}; expected a list of 'a b' or ['a', 'b']")
+    for k, t in enumerate(added if isinstance(added, list) else [added]):
+        if not (isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str)):
+            raise ValueError(f"{source}: added_tokens[{k}] is {str(t)[:80]}; expected {{'id': int, 'content': str}}")
+    if model.get("unk_token") is not None and model["unk_token"] not in vocab:
+        raise ValueError(f"{source}: model.unk_token {model['unk_token']!r} is not in the vocabulary")
+    return model, added
+
+
+def _config_tokens(config: dict, lookup, source: str) -> tuple[dict, str]:
+    """tokenizer_config.json's bos/eos/pad ids ({"eos_token": id or None, ...}) and its chat template as a string.
+    A token named but not in the vocabulary is an error: guessing None would silently change what stops generation."""
+    ids = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        raw = config.get(key)
+        text = _token_content(raw)
+        if raw is not None and not isinstance(text, str):
+            raise ValueError(f"{source}: {key} should be a token string or an AddedToken object, got {raw!r}")
+        ids[key] = None if text is None else lookup(text)
+        if text is not None and ids[key] is None:
+            raise ValueError(f"{source}: {key} {text!r} is not in the vocabulary")
+    template = config.get("chat_template") or ""
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        "")
+    if not isinstance(template, str):
+        raise ValueError(f"{source}: chat_template should be a string or a list of {{'name', 'template'}} objects")
+    return ids, template
 
 
 def _byte_level_json(use_regex: bool) -> dict:
@@ -429,16 +483,105 @@ GGUF_PRETOKENIZERS = {
 }
 
 
+# GGUF metadata value types -> struct format; 8 (string) and 9 (array) are walked instead
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def open_gguf(path):
+    """A gguf.GGUFReader over `path`, once its layout is checked. gguf's own errors on a bad file are numpy's
+    ("cannot reshape array of size 3352 into shape (96,64)") and name neither the file nor the tensor; ours do."""
+    import gguf
+    path = Path(path)
+    size, (data_start, tensors) = path.stat().st_size, _gguf_layout(path)
+    known = {int(t): t for t in gguf.GGML_QUANT_SIZES}
+    for name, kind, dims, offset in tensors:
+        if kind not in known:
+            raise ValueError(f"{path}: tensor {name!r} has ggml type {kind}, not one of the {len(known)} types this "
+                             "gguf library knows (a corrupt header, or a newer format: upgrade gguf)")
+        block, type_size = gguf.GGML_QUANT_SIZES[known[kind]]
+        begin = data_start + offset
+        end = begin + math.prod(dims) // block * type_size
+        if end > size:
+            raise ValueError(f"{path}: truncated: tensor {name!r} ({known[kind].name}, {list(dims)}) needs bytes "
+                             f"{begin}..{end}, but the file has {size}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # what the walk does not check (a duplicated tensor name, ...)
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _gguf_layout(path: Path) -> tuple[int, list]:
+    """Walk a GGUF header (magic, version, counts, metadata, tensor infos), every read checked against the file's
+    size: (where the tensor data starts, [(tensor name, ggml type, dims, offset into the data)])."""
+    size, order = path.stat().st_size, "<"
+    with open(path, "rb") as f:
+        def take(n, what, seek=False):
+            if f.tell() + n > size:
+                raise ValueError(f"{path}: truncated: {what} runs past the end of the file ({size} bytes)")
+            return f.seek(n, 1) if seek else f.read(n)
+
+        def read(fmt, what):
+            return struct.unpack(order + fmt, take(struct.calcsize(order + fmt), what))
+
+        def text(what):  # a u64 length, then UTF-8 bytes
+            return take(read("Q", what)[0], what).decode("utf-8", "replace")
+
+        def skip(vtype, what, count=1):
+            if vtype in GGUF_SCALARS:
+                take(count * struct.calcsize(order + GGUF_SCALARS[vtype]), what, seek=True)
+            elif vtype == 8:
+                for _ in range(count):
+                    take(read("Q", what)[0], what, seek=True)
+            elif vtype == 9:  # an item type, a u64 count, the items
+                for _ in range(count):
+                    item_type, n = read("IQ", what)
+                    skip(item_type, what, n)
+            else:
+                raise ValueError(f"{path}: {what} has unknown GGUF value type {vtype}")
+
+        magic = f.read(4)
+        if magic != b"GGUF":
+            start = f", starting {magic!r}" if magic else ""
+            raise ValueError(f"{path}: not a GGUF file ({size} bytes{start}; expected the magic b'GGUF')")
+        version = read("I", "the version")[0]
+        if version and not version & 0xFFFF:  # written on a big-endian machine
+            order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (supported: 2, 3)")
+        n_tensors, n_kv = read("QQ", "the tensor and metadata counts")
+        alignment = 32
+        for _ in range(n_kv):
+            key = text("a metadata key")
+            vtype = read("I", f"metadata {key!r}")[0]
+            if key == "general.alignment" and vtype == 4:
+                alignment = read("I", f"metadata {key!r}")[0]
+            else:
+                skip(vtype, f"metadata {key!r}")
+        if alignment == 0 or alignment & (alignment - 1):
+            raise ValueError(f"{path}: general.alignment={alignment} is not a power of two")
+        tensors = []
+        for _ in range(n_tensors):
+            name = text("a tensor name")
+            n_dims = read("I", f"tensor {name!r}")[0]
+            if n_dims > 4:
+                raise ValueError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGML allows at most 4)")
+            dims = read(f"{n_dims}Q", f"tensor {name!r}")
+            kind, offset = read("IQ", f"tensor {name!r}")
+            tensors.append((name, kind, dims, offset))
+        return -(-f.tell() // alignment) * alignment, tensors
+
+
 def gguf_field(reader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
-def gguf_tokenizer_files(path) -> tuple[dict, dict]:
-    """A GGUF file's tokenizer metadata as (tokenizer.json, tokenizer_config.json) dicts."""
+def gguf_tokenizer_files(path, source: str | None = None) -> tuple[dict, dict]:
+    """A GGUF file's tokenizer metadata as (tokenizer.json, tokenizer_config.json) dicts. path: the file or its
+    open gguf.GGUFReader (then `source` names the file in errors)."""
     import gguf  # only needed for GGUF files
-    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
-    field = functools.partial(gguf_field, reader)
+    reader = path if isinstance(path, gguf.GGUFReader) else open_gguf(path)
+    field, path = functools.partial(gguf_field, reader), source or path
     kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
     if kind != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2', byte-level "
@@ -448,6 +591,12 @@ def gguf_tokenizer_files(path) -> tuple[dict, dict]:
                          f"{sorted(GGUF_PRETOKENIZERS)})")
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     merges = field("tokenizer.ggml.merges")
+    absent = [f"tokenizer.ggml.{k}" for k, v in (("tokens", tokens), ("token_type", types), ("merges", merges))
+              if not isinstance(v, list)]
+    if absent or len(types) != len(tokens):
+        found = f"missing {absent}" if absent else f"{len(types)} types for {len(tokens)} tokens"
+        raise ValueError(f"{path}: a gpt2 tokenizer needs the lists tokenizer.ggml.tokens, token_type (one per token) "
+                         f"and merges; {found}")
     # llama.cpp token types: 1 normal, 3 control (special), 4 user-defined (added, not special)
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": t == 3} for i, t in enumerate(types) if t in (3, 4)]
@@ -463,6 +612,8 @@ def gguf_tokenizer_files(path) -> tuple[dict, dict]:
               "tokenizer_class": "GPT2Tokenizer"}
     for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
         i = field(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not (isinstance(i, int) and 0 <= i < len(tokens)):
+            raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id={i!r} is not a token id (0..{len(tokens) - 1})")
         if i is not None:
             config[name] = tokens[i]
     if field("tokenizer.chat_template") is not None:

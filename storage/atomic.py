@@ -1,12 +1,14 @@
 """
 Atomic writes and repo-relative paths: the one place that knows how to put a file or a directory on disk so that a
-reader, or a crash, never sees it half-written. Plain Python (no torch, no numpy): the data engine uses it too.
+reader, or a crash, never sees it half-written; and `read_json`, whose errors name the file. Plain Python (no torch,
+no numpy): the data engine uses it too.
 
     write_file_atomically(path, lambda tmp: tmp.write_text(text))      # tmp is a sibling; renamed over path
     write_dir_atomically(out, lambda tmp: save_file(state, tmp / "model.safetensors"))
     repo_path("weights/dinov2-s14")                                     # as given if it exists, else under the repo
 """
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -59,3 +61,17 @@ def repo_path(path) -> Path:
     the presets' `weights/...` and `data/...` work from any working directory."""
     p = Path(path)
     return p if p.is_absolute() or p.exists() else ROOT / p
+
+
+def read_json(path) -> dict:
+    """A JSON file that must hold an object ({...}); else a ValueError naming the file (and line:column)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a JSON file (byte {e.start} is not UTF-8 text)") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object ({{...}}), found a {type(obj).__name__}")
+    return obj

@@ -1,6 +1,7 @@
 """
 Tensors on disk: safetensors files and Hugging Face-layout directories, read strictly and written atomically.
-Safetensors and JSON only: no pickle anywhere a user might load someone else's file.
+Safetensors and JSON only: no pickle anywhere a user might load someone else's file. A file that is not what it should
+be (random bytes, cut short, an integer where a float weight belongs) is an error naming the file and the key.
 
     state = read_safetensors("weights/dinov2-s14")       # model.safetensors, a sharded index, or the one *.safetensors
     save_tensors(state, Path("runs/x/stage3/model.safetensors"))
@@ -10,9 +11,10 @@ Safetensors and JSON only: no pickle anywhere a user might load someone else's f
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from storage.atomic import write_dir_atomically, write_file_atomically
+from storage.atomic import read_json, write_dir_atomically, write_file_atomically
 
 
 def read_safetensors(folder: Path) -> dict:
@@ -21,12 +23,14 @@ def read_safetensors(folder: Path) -> dict:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a 'weight_map' object {{tensor name: shard file}}")
         state = {}
         for name in sorted(set(weight_map.values())):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{index}: shard {name} is listed but absent")
-            part = load_file(folder / name)
+            part = load_safetensors(folder / name)
             stray = [k for k in part if weight_map.get(k) != name]
             if stray:
                 raise ValueError(f"{folder / name}: holds {stray[:8]}, which {index.name} does not map to this file")
@@ -40,7 +44,52 @@ def read_safetensors(folder: Path) -> dict:
     if len(files) != 1:
         raise FileNotFoundError(f"{folder}: expected model.safetensors, model.safetensors.index.json with its shards, "
                                 f"or exactly one *.safetensors file; found {files or 'none'}")
-    return load_file(folder / files[0])
+    return load_safetensors(folder / files[0])
+
+
+def load_safetensors(file) -> dict:
+    """One safetensors file's tensors. safetensors' own errors ("header too large") name neither the file nor the
+    sizes at fault; ours do, with the library's error kept as __cause__."""
+    file = Path(file)
+    try:
+        return load_file(file)
+    except SafetensorError as e:
+        raise ValueError(f"{file}: {_safetensors_problem(file) or f'not a valid safetensors file ({e})'}") from e
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a file safetensors refused, judged against the format: an 8-byte little-endian header
+    length n, n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then exactly the data they cover."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n) if 8 + n <= size else b""
+    if size < 8:
+        return f"not a safetensors file ({size} bytes; expected an 8-byte header length, a JSON header, the data)"
+    if 8 + n > size:
+        return f"not a safetensors file (header length {n} exceeds file size {size})"
+    try:
+        header = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        return f"not a safetensors file (its {n}-byte header is not JSON: {e})"
+    try:
+        ends = {k: int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return None  # a JSON header of the wrong shape: the library's message says which
+    data, last = size - 8 - n, max(ends, key=ends.get, default=None)
+    covered = 0 if last is None else ends[last]
+    if covered > data:
+        return (f"truncated: tensor {last!r} ends at data byte {covered}, but the file holds {data} bytes of data "
+                f"(file size {size}, expected {8 + n + covered})")
+    if covered < data:
+        return f"not a valid safetensors file (its tensors cover {covered} bytes of data, the file holds {data})"
+    return None
+
+
+def non_float(state: dict) -> list[str]:
+    """'name (dtype)' of each tensor that is not floating point: weights are floats, and casting an integer
+    tensor to one would load numbers no model was trained with."""
+    return [f"{k} ({v.dtype})".replace("torch.", "") for k, v in sorted(state.items()) if not v.is_floating_point()]
 
 
 def state_diff(expected: dict, state: dict) -> tuple[list, list, list]:

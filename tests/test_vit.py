@@ -28,12 +28,13 @@ def _save(model, tmp_path, name):
     return d
 
 
-def dinov2(tmp_path, registers=0, swiglu=False):
+def dinov2(tmp_path, registers=None, swiglu=False):
+    """Dinov2Model, or Dinov2WithRegistersModel when `registers` is given (0 included)."""
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
               layerscale_value=0.5)
-    if registers:
+    if registers is not None:
         m = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
     else:
         m = Dinov2Model(Dinov2Config(use_swiglu_ffn=swiglu, **kw))
@@ -41,12 +42,12 @@ def dinov2(tmp_path, registers=0, swiglu=False):
     return m, _save(m, tmp_path, "dinov2")
 
 
-def dinov3(tmp_path, gated=False):
+def dinov3(tmp_path, gated=False, registers=2):
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     m = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                                       num_register_tokens=2, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu",
-                                       patch_size=16, image_size=64))
+                                       num_register_tokens=registers, use_gated_mlp=gated,
+                                       hidden_act="silu" if gated else "gelu", patch_size=16, image_size=64))
     m = _randomize(m)
     return m, _save(m, tmp_path, "dinov3")
 
@@ -84,7 +85,7 @@ def assert_close(ours, ref):
 @pytest.mark.parametrize("kind", ["plain", "registers", "swiglu"])
 @pytest.mark.parametrize("size", [(56, 56), (42, 42), (70, 42)])
 def test_dinov2_parity(tmp_path, kind, size):
-    ref, path = dinov2(tmp_path, registers=4 if kind == "registers" else 0, swiglu=kind == "swiglu")
+    ref, path = dinov2(tmp_path, registers=4 if kind == "registers" else None, swiglu=kind == "swiglu")
     vit = load_vit(path)
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
@@ -100,6 +101,17 @@ def test_dinov3_parity(tmp_path, gated, size):
     with torch.no_grad():
         assert_close(vit(x), ref(pixel_values=x).last_hidden_state)
     assert vit.blocks[0].attn.k_proj.bias is None and vit.blocks[0].attn.q_proj.bias is not None
+
+
+@pytest.mark.parametrize("family", [dinov3, dinov2])
+def test_parity_without_registers(tmp_path, family):
+    """num_register_tokens=0: transformers saves an empty (1, 0, D) register table, a valid entry to accept."""
+    ref, path = family(tmp_path, registers=0)
+    vit = load_vit(path)
+    assert vit.cfg.n_registers == 0 and vit.register_tokens is None
+    x = torch.randn(2, 3, *((48, 80) if family is dinov3 else (42, 70)))
+    with torch.no_grad():
+        assert_close(vit(x), ref(pixel_values=x).last_hidden_state)
 
 
 @pytest.mark.parametrize("size", [56, 42])
