@@ -46,10 +46,11 @@ def encoder_embedding(encoder, size: int = 224):
 
 
 def generate(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
-             rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None):
+             rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None, depth_scale=1.0):
     """dataengine.writer.write_dataset, with `encoder` (a path) loaded to pair RGB-D frames without poses."""
     embed = encoder_embedding(encoder) if encoder else None
-    return write_dataset(kind, out, n, seed, size, order, workers, rgbd, shard_size, progress, band, encoder, embed)
+    return write_dataset(kind, out, n, seed, size, order, workers, rgbd, shard_size, progress, band, encoder, embed,
+                         depth_scale)
 
 
 HELP = {"spatial": "single-view spatial conversations, 12 turns pixel -> object -> scene (stage 3)",
@@ -77,6 +78,8 @@ def main(argv=None):
         sp.add_argument("--rgbd", default=None, help="a folder of RGB-D frame folders (format: scenes.load_rgbd)"
                             + ("; for pairs, a folder of scene folders of frames (pose.txt gives the co-visibility "
                                "band, else --encoder)" if "multiview" in kind else ""))
+        sp.add_argument("--depth-scale", type=float, default=1.0, help="--rgbd: stored depth x this = meters "
+                        "(0.001 for a depth.npy in millimetres; depth.png is read as millimetres already)")
         sp.add_argument("--size", type=int, default=448, help="synthetic image size (square), pixels")
         if kind in ORDERED:
             sp.add_argument("--order", choices=ORDERS, default="forward", help="turn order: pixel->object->scene"
@@ -104,8 +107,12 @@ def main(argv=None):
             band = [float(x) for x in band.split(",")]
         except ValueError:
             ap.error(f"--band {band!r}: expected two numbers LO,HI")
-    print(generate(args.kind, args.out, args.n, args.seed, args.size, getattr(args, "order", "forward"), args.workers,
-                   args.rgbd, args.shard_size, band=band, encoder=getattr(args, "encoder", None)))
+    try:
+        print(generate(args.kind, args.out, args.n, args.seed, args.size, getattr(args, "order", "forward"),
+                       args.workers, args.rgbd, args.shard_size, band=band, encoder=getattr(args, "encoder", None),
+                       depth_scale=args.depth_scale))
+    except ValueError as e:     # bad input (an RGB-D frame, an option): its message names it; rerun to continue
+        raise SystemExit(f"data.py {args.kind}: {e}") from e
 
 
 if __name__ == "__main__":

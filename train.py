@@ -35,7 +35,7 @@ from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
 from storage.atomic import repo_path
-from training.dataset import ConversationDataset, LoaderReport, collate
+from training.dataset import ConversationDataset, LoaderReport, collate, dataset_file
 from training.runs import (gathered, latest_checkpoint, load_checkpoint, load_stage_weights, save_checkpoint,
                            save_stage, stage_chain)
 
@@ -58,32 +58,34 @@ class Config:
     llm_heads: int = 4
     image_size: int = 64  # images are resized (not cropped) to this square: normalized coordinates stay valid
     merge: int = 2  # projector merges merge x merge patches into one LLM token
-    feature_layer: int = -1  # which ViT block the projector reads
+    feature_layer: int = -1  # which ViT block the projector reads: 0 .. depth-1, or -depth .. -1 from the end
     vision_tune: str = "dual"  # stage 3: dual | full | lora | frozen
     lora_rank: int = 8
     freeze_projector: bool = False  # stage 3: train only the encoder side
     shuffle_images: bool = False  # stage 3 control: each conversation is paired with another sample's image
     system_prompt: str = "default"  # "default": the checkpoint's own; "none": no system turn; or the text
-    data: str = ""  # dataset dir(s), "dirA,dirB:0.5" (weights mix); "" = data/<preset>/<stage kind>, made if absent
-    data_size: int = 0  # use only the first N samples (0: all): the dataset-size ablation
+    data: str = ""  # dataset dirs or files (.jsonl, LLaVA .json), "dirA,b.json:0.5" (weights >= 0 mix them);
+    #                 "" = data/<preset>/<stage kind>, made if absent
+    images_outside_data: bool = False  # let --data records name images outside their file's folder (absolute, ../)
+    data_size: int = 0  # use only the first N >= 0 samples (0: all): the dataset-size ablation
     order: str = "forward"  # turn order of generated spatial data: forward | reversed | shuffled
     data_root: str = "data"  # where default data is generated: <data_root>/<preset>/<kind>
     gen_samples: int = 400  # samples to generate when the default data is absent
     max_len: int = 1024  # tokens per sample; whole trailing turns are dropped beyond it (and counted)
     pack: bool = False  # pack several samples per row (block-diagonal causal mask)
     workers: int = 0  # data-loader worker processes
-    lr: float = 0.0  # 0: the stage's default (see STAGE_LR); stage 3: Attn+ (or the encoder, LoRA)
+    lr: float = 0.0  # > 0, or 0: the stage's default (see STAGE_LR); stage 3: Attn+ (or the encoder, LoRA)
     gate_lr: float = 0.0  # stage 3: the gates' rate (0: 100 x lr): the gate's gradient is 0 at init, and Adam moves
     #                       it at most ~lr per step, so at the encoder's rate σ(a) stays at 1/2 in a short run
     projector_lr: float = 0.0  # stage 3: the projector's rate (0: lr / 10): format learning stays out of the encoder
-    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac, in [0, 1]
     warmup_frac: float = -1.0  # < 0: 3 % of the steps in stages 1-2 (LLaVA), 10 % in stage 3
     weight_decay: float = 0.0  # never on norms, biases, gates; >0 pulls Attn+ towards zero, not towards Attn
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # > 0: the largest gradient norm (no clipping: a large value such as 1e6)
     batch_size: int = 4  # per micro-step and process
     global_batch: int = 8  # per optimizer step, over micro-steps and processes
-    epochs: float = 1.0
-    max_steps: int = 0  # >0 overrides epochs
+    epochs: float = 1.0  # > 0
+    max_steps: int = 0  # > 0 overrides epochs; 0: epochs decide
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16, AMX), else fp32
@@ -91,9 +93,9 @@ class Config:
     grad_ckpt: bool = False  # recompute activations of the ViT and the LLM in backward
     fsdp: bool = False  # shard the LLM with FSDP2 (with torchrun)
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
-    keep_last: int = 2
+    keep_last: int = 2  # >= 1 resumable checkpoints kept
     resume: bool = False  # continue from the stage's latest checkpoint
-    log_every: int = 1
+    log_every: int = 1  # >= 1
     wandb: bool = False  # log to Weights & Biases when installed
     bench: int = 0  # >0: time this many steps and print throughput; nothing is written
     probe: bool = True  # stage 3: end with a quick depth-probe summary, baseline vs boosted
@@ -141,20 +143,73 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
+LEAST = {"vit_dim": 1, "vit_depth": 1, "vit_heads": 1, "vit_patch": 1, "llm_dim": 1, "llm_layers": 1, "llm_heads": 1,
+         "image_size": 1, "merge": 1, "lora_rank": 1, "batch_size": 1, "global_batch": 1, "gen_samples": 1,
+         "max_len": 16, "keep_last": 1, "log_every": 1, "data_size": 0, "max_steps": 0, "save_every": 0, "workers": 0,
+         "bench": 0}  # int flags: the least value allowed
+ZERO = {"data_size": "all samples", "max_steps": "--epochs decides", "save_every": "only at the end",
+        "bench": "no benchmark, train"}  # what 0 means where it is allowed
+
+
 def validate(cfg: Config) -> list[str]:
+    """Every bad value as "--flag value: what is allowed" (parse_config makes them an argparse error). A loaded
+    encoder's depth bounds --feature-layer only once it is loaded: build_base checks that."""
+    flag = lambda k: f"--{k.replace('_', '-')} {getattr(cfg, k)!r}"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     checks = [(cfg.stage in (1, 2, 3), f"--stage {cfg.stage}: must be 1, 2 or 3")]
-    checks += [(getattr(cfg, k) in ok, f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: {'|'.join(ok)}")
-               for k, ok in CHOICES.items()]
-    checks += [(cfg.batch_size > 0 and cfg.global_batch > 0, "--batch-size and --global-batch must be positive"),
-               (cfg.lr > 0 and cfg.gate_lr > 0 and cfg.projector_lr > 0,
-                "--lr, --gate-lr, --projector-lr: must be positive"),
-               (not cfg.shuffle_images or cfg.stage == 3, "--shuffle-images is the stage-3 control"),
+    checks += [(getattr(cfg, k) in ok, f"{flag(k)}: {'|'.join(ok)}") for k, ok in CHOICES.items()]
+    checks += [(getattr(cfg, k) >= least, f"{flag(k)}: must be >= {least}" + (f" (0: {ZERO[k]})" if k in ZERO else ""))
+               for k, least in LEAST.items()]
+    floats = [f.name for f in dataclasses.fields(Config) if f.type in (float, "float")]
+    checks += [(math.isfinite(getattr(cfg, k)), f"{flag(k)}: must be a finite number") for k in floats]
+    checks += [(min(cfg.lr, cfg.gate_lr, cfg.projector_lr) > 0,
+                f"--lr {cfg.lr}, --gate-lr {cfg.gate_lr}, --projector-lr {cfg.projector_lr}: must be positive"),
+               (cfg.grad_clip > 0, f"{flag('grad_clip')}: must be > 0, the largest gradient norm (no clipping: a "
+                                   "large value such as 1e6)"),
+               (cfg.epochs > 0, f"{flag('epochs')}: must be > 0"),
                (0 <= cfg.warmup_frac < 1, f"--warmup-frac {cfg.warmup_frac}: must be in [0, 1)"),
-               (cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision),
+               (0 <= cfg.min_lr_frac <= 1, f"{flag('min_lr_frac')}: must be in [0, 1]"),
+               (cfg.weight_decay >= 0, f"{flag('weight_decay')}: must be >= 0"),
+               (not cfg.shuffle_images or cfg.stage == 3, "--shuffle-images is the stage-3 control"),
+               (cfg.vit_patch < 1 or cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision),
                 f"--image-size {cfg.image_size} is not a multiple of --vit-patch {cfg.vit_patch}"),
-               (cfg.merge >= 1, "--merge must be >= 1"),
-               (cfg.max_len >= 16, "--max-len must be >= 16")]
+               (cfg.batch_size < 1 or cfg.global_batch % (cfg.batch_size * world) == 0,
+                f"--global-batch {cfg.global_batch}: must be a multiple of --batch-size {cfg.batch_size} x {world} "
+                "process(es)"),
+               (bool(cfg.vision) or -cfg.vit_depth <= cfg.feature_layer < cfg.vit_depth,
+                f"--feature-layer {cfg.feature_layer}: the random ViT has --vit-depth {cfg.vit_depth} blocks; "
+                f"expected {-cfg.vit_depth} .. {cfg.vit_depth - 1} (-1: the last)")]
+    checks += [(bool(given) or dim % heads == 0, f"--{kind}-dim {dim} is not a multiple of --{kind}-heads {heads}")
+               for kind, given, dim, heads in (("vit", cfg.vision, cfg.vit_dim, cfg.vit_heads),
+                                               ("llm", cfg.llm, cfg.llm_dim, cfg.llm_heads)) if heads > 0]
+    try:
+        data_sources(cfg.data)
+    except (ValueError, FileNotFoundError) as e:
+        checks.append((False, str(e)))
     return [msg for ok, msg in checks if not ok]
+
+
+def data_sources(spec: str) -> list[tuple[Path, float]]:
+    """--data "dirA,b.json:0.5" -> [(path, weight)]: each a dataset dir or file (training/dataset.py reads both),
+    weight 1 unless given after the last ':'. A ValueError or FileNotFoundError names the entry that is wrong."""
+    out = []
+    for item in spec.split(",") if spec else []:
+        path, sep, weight = item.rpartition(":")
+        path, weight = (path, weight) if sep else (item, "")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--data {item!r}: the weight after ':' must be a number, e.g. {path}:0.5") from None
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"--data {item!r}: the weight must be a finite number >= 0")
+        if not path:
+            raise ValueError(f"--data {spec!r}: an empty entry; expected a dataset dir or file, comma-separated")
+        try:
+            dataset_file(repo_path(path))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--data {item!r}: {e}") from None
+        out.append((repo_path(path), w))
+    return out
 
 
 @dataclass
@@ -219,6 +274,10 @@ def base_sources(cfg: Config, run_dir: Path, log, write: bool = True) -> dict:
 def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
     """The VLM before any stage: sources loaded, <image> added, a fresh projector seeded alike everywhere."""
     vit = load_vit(repo_path(sources["vision"]))
+    depth = len(vit.blocks)
+    if not -depth <= cfg.feature_layer < depth:
+        raise ValueError(f"--feature-layer {cfg.feature_layer}: the encoder {sources['vision']} has {depth} blocks; "
+                         f"expected {-depth} .. {depth - 1} (-1: the last)")
     lm, tok = load_llm(repo_path(sources["llm"]))
     if cfg.system_prompt != "default":
         tok.system_prompt = None if cfg.system_prompt == "none" else cfg.system_prompt
@@ -308,13 +367,7 @@ def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer) -> tuple[Conv
     """-> (dataset, micro-steps per step, steps per epoch, total steps). The data: --data, or data/<preset>/<kind>
     for each of the stage's kinds (mixed 1:1), generated on first use, each kind from its own seed so that no two
     stages train on the same images."""
-    out = []
-    for item in cfg.data.split(",") if cfg.data else []:
-        path, _, weight = item.partition(":")
-        p = repo_path(path)
-        if not (p / "data.jsonl").exists():
-            raise FileNotFoundError(f"--data {path}: {p / 'data.jsonl'} not found")
-        out.append((p, float(weight) if weight else 1.0))
+    out = data_sources(cfg.data)
     for kind in [] if cfg.data else STAGE_DATA[cfg.stage]:
         ordered = kind.startswith("spatial") and cfg.order != "forward"
         path = repo_path(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
@@ -327,7 +380,8 @@ def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer) -> tuple[Conv
     n_img_tokens = vlm.n_image_tokens(cfg.image_size)
     ds = ConversationDataset(out, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
                              max_len=cfg.max_len, limit=cfg.data_size or None,
-                             shuffle_images=cfg.seed if cfg.shuffle_images else None)
+                             shuffle_images=cfg.seed if cfg.shuffle_images else None,
+                             outside_images=cfg.images_outside_data)
     accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), rt.world, rt.rank, 0, 0)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     rt.log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in out)} | {n_img_tokens} tokens per image "

@@ -2,6 +2,11 @@
 The data checker: recompute every number and every yes/no of a dataset from its stored ground truth.
 
     python data.py check data/spatial          # prints each disagreement; exit status 1 if there is any
+    data/spatial/data.jsonl:line 7: spatial-000006: turn 0 (depth): numbers [2.41] != expected [2.21]
+
+Every problem names its line; a line that is not a sample at all (not JSON, NaN or Infinity in it, missing or mistyped
+fields, roles out of order, an image missing or outside the dataset folder, ground truth that does not fit) is one
+problem, never a crash, and an empty file is one too.
 
 It reads only the files and `meta` (depth, masks, K, the camera->answer rotation, poses, points, cubes) and
 recomputes the facts with its own arithmetic, not the generator's (the inverse of K, the instance mask rather than
@@ -11,6 +16,7 @@ pixel lies inside its object's cube (a wrong frame or cube) and that the semanti
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -37,9 +43,16 @@ def _mask(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(np.int64)
 
 
+def _depth(path: Path) -> np.ndarray:
+    depth = load_depth(path)
+    if not np.isfinite(depth).all() or (depth < 0).any():
+        raise ValueError(f"{path.name} holds NaN, inf or negative depths")
+    return depth
+
+
 def _pairs(conv: list) -> bool:
     """The conversation alternates human, gpt, human, gpt, ... and ends on gpt."""
-    return len(conv) % 2 == 0 and [m["from"] for m in conv] == ["human", "gpt"] * (len(conv) // 2)
+    return len(conv) % 2 == 0 and [m.get("from") for m in conv] == ["human", "gpt"] * (len(conv) // 2)
 
 
 def _images(conv: list) -> int:
@@ -56,7 +69,7 @@ def check_spatial(rec: dict, out: Path, stats: dict) -> list:
     if {k: levels.count(k) for k in LEVEL_COUNTS} != LEVEL_COUNTS or len(meta["turns"]) != 12:
         bad.append(f"levels {levels} do not hold 5 pixel, 4 object, 1 scene, 2 caption turns")
     W, H = Image.open(out / rec["image"]).size
-    depth, inst = load_depth(out / meta["depth"]), _mask(out / meta["instance"])
+    depth, inst = _depth(out / meta["depth"]), _mask(out / meta["instance"])
     if depth.shape != (H, W) or inst.shape != (H, W) or meta["size"] != [H, W]:
         return bad + [f"image {(H, W)}, depth {depth.shape}, instance {inst.shape}, meta size {meta['size']} disagree"]
     Kinv, R = np.linalg.inv(np.array(meta["K"])), np.array(meta["answer_from_camera"])
@@ -365,7 +378,7 @@ def check_pair(rec: dict, out: Path, stats: dict) -> list:
     if (not conv[0]["value"].startswith("<image>\n<image>\n") or _images(conv) != 2
             or rec["image"] != [v["image"] for v in V]):
         return ["two images, both named in the first human turn ('<image>\\n<image>\\n')"]
-    depth, inst = [load_depth(out / v["depth"]) for v in V], [_mask(out / v["instance"]) for v in V]
+    depth, inst = [_depth(out / v["depth"]) for v in V], [_mask(out / v["instance"]) for v in V]
     for v, d, i in zip(V, depth, inst):
         rgb = Image.open(out / v["image"]).size[::-1]
         if list(d.shape) != v["size"] or list(i.shape) != v["size"] or list(rgb) != v["size"]:
@@ -559,20 +572,96 @@ def check_grounding(rec: dict, out: Path, stats: dict) -> list:
     return bad
 
 
+CHECKERS = {"spatial": check_spatial, "captions": check_single, "instruct": check_single, "grounding": check_grounding,
+            "multiview": check_pair, "spatial-multiview": check_pair}
+FILE_KEYS = ("image", "depth", "instance", "semantic")     # meta's keys that name a file of the dataset
+
+
+def _finite(text: str) -> float:
+    x = float(text)
+    if not np.isfinite(x):
+        raise ValueError(f"number {text} is not finite")
+    return x
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _files(x) -> list:
+    """Every file a record's meta names (images, depth, masks), at any depth."""
+    if isinstance(x, dict):
+        return [v for k, v in x.items() if k in FILE_KEYS and isinstance(v, str)] + [
+            f for k, v in x.items() for f in _files(v)]
+    return [f for v in x for f in _files(v)] if isinstance(x, list) else []
+
+
+def _shape(rec, out: Path) -> list:
+    """What makes a line no sample of ours: fields missing or mistyped, roles out of order, files missing or
+    outside the dataset folder, turns in meta that do not match the conversation."""
+    if not isinstance(rec, dict):
+        return [f"expected a JSON object, got {type(rec).__name__}"]
+    conv, meta, image = rec.get("conversations"), rec.get("meta"), rec.get("image")
+    wrong = [k for k, kind in (("id", str), ("conversations", list), ("meta", dict))
+             if not isinstance(rec.get(k), kind)]
+    if wrong:
+        return [f"{' and '.join(map(repr, wrong))} missing or mistyped: expected 'id' a string, 'conversations' a "
+                "list, 'meta' an object"]
+    if not all(isinstance(m, dict) and isinstance(m.get("value"), str) for m in conv):
+        return ["every turn must be {'from': 'human' | 'gpt', 'value': a string}"]
+    if not conv or not _pairs(conv):
+        return [f"roles {[m.get('from') for m in conv][:8]}: expected human, gpt, human, gpt, ... ending on an answer"]
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
+        return [f"'image' = {json.dumps(image)[:60]}: expected a path or a list of paths"]
+    if meta.get("kind", "spatial") not in CHECKERS:
+        return [f"meta kind {meta.get('kind')!r}: expected one of {', '.join(CHECKERS)}"]
+    if not isinstance(meta.get("turns"), list) or len(meta["turns"]) != len(conv) // 2:
+        return [f"meta 'turns' must list one entry per human/gpt pair ({len(conv) // 2})"]
+    marks = [m["value"].count("<image>") for m in conv]
+    if sum(marks[::2]) != len(images) or sum(marks[1::2]):
+        return [f"{sum(marks[::2])} '<image>' marks in the human turns ({sum(marks[1::2])} in answers) for "
+                f"{len(images)} image(s)"]
+    files = sorted(set(images + _files(meta)))
+    outside = [p for p in files if os.path.isabs(p) or os.path.normpath(p).split(os.sep)[0] == ".."]
+    if outside:
+        return [f"files {outside[:3]} lie outside the dataset folder {out}"]
+    missing = [p for p in files if not (out / p).is_file()]
+    return [f"files {missing[:3]} not found under {out}"] if missing else []
+
+
+def check_line(line: bytes, out: Path, stats: dict) -> list:
+    """One line of data.jsonl -> its problems ["<id>: what is wrong"]."""
+    try:
+        rec = json.loads(line.decode(), parse_float=_finite, parse_constant=_no_constant)
+    except ValueError as e:                    # UnicodeDecodeError too
+        return [f"not valid JSON ({e})"]
+    bad = _shape(rec, out)
+    name = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else "(no id)"
+    if bad:
+        return [f"{name}: {b}" for b in bad]
+    try:
+        return [f"{name}: {p}" for p in CHECKERS[rec["meta"].get("kind", "spatial")](rec, out, stats)]
+    except KeyError as e:
+        return [f"{name}: missing field {e}"]
+    except Exception as e:      # files or meta that do not fit the kind's ground truth: named, never a traceback
+        return [f"{name}: bad files or meta ({type(e).__name__}: {e})"]
+
+
 def check(out, limit: int | None = None) -> tuple:
-    """Check every sample of out/data.jsonl -> (problems [str], stats {name: count})."""
+    """Check every sample of a dataset (a directory's data.jsonl, or that file), or its first `limit` ->
+    (problems ["<file>:line N: <id>: what is wrong"], stats {name: count})."""
     out, problems, stats = Path(out), [], {"samples": 0}
-    checkers = {"spatial": check_spatial, "captions": check_single, "instruct": check_single,
-                "grounding": check_grounding, "multiview": check_pair, "spatial-multiview": check_pair}
-    with open(out / "data.jsonl") as f:
-        for n, line in enumerate(f):
-            if limit is not None and n >= limit:
+    path = out if out.is_file() else out / "data.jsonl"
+    if not path.is_file():
+        return [f"{path}: not found (a dataset directory holds data.jsonl)"], stats
+    with open(path, "rb") as f:                # bytes: a line that is not UTF-8 is one problem, not a crash
+        for n, line in enumerate(f, 1):
+            if limit is not None and stats["samples"] >= limit:
                 break
-            rec = json.loads(line)
-            stats["samples"] += 1
-            try:
-                checker = checkers[rec["meta"].get("kind", "spatial")]
-                problems += [f"{rec['id']}: {p}" for p in checker(rec, out, stats)]
-            except (KeyError, OSError, ValueError, IndexError, StopIteration) as e:
-                problems.append(f"{rec.get('id', f'line {n + 1}')}: unreadable sample ({type(e).__name__}: {e})")
+            if line.strip():                   # blank lines are not samples (as for training)
+                stats["samples"] += 1
+                problems += [f"{path}:line {n}: {p}" for p in check_line(line, path.parent, stats)]
+    if stats["samples"] == 0:
+        problems.append(f"{path}: no samples (the file is empty)")
     return problems, stats

@@ -510,7 +510,7 @@ def prepare(cfg, embed=None) -> dict:
     for group in scene_folders(cfg.rgbd):
         loaded = []
         for f in group:
-            frame = scenes.load_rgbd(f)
+            frame = scenes.load_rgbd(f, cfg.depth_scale)
             vocabulary |= {c for c in frame["labels"].values() if c.lower() not in scenes.FLOOR_LABELS}
             if frame["cam_to_world"] is None and not cfg.encoder:
                 raise SystemExit(f"{f}: no pose.txt; co-visibility needs poses (or pair such frames with --encoder)")
@@ -535,14 +535,14 @@ def prepare(cfg, embed=None) -> dict:
     if not pairs:
         raise SystemExit(f"--rgbd {cfg.rgbd}: no pair of frames in the band {cfg.band} sharing {need} identifiable "
                          "objects")
-    return dict(pairs=pairs, vocabulary=sorted(vocabulary))
+    return dict(pairs=pairs, vocabulary=sorted(vocabulary), depth_scale=cfg.depth_scale)
 
 
 def rgbd_pair(source: dict, index: int, rng) -> Pair:
     fa, fb, dist = source["pairs"][index % len(source["pairs"])]
     if dist is not None and rng.random() < 0.5:         # feature pairs are unordered
         fa, fb = fb, fa
-    (va, inside_a), (vb, inside_b) = (rgbd_view(scenes.load_rgbd(f)) for f in (fa, fb))
+    (va, inside_a), (vb, inside_b) = (rgbd_view(scenes.load_rgbd(f, source["depth_scale"])) for f in (fa, fb))
     pair = Pair([va, vb], [inside_a, inside_b], None, dist, [], [fa, fb])
     pair.covis = covis_both(va, vb) if pair.posed else None
     seen = {c for view in pair.views for i, c in view.labels.items() if (view.instance == i).any()}

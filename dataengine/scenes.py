@@ -15,6 +15,7 @@ Rendering casts rays against analytic primitives, each over its screen rectangle
 and an orthographic shadow map traced the same way: numpy, float32, no Python loop touches a pixel.
 """
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -513,14 +514,17 @@ def _shadow_test(scene: Scene, parts, p, sid, size: int = 256):
 # ----------------------------------------------------------------------------------------------------------------
 # Real RGB-D frames: one folder per frame (what NYUv2, ScanNet frames or a Depth Pro + SAM 2 run provide).
 #   rgb.png | rgb.jpg            the image
-#   depth.npy | depth.png        float meters (.npy) or uint16 millimeters (.png); 0 = unknown; same size as rgb
+#   depth.npy | depth.png        float meters (.npy) or uint16 millimeters (.png); 0 = unknown; same size as rgb;
+#                                known depths in (0, MAX_DEPTH] after load_rgbd's depth_scale (data.py --depth-scale)
 #   intrinsics.json | .txt       {"fx", "fy", "cx", "cy"} or {"K": 3x3}; a .txt holds a 3x3 or 4x4 matrix
 #   instance.png                 uint8/uint16 instance ids, 0 = no object; same size as rgb
 #   labels.json                  {"<instance id>": "<category>", ...}, a label for every id in instance.png
 #   captions.txt                 optional, one caption per line
-#   pose.txt                     optional, 4x4 cam_to_world (OpenCV axes), for multi-view data
+#   pose.txt                     optional, 4x4 cam_to_world (OpenCV axes), for multi-view data: a rotation (orthonormal,
+#                                det +1) and a translation in meters, last row 0 0 0 1
 
 FLOOR_LABELS = ("floor", "ground", "carpet", "rug", "floor mat")
+MAX_DEPTH = 250.0  # meters: beyond any room or street scene a depth sensor sees; more is a unit error (millimetres)
 
 
 def frame_folders(root) -> list:
@@ -533,72 +537,123 @@ def frame_folders(root) -> list:
     return [str(f) for f in frames]
 
 
-def load_rgbd(folder) -> dict:
-    """Read and validate one RGB-D frame folder (format above). Returns name, rgb uint8 (H, W, 3), depth float32
-    (H, W) meters (0 = unknown), K (3, 3), instance int32 (H, W), labels {id: str}, captions [str], cam_to_world
-    (4, 4) or None. Bad input raises ValueError naming the folder, the file and what was expected."""
-    folder = Path(folder)
+def _fail_if(folder: Path, bad, message: str):
+    if bad:
+        raise ValueError(f"RGB-D folder {folder}: {message}")
 
-    def fail_if(bad, message):
-        if bad:
-            raise ValueError(f"RGB-D folder {folder}: {message}")
 
-    def one(names, what="", missing=None):      # the single existing file among names; None or fail(missing)
-        found = [folder / n for n in names if (folder / n).exists()]
-        fail_if(len(found) > 1, f"both {' and '.join(f.name for f in found[:2])} exist; keep one {what}")
-        fail_if(not found and missing, missing)
-        return found[0] if found else None
+def _one(folder: Path, names, what="", missing=None) -> Path | None:
+    """The single existing file among names; None, or fail with `missing` when it is given."""
+    found = [folder / n for n in names if (folder / n).exists()]
+    _fail_if(folder, len(found) > 1, f"both {' and '.join(f.name for f in found[:2])} exist; keep one {what}")
+    _fail_if(folder, not found and missing, missing)
+    return found[0] if found else None
 
-    fail_if(not folder.is_dir(), "not a directory")
-    rgb = np.asarray(Image.open(one(("rgb.png", "rgb.jpg", "rgb.jpeg"), "image", "missing rgb.png (or rgb.jpg)"))
-                     .convert("RGB"))
-    H, W = rgb.shape[:2]
-    path = one(("depth.npy", "depth.png"), "depth map",
-               "missing depth: expected depth.npy (float meters) or depth.png (uint16 millimeters)")
+
+def _read(folder: Path, path: Path, read):
+    """read(path), a library's error on a malformed file raised again naming the folder and the file."""
+    try:
+        return read(path)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise ValueError(f"RGB-D folder {folder}: {path.name} is not readable ({type(e).__name__}: {e})") from e
+
+
+def _numbers(path: Path) -> np.ndarray:
+    return np.array(path.read_text().split(), float)
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _depth(folder: Path, H: int, W: int, depth_scale: float) -> np.ndarray:
+    """(H, W) float64 meters, 0 = unknown; every known depth finite and in (0, MAX_DEPTH]."""
+    path = _one(folder, ("depth.npy", "depth.png"), "depth map",
+                "missing depth: expected depth.npy (float meters) or depth.png (uint16 millimeters)")
     if path.suffix == ".npy":
-        depth = np.load(path, allow_pickle=False)
-        fail_if(depth.dtype.kind != "f", f"depth.npy has dtype {depth.dtype}; expected float meters")
+        depth = _read(folder, path, lambda p: np.load(p, allow_pickle=False))
+        _fail_if(folder, depth.dtype.kind != "f", f"depth.npy has dtype {depth.dtype}; expected float meters")
     else:
-        img = Image.open(path)
-        fail_if(img.mode not in ("I;16", "I;16B", "I"), f"depth.png has mode {img.mode}; expected 16-bit millimeters")
-        depth = np.asarray(img) / 1000.0
-    depth = np.asarray(depth, np.float64)
+        img = _read(folder, path, Image.open)
+        _fail_if(folder, img.mode not in ("I;16", "I;16B", "I"),
+                 f"depth.png has mode {img.mode}; expected 16-bit millimeters")
+        depth = _read(folder, path, lambda p: np.asarray(img) / 1000.0)
+    depth = np.asarray(depth, np.float64) * depth_scale
+    fail_if = functools.partial(_fail_if, folder)
     fail_if(depth.shape != (H, W), f"{path.name} has shape {depth.shape}; expected {(H, W)} like the rgb image")
     nonfinite = int((~np.isfinite(depth)).sum())
     fail_if(nonfinite, f"{path.name} has {nonfinite} NaN/inf values; mark unknown depth with 0")
     fail_if((depth < 0).any() or not (depth > 0).any(),
             f"{path.name} has negative or no positive depths (range {depth.min():.3f} .. {depth.max():.3f})")
-    path = one(("intrinsics.json", "intrinsics.txt"), "intrinsics file",
-               "missing intrinsics.json (fx, fy, cx, cy) or intrinsics.txt (3x3 or 4x4 matrix)")
+    far = int((depth > MAX_DEPTH).sum())
+    fail_if(far, f"{path.name} has {far} depths beyond {MAX_DEPTH:g} m (up to {depth.max():.4g} m"
+            f"{f' after --depth-scale {depth_scale:g}' if depth_scale != 1 else ''}): saved in millimetres? pass "
+            "--depth-scale 0.001; a far background such as sky: store 0 (unknown)")
+    return depth
+
+
+def _intrinsics(folder: Path) -> np.ndarray:
+    """(3, 3) pinhole K of finite numbers, fx and fy > 0."""
+    path = _one(folder, ("intrinsics.json", "intrinsics.txt"), "intrinsics file",
+                "missing intrinsics.json (fx, fy, cx, cy) or intrinsics.txt (3x3 or 4x4 matrix)")
     if path.suffix == ".json":
-        k = json.loads(path.read_text())
-        fail_if(not ("K" in k or all(n in k for n in ("fx", "fy", "cx", "cy"))),
-                f"intrinsics.json has keys {sorted(k)}; expected 'K' or fx, fy, cx, cy")
-        K = np.array(k["K"] if "K" in k else [[k["fx"], 0, k["cx"]], [0, k["fy"], k["cy"]], [0, 0, 1]], float)
+        k = _read(folder, path, _json)
+        _fail_if(folder, not isinstance(k, dict) or not ("K" in k or all(n in k for n in ("fx", "fy", "cx", "cy"))),
+                 f"intrinsics.json has keys {sorted(k) if isinstance(k, dict) else k}; expected 'K' or fx, fy, cx, cy")
+        K = _read(folder, path, lambda p: np.array(
+            k["K"] if "K" in k else [[k["fx"], 0, k["cx"]], [0, k["fy"], k["cy"]], [0, 0, 1]], float))
     else:
-        m = np.array(path.read_text().split(), float)
-        fail_if(m.size not in (9, 16), f"intrinsics.txt holds {m.size} numbers; expected a 3x3 or 4x4 matrix")
+        m = _read(folder, path, _numbers)
+        _fail_if(folder, m.size not in (9, 16), f"intrinsics.txt holds {m.size} numbers; expected a 3x3 or 4x4 matrix")
         K = m.reshape(3, 3) if m.size == 9 else m.reshape(4, 4)[:3, :3]   # ScanNet writes 4x4
-    fail_if(K.shape != (3, 3) or K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], (0, 0, 1)),
-            f"intrinsics {K.tolist()} are not a pinhole matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]")
-    instance = np.asarray(Image.open(one(["instance.png"], missing="missing instance.png (uint8/uint16 instance ids, "
-                                                                   "0 = no object)")))
+    _fail_if(folder, K.shape != (3, 3) or not np.isfinite(K).all() or not (K[0, 0] > 0 and K[1, 1] > 0)
+             or not np.allclose(K[2], (0, 0, 1)), f"{path.name}: {K.tolist()} is not a pinhole matrix "
+             "[[fx, 0, cx], [0, fy, cy], [0, 0, 1]] of finite numbers with fx, fy > 0")
+    return K
+
+
+def _pose(folder: Path) -> np.ndarray | None:
+    """(4, 4) cam_to_world from pose.txt, or None: finite, an orthonormal rotation (det +1), last row 0 0 0 1."""
+    path = _one(folder, ["pose.txt"])
+    if path is None:
+        return None
+    pose = _read(folder, path, _numbers)
+    _fail_if(folder, pose.size != 16, f"pose.txt holds {pose.size} numbers; expected a 4x4 cam_to_world matrix")
+    pose = pose.reshape(4, 4)
+    R = pose[:3, :3]
+    _fail_if(folder, not np.isfinite(pose).all() or not np.allclose(pose[3], (0, 0, 0, 1))
+             or np.abs(R @ R.T - np.eye(3)).max() > 1e-3 or np.linalg.det(R) < 0,
+             f"pose.txt {np.round(pose, 4).tolist()} is not a cam_to_world matrix of finite numbers: an orthonormal "
+             "rotation (det +1), a translation, last row 0 0 0 1")
+    return pose
+
+
+def load_rgbd(folder, depth_scale: float = 1.0) -> dict:
+    """Read and validate one RGB-D frame folder (format above); depth_scale multiplies the stored depth (0.001: a
+    depth.npy in millimetres). Returns name, rgb uint8 (H, W, 3), depth float32 (H, W) meters (0 = unknown), K (3, 3),
+    instance int32 (H, W), labels {id: str}, captions [str], cam_to_world (4, 4) or None. Bad input raises ValueError
+    naming the folder, the file and what was expected."""
+    folder = Path(folder)
+    fail_if = functools.partial(_fail_if, folder)
+    fail_if(not folder.is_dir(), "not a directory")
+    rgb = _read(folder, _one(folder, ("rgb.png", "rgb.jpg", "rgb.jpeg"), "image", "missing rgb.png (or rgb.jpg)"),
+                lambda p: np.asarray(Image.open(p).convert("RGB")))
+    H, W = rgb.shape[:2]
+    depth, K = _depth(folder, H, W, depth_scale), _intrinsics(folder)
+    instance = _read(folder, _one(folder, ["instance.png"], missing="missing instance.png (uint8/uint16 instance "
+                                                                    "ids, 0 = no object)"),
+                     lambda p: np.asarray(Image.open(p)))
     fail_if(instance.shape != (H, W) or instance.dtype.kind not in "ui",
             f"instance.png has shape {instance.shape} ({instance.dtype}); expected {(H, W)} integer ids, as rgb")
-    raw = json.loads(one(["labels.json"], missing='missing labels.json ({"<instance id>": "<category>", ...})')
-                     .read_text())
+    raw = _read(folder, _one(folder, ["labels.json"], missing='missing labels.json ({"<instance id>": "<category>", '
+                                                             '...})'), _json)
     fail_if(not isinstance(raw, dict) or not all(isinstance(v, str) and v.strip() for v in raw.values()),
             "labels.json must map instance ids to non-empty strings")
     fail_if(not all(k.strip().isdigit() for k in raw), f"labels.json keys {sorted(raw)} must be integer instance ids")
     labels = {int(k): v.strip() for k, v in raw.items()}
     unknown = sorted(set(np.unique(instance).tolist()) - {0} - set(labels))
     fail_if(unknown, f"instance.png has ids {unknown} with no label in labels.json")
-    path = one(["captions.txt"])
+    path = _one(folder, ["captions.txt"])
     captions = [c.strip() for c in path.read_text().splitlines() if c.strip()] if path else []
-    path, pose = one(["pose.txt"]), None
-    if path:
-        pose = np.array(path.read_text().split(), float)
-        fail_if(pose.size != 16, f"pose.txt holds {pose.size} numbers; expected a 4x4 cam_to_world matrix")
-        pose = pose.reshape(4, 4)
     return dict(name=folder.name, rgb=rgb, depth=depth.astype(F32), K=K, instance=instance.astype(np.int32),
-                labels=labels, captions=captions, cam_to_world=pose)
+                labels=labels, captions=captions, cam_to_world=_pose(folder))

@@ -215,7 +215,7 @@ def synthetic_view(rng: np.random.Generator, size: int) -> tuple:
 def sample_view(spec, index: int, frames: list, rng: np.random.Generator) -> tuple:
     """(View, interior mask) of a single-view sample: RGB-D frame folder index % len(frames), or a synthetic room."""
     if spec.rgbd:
-        return rgbd_view(scenes.load_rgbd(frames[index % len(frames)]), rng)
+        return rgbd_view(scenes.load_rgbd(frames[index % len(frames)], spec.depth_scale), rng)
     return synthetic_view(rng, spec.size)
 
 

@@ -37,6 +37,7 @@ class DatasetSpec:     # what fixes a dataset's content; saved in <kind>.json, a
     kind: str = "spatial"
     band: list | None = None           # multi-view kinds: [lo, hi] of the co-visibility (or feature-distance) band
     encoder: str | None = None         # multi-view kinds on RGB-D frames without poses: the encoder of that band
+    depth_scale: float = 1.0           # RGB-D frames: stored depth x depth_scale = meters (0.001: millimetres)
 
 
 def fast_malloc():
@@ -64,7 +65,7 @@ def _job(index):
     return index, BUILDERS[_worker["spec"].kind].make_sample(_worker["spec"], index, _worker["out"], _worker["source"])
 
 
-def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder) -> DatasetSpec:
+def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth_scale=1.0) -> DatasetSpec:
     """The spec of a dataset, its options checked (a ValueError names the one that is wrong)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: data.py writes {', '.join(KINDS)}")
@@ -75,12 +76,15 @@ def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder) -> Da
         raise ValueError(f"band / encoder select view pairs: they apply to the multi-view kinds, not {kind!r}")
     if encoder and not rgbd:
         raise ValueError("encoder: the feature-distance band pairs RGB-D frames without poses; give rgbd too")
+    if depth_scale != 1 and not (rgbd and 0 < depth_scale < float("inf")):
+        raise ValueError(f"depth_scale {depth_scale}: a finite number > 0 that converts RGB-D frames' depth (rgbd) "
+                         "to meters")
     if multi:
         band = [float(b) for b in (band if band is not None else multiview.FEATURE_BAND if encoder else multiview.BAND)]
         if len(band) != 2 or not 0 <= band[0] < band[1] <= (2 if encoder else 1):
             raise ValueError(f"band {band}: expected [lo, hi] with 0 <= lo < hi <= {2 if encoder else 1}")
     return DatasetSpec(seed, size, order if kind in ORDERED else None, str(Path(rgbd).resolve()) if rgbd else None,
-                       shard_size, kind, band, str(Path(encoder).resolve()) if encoder else None)
+                       shard_size, kind, band, str(Path(encoder).resolve()) if encoder else None, float(depth_scale))
 
 
 def open_dataset(out: Path, spec: DatasetSpec):
@@ -92,7 +96,7 @@ def open_dataset(out: Path, spec: DatasetSpec):
         raise SystemExit(f"{out} holds {others[0]} data ({others[0]}.json): write {spec.kind} data to another --out")
     manifest = out / f"{spec.kind}.json"
     if manifest.exists():
-        old = json.loads(manifest.read_text())["config"]
+        old = {**asdict(DatasetSpec()), **json.loads(manifest.read_text())["config"]}   # fields added since: defaults
         if old != asdict(spec):
             raise SystemExit(f"{out} was written with {old}, not {asdict(spec)}: use the same options or a new --out")
     else:
@@ -103,11 +107,12 @@ def open_dataset(out: Path, spec: DatasetSpec):
 
 def write_dataset(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
                   rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None,
-                  embed=None) -> Path:
+                  embed=None, depth_scale: float = 1.0) -> Path:
     """Write (or finish writing) n samples of `kind` to out -> its data.jsonl. rgbd: RGB-D frame folders instead of
-    the synthetic rooms (multi-view kinds: scene folders of frames). band: the co-visibility band, or the feature band
-    when `encoder` (its path) pairs frames without poses; embed computes those features."""
-    spec = dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder)
+    the synthetic rooms (multi-view kinds: scene folders of frames), their depth x depth_scale in meters. band: the
+    co-visibility band, or the feature band when `encoder` (its path) pairs frames without poses; embed computes those
+    features."""
+    spec = dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth_scale)
     out = Path(out)
     open_dataset(out, spec)
     source = BUILDERS[kind].prepare(spec, embed)

@@ -85,7 +85,7 @@ def test_checker_catches_wrong_answers(generated, tmp_path):
     change("caption", lambda a: " ".join(a.split(" ")[::-1]))        # objects out of order (and more)
     problems = datacheck.check(out)[0]
     for i in edits:
-        assert any(p.startswith(f"instruct-{i:06d}") for p in problems), (edits[i], problems)
+        assert any(f"data.jsonl:line {i + 1}: instruct-{i:06d}: " in p for p in problems), (edits[i], problems)
 
 
 def test_rgbd_frames(tmp_path):

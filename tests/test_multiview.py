@@ -173,8 +173,8 @@ def test_checker_catches_wrong_multiview_answers(datasets, tmp_path):
     problems = datacheck.check(out["multiview"])[0] + datacheck.check(out["spatial-multiview"])[0]
     for sid in ("multiview-000000", "multiview-000001", f"spatial-multiview-{first:06d}",
                 f"spatial-multiview-{turned:06d}"):
-        assert any(p.startswith(sid) for p in problems), (sid, problems)
-    assert len({p.split(":")[0] for p in problems}) == 4
+        assert any(f": {sid}: " in p for p in problems), (sid, problems)
+    assert len({p.split(": ")[1] for p in problems}) == 4
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):

@@ -10,23 +10,25 @@ packs its samples, and the report of what could not be used.
     for batch in loader:
         report.add(batch)            # ... and at the end of the epoch: print(report.summary())
 
-Sources. A dataset directory (its data.jsonl, else its only *.jsonl or *.json file) or such a file: JSON Lines, or
-one JSON array (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, LLaVA-Instruct's llava_v1_5_mix665k.json load as they
-are). A record needs "conversations", a list of {"from": "human"|"gpt"|"system", "value": str}, and may have "image":
-a path or a list of paths, relative to the file's folder or to its images/ subfolder, with one "<image>" per image in
-the human turns, in order. JSONL files are indexed by byte offset and read line by line (each worker opens its own
-handle); a JSON array is parsed once, kept as one compact blob.
+Sources. A dataset directory (its data.jsonl, else its only *.jsonl or *.json file) or such a file: JSON Lines, or one
+JSON array (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, LLaVA-Instruct's llava_v1_5_mix665k.json load as they are). A
+record needs "conversations", a list of {"from": "human"|"gpt"|"system", "value": str} (an optional system turn, then
+human and gpt turns in alternation, ending on an answer), and may have "image": a path or a list of paths, relative to
+the file's folder or to its images/ subfolder (never outside it, unless outside_images=True), with one "<image>" per
+image in the human turns, in order. JSONL files are indexed by byte offset and read line by line (each worker opens its
+own handle); a JSON array is parsed once, kept as one compact blob.
 
 Mixing. Source s with n_s records and weight w_s contributes round(w_s * n_s) samples: whole copies of itself for the
 integer part of the weight, then an evenly spaced subset for the rest. The sources are interleaved in proportion
 (sample k of source s sits at (k + 0.5) / count_s) so that every prefix of the mix holds them in the mixing ratio;
 `limit` keeps such a prefix (a smaller limit is a subset of a larger one).
 
-Samples. ds[i] renders the conversation with Tokenizer.render and preprocesses its images (model.preprocess: squashed
-to image_size, not cropped, so normalized coordinates stay valid). Beyond max_len tokens, whole trailing turns (a
-human message and everything up to the next one) are dropped and counted, never part of an answer. A malformed line,
-a missing or unreadable image, a first turn alone over max_len: the item carries `problem` (file:line and what is
-wrong) and no tokens; collate skips it, LoaderReport counts and prints it. strict=True raises at once instead.
+Samples. ds[i] renders the conversation with Tokenizer.render and preprocesses its images (model.preprocess: squashed to
+image_size, not cropped, so normalized coordinates stay valid). Beyond max_len tokens, whole trailing turns (a human
+message and everything up to the next one) are dropped and counted, never part of an answer. A malformed line, roles out
+of order, a missing or unreadable image or one outside the folder, a first turn alone over max_len: the item carries
+`problem` (file:line and what is wrong) and no tokens; collate skips it, LoaderReport counts and prints it. strict=True
+raises at once instead.
 """
 
 import json
@@ -48,20 +50,26 @@ ROLES = (*HUMAN, "gpt", "assistant", "system")
 PROBLEMS = (ValueError, KeyError, OSError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+def dataset_file(path) -> Path:
+    """A source's file: the path itself, or a directory's data.jsonl, else its only *.jsonl or *.json file."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / "data.jsonl"] if (path / "data.jsonl").is_file() else sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".json"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path}: expected data.jsonl, or exactly one *.jsonl / *.json file; found "
+                                    f"{[p.name for p in found] or 'none'} (name the file instead)")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such dataset file or directory")
+    return path
+
+
 class Records:
     """One source's records, by index: (raw bytes, "file:line N")."""
 
     def __init__(self, path):
-        path = Path(path)
-        if path.is_dir():
-            found = [path / "data.jsonl"] if (path / "data.jsonl").is_file() else sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".json"))
-            if len(found) != 1:
-                raise FileNotFoundError(f"{path}: expected data.jsonl, or exactly one *.jsonl / *.json file; found "
-                                        f"{[p.name for p in found] or 'none'} (name the file instead)")
-            path = found[0]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such dataset file or directory")
+        path = dataset_file(path)
         self.file, self.root = path, path.parent
         self.blob, self._fd, self._pid = None, None, None
         if path.suffix == ".json":
@@ -115,6 +123,11 @@ def check_record(rec) -> tuple:
         if not isinstance(m, dict) or m.get("from") not in ROLES or not isinstance(m.get("value"), str):
             raise ValueError(f"conversations[{j}] = {json.dumps(m)[:80]}: expected {{'from': one of {ROLES}, "
                              "'value': a string}")
+    said = ["human" if m["from"] in HUMAN else m["from"] if m["from"] == "system" else "gpt" for m in conv]
+    turns = said[1:] if said[0] == "system" else said
+    if not turns or turns != ["human", "gpt"] * (len(turns) // 2):
+        raise ValueError(f"roles {said[:8]}{' ...' if len(said) > 8 else ''}: expected an optional system turn, "
+                         "then human, gpt, human, gpt, ... ending on an answer")
     image = rec.get("image")
     paths = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
@@ -138,16 +151,19 @@ class ConversationDataset(torch.utils.data.Dataset):
     """sources: [(dataset dir or file, weight)]. ds[i] -> dict(ids (T,) long, weights (T,) uint8 (render's mask),
     pixels (k, 3, S, S) float, dropped_turns int, problem None | str, max_len int). shuffle_images (a seed): the
     shuffled-answer control -- each record's conversation comes with another record's images (same source): a model
-    trained on it learns the format and the answers' statistics, nothing that ties them to the image."""
+    trained on it learns the format and the answers' statistics, nothing that ties them to the image. outside_images:
+    let records name images outside their file's folder (absolute paths, '..')."""
 
     def __init__(self, sources, tok, vit_cfg, image_size: int, n_image_tokens: int, max_len: int,
-                 limit: int | None = None, strict: bool = False, shuffle_images: int | None = None):
+                 limit: int | None = None, strict: bool = False, shuffle_images: int | None = None,
+                 outside_images: bool = False):
         if tok.image_id is None:
             raise ValueError("the tokenizer has no image token: call tok.add_image_token() before building the dataset")
         if not sources:
             raise ValueError("no data sources")
         self.tok, self.vit_cfg, self.image_size = tok, vit_cfg, image_size
         self.n_image_tokens, self.max_len, self.strict = n_image_tokens, max_len, strict
+        self.outside_images = outside_images
         self.start_id = tok.specials["<|start_header_id|>" if tok.chat_style == "llama3" else "<|im_start|>"]
         self.records, self.counts, parts, keys = [], [], [], []
         for s, (path, weight) in enumerate(sources):
@@ -215,6 +231,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     def images(self, root: Path, paths: list) -> torch.Tensor:
         S, arrays = self.image_size, []
         for p in paths:
+            if not self.outside_images and (os.path.isabs(p) or os.path.normpath(p).split(os.sep)[0] == ".."):
+                raise ValueError(f"image {p!r} is outside the dataset folder {root} (allow it with "
+                                 "outside_images=True, train.py --images-outside-data)")
             f = root / p
             if not f.exists() and (root / "images" / p).exists():       # LLaVA-Pretrain keeps them in images/
                 f = root / "images" / p
