@@ -101,6 +101,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         "intervals: experiments/boost_report.py)")
     add("--make-probes", action="store_true", help="only write the probe set (replacing it) and exit")
     add("--rgbd", help="also run the depth probes on RGB-D frame folders (scenes.load_rgbd format)")
+    add("--depth-scale", type=float, default=1.0, help="multiplies --rgbd's stored depth (0.001: depth.npy in mm)")
     add("--qa", help="held-out spatial conversations (a data.py directory) to score --answers against")
     add("--answers", action="append", default=[], help="NAME=answers.jsonl ({'id', 'answers': [str per turn]} "
         "per line), repeatable: one QA column each; without it --run's VLMs answer (stage 2: before, 3: after boost)")
@@ -131,7 +132,10 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
         probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, test_every=args.test_every,
                                overwrite=True)
     ps = probes.load_probe_set(args.probes, args.crop_size)
-    rgbd = probes.load_rgbd_set(args.rgbd, args.image_size) if args.rgbd else None
+    try:  # a bad frame is bad input, not a bug: its message names the folder and the file
+        rgbd = probes.load_rgbd_set(args.rgbd, args.image_size, depth_scale=args.depth_scale) if args.rgbd else None
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"eval.py --rgbd: {e}") from e
     report["probe_set"] = {"path": str(ps.root), "fingerprint": ps.fingerprint, "images": len(ps.images),
                            "train_images": int(ps.train.sum()), "objects": len(ps.crops)}
     names, results, examples = [], [], []

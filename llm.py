@@ -420,6 +420,16 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
+def gguf_number(field, source: str, key: str, default=None, kind=int):
+    """A numeric GGUF metadata value; a string or list where a number belongs names the file and the key."""
+    value = field(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{source}: GGUF metadata {key!r} is {value!r}; expected a number")
+    if kind is int and value != int(value):
+        raise ValueError(f"{source}: GGUF metadata {key!r} is {value!r}; expected an integer")
+    return kind(value)
+
+
 def read_gguf(reader, source: str = "gguf") -> tuple[LLMConfig, dict]:
     """Config and dequantized fp32 tensors (HF names, q/k permutation undone) of a llama-architecture GGUF."""
     field = functools.partial(gguf_field, reader)
@@ -433,16 +443,16 @@ def read_gguf(reader, source: str = "gguf") -> tuple[LLMConfig, dict]:
     for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
         if field(f"llama.{key}") is None:
             raise ValueError(f"{source}: missing GGUF metadata 'llama.{key}'")
-    dim, n_heads = int(field("llama.embedding_length")), int(field("llama.attention.head_count"))
-    n_kv = int(field("llama.attention.head_count_kv", n_heads))
+    num = functools.partial(gguf_number, field, source)
+    dim, n_heads = num("llama.embedding_length"), num("llama.attention.head_count")
+    n_kv = num("llama.attention.head_count_kv", n_heads)
     tokens = field("tokenizer.ggml.tokens")
-    cfg = LLMConfig(vocab_size=int(field("llama.vocab_size", len(tokens) if tokens else 0)), dim=dim,
-                    n_layers=int(field("llama.block_count")), n_heads=n_heads, n_kv_heads=n_kv,
-                    head_dim=int(field("llama.attention.key_length", dim // n_heads)),
-                    ffn_dim=int(field("llama.feed_forward_length")),
-                    norm_eps=f32(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                    rope_theta=f32(field("llama.rope.freq_base", 10000.0)), tie_embeddings="output.weight" not in names,
-                    max_seq_len=int(field("llama.context_length", 2048)), model_type="llama")
+    cfg = LLMConfig(vocab_size=num("llama.vocab_size", len(tokens) if tokens else 0), dim=dim,
+                    n_layers=num("llama.block_count"), n_heads=n_heads, n_kv_heads=n_kv,
+                    head_dim=num("llama.attention.key_length", dim // n_heads), ffn_dim=num("llama.feed_forward_length"),
+                    norm_eps=f32(num("llama.attention.layer_norm_rms_epsilon", 1e-5, float)),
+                    rope_theta=f32(num("llama.rope.freq_base", 10000.0, float)), tie_embeddings="output.weight" not in names,
+                    max_seq_len=num("llama.context_length", 2048), model_type="llama")
     sd = {}
     for t in reader.tensors:
         w, name = _dequantized(t, source), _hf_name(t.name)

@@ -215,7 +215,7 @@ def load_probe_set(root, crop_size: int = 112) -> ProbeSet:
                     obj_train=np.array([o["split"] == "train" for o in objs]))
 
 
-def load_rgbd_set(root, size: int = 224, test_every: int = 4) -> ProbeSet:
+def load_rgbd_set(root, size: int = 224, test_every: int = 4, depth_scale: float = 1.0) -> ProbeSet:
     """Depth-only probe set from RGB-D frame folders under root (scenes.load_rgbd's format), resized to size x size
     (images bicubic, depth nearest); every test_every-th frame (sorted by name) is a test frame."""
     root = Path(root)
@@ -224,7 +224,7 @@ def load_rgbd_set(root, size: int = 224, test_every: int = 4) -> ProbeSet:
         raise FileNotFoundError(f"{root}: expected RGB-D frame folders (rgb.png, depth.npy|png, ...) inside")
     images, depth = [], []
     for f in folders:
-        frame = scenes.load_rgbd(f)
+        frame = scenes.load_rgbd(f, depth_scale)
         images.append(np.asarray(Image.fromarray(frame["rgb"]).resize((size, size), Image.BICUBIC)))
         depth.append(np.asarray(Image.fromarray(frame["depth"]).resize((size, size), Image.NEAREST)))
     images, depth = np.stack(images), np.stack(depth).astype(np.float32)

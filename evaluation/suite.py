@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from attention import DualChannelAttention
 from evaluation import probes
 from evaluation.probes import ProbeConfig
 from model import ViT, load_vit, preprocess
 from storage.atomic import repo_path, write_file_atomically
+from storage.tensors import load_safetensors
 
 FEATURE_VERSION = 2  # bump when what encode() stores changes: old cache files are then ignored
 QUICK_FRACTION = 0.2  # the quick summary trains each probe head for this share of the full suite's steps
@@ -81,7 +82,7 @@ def cached_features(vit: ViT, ps: probes.ProbeSet, image_size: int, crop_size: i
     path = Path(ps.root) / "cache" / f"{key}.safetensors"
     if cache and path.exists():
         log(f"  features: cached {path}")
-        return load_file(path)
+        return load_safetensors(path)
     t = time.time()
     feats = encode(vit, ps, image_size, crop_size, log=log)
     log(f"  features: {len(ps.images)} images" + (f" + {len(ps.crops)} crops" if ps.crops is not None else "")

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from language.tokenizer import Tokenizer
-from llm import LLM, LLMConfig, gguf_to_hf, load_llm
+from llm import LLM, LLMConfig, gguf_number, gguf_to_hf, load_llm
 from model import ViT, ViTConfig, load_vit, save_vit
 
 
@@ -230,3 +230,12 @@ def test_gguf_without_tokenizer_lists(tmp_path):
     with raises(ValueError, path, r"needs the lists .*; missing \['tokenizer\.ggml\.token_type', "
                                   r"'tokenizer\.ggml\.merges'\]"):
         Tokenizer.load(path)
+
+
+@pytest.mark.parametrize("value, what", [("4", "expected a number"), ([4], "expected a number"),
+                                         (True, "expected a number"), (4.5, "expected an integer")])
+def test_gguf_metadata_of_the_wrong_type(value, what):
+    field = {"llama.block_count": value}.get  # what gguf_field returns: the decoded value, or the default
+    with raises(ValueError, "tiny.gguf", rf"GGUF metadata 'llama\.block_count' is .*; {what}"):
+        gguf_number(field, "tiny.gguf", "llama.block_count")
+    assert gguf_number({"llama.block_count": np.uint32(4)}.get, "tiny.gguf", "llama.block_count") == 4

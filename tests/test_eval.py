@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import eval as ev
 from evaluation import probes
@@ -244,6 +245,23 @@ def test_cli_rgbd_depth_probes(tmp_path, probe_dir, monkeypatch):
              "--crop-size", "16", "--quick", "--threads", "1", "--out", "r"])
     res = json.loads((tmp_path / "r/report.json").read_text())["encoders"][0]["results"]
     assert np.isfinite(res["rgbd_depth_lin1"]["rmse"]) and "rgbd_segmentation" not in res
+
+
+def test_cli_rgbd_millimetres_is_a_clear_error_until_scaled(tmp_path, probe_dir, monkeypatch):
+    from test_probes import write_rgbd_frames
+
+    monkeypatch.chdir(tmp_path)
+    save_vit(ViT(ViTConfig(**TINY)), tmp_path / "enc")
+    for f in write_rgbd_frames(tmp_path / "frames").iterdir():  # depth.npy holds millimetres, as if saved unscaled
+        np.save(f / "depth.npy", np.asarray(Image.open(f / "depth.png"), np.float32))
+        (f / "depth.png").unlink()
+    argv = ["--vision", "enc", "--probes", str(probe_dir), "--rgbd", "frames", "--image-size", "32", "--crop-size",
+            "16", "--quick", "--threads", "1", "--out", "r"]
+    with pytest.raises(SystemExit, match=r"eval.py --rgbd: .*frame00.*millimetres\? pass --depth-scale 0.001"):
+        ev.main(argv)
+    ev.main(argv + ["--depth-scale", "0.001"])
+    res = json.loads((tmp_path / "r/report.json").read_text())["encoders"][0]["results"]
+    assert np.isfinite(res["rgbd_depth_lin1"]["rmse"])
 
 
 def test_encoder_without_cls_uses_mean_token(probe_dir):

@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attention import add_dual_channel  # noqa: E402
 from model import load_vit, save_vit  # noqa: E402
-from storage.tensors import save_tensors  # noqa: E402
+from storage.tensors import load_safetensors, save_tensors  # noqa: E402
 
 
 def is_boost(name: str) -> bool:
@@ -40,7 +39,7 @@ def pack(vision_dir, out) -> Path:
 def unpack(baseline_dir, packed, out) -> Path:
     vit = load_vit(baseline_dir)
     add_dual_channel(vit)
-    own, state = vit.state_dict(), load_file(packed)
+    own, state = vit.state_dict(), load_safetensors(packed)
     wanted = {k for k in own if is_boost(k)}
     if set(state) != wanted:
         raise KeyError(f"{packed} does not fit {baseline_dir}: missing {sorted(wanted - set(state))[:8]}, "
