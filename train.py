@@ -395,12 +395,16 @@ def resume(vlm: VLM, opt, cfg: Config, rt: Runtime, out_dir: Path) -> int:
     stop, ckpt = stopped(out_dir), latest_checkpoint(out_dir)
     if ckpt is None:
         if (out_dir / "config.json").exists() or not ((out_dir / "metrics.jsonl").exists() or stop):
-            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'} (nothing to resume)")
-        rt.log(f"  --resume: {out_dir} has no checkpoint yet: starting over at step 0")
+            done = " (a finished stage saved without --save-every)" if (out_dir / "config.json").exists() else ""
+            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}{done}: nothing to "
+                                    f"resume")
+        why = "none was good before the non-finite stop" if stop else "the run was killed before its first"
+        rt.log(f"  --resume: {out_dir} has no checkpoint ({why}): starting over at step 0")
         return 0
     step, changed = load_checkpoint(ckpt, vlm, opt, cfg, may_change=RECOVERY_KEYS if stop else ())
-    rt.log(f"  resumed from {ckpt} at step {step}" + (f", after the non-finite stop at step {stop['step']}, with "
-           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) if changed else ""))
+    said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    rt.log(f"  resumed from {ckpt} at step {step}" + (f", after the non-finite stop (the weights after "
+                                                      f"{stop['updates']} updates), with {said}" if changed else ""))
     return step
 
 
@@ -544,7 +548,7 @@ def nonfinite_stop(cfg: Config, rt: Runtime, out_dir: Path, step: int, loss: flo
         if bad.is_dir():
             note = f" The checkpoint holding those weights is set aside as {set_aside(bad)}."
         good = latest_checkpoint(out_dir)
-        mark_stopped(out_dir, {"step": step, "loss": loss, "grad_norm": grad_norm,
+        mark_stopped(out_dir, {"updates": step, "loss": loss, "grad_norm": grad_norm,
                                "resume_from": str(good) if good else None})
     if rt.world > 1:
         dist.barrier()

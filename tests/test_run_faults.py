@@ -160,11 +160,33 @@ def test_nan_guard_names_no_ruined_checkpoint_and_its_advice_works(tmp_path, spa
                                                  "checkpoint was written.*--resume and a lower --lr"):
         run(tmp_path, spatial, "--max-steps", "3", "--save-every", "1", "--lr", "1e12")
     out = stage(tmp_path)
-    assert latest_checkpoint(out) is None and json.loads((out / "stopped.json").read_text())["step"] == 1
+    assert latest_checkpoint(out) is None and json.loads((out / "stopped.json").read_text())["updates"] == 1
     run(tmp_path, spatial, "--max-steps", "3", "--save-every", "1", "--lr", "1e-3", "--resume")
     assert not (out / "stopped.json").exists()
     vision = load_file(out / "vision" / "model.safetensors")
     assert all(v.isfinite().all() and v.abs().max() < 1e3 for v in vision.values())
+
+
+def test_after_a_nan_stop_resume_may_change_the_rates_only(tmp_path, spatial, monkeypatch, capsys):
+    from model import VLM
+
+    calls, forward = {"n": 0}, VLM.forward
+
+    def poisoned(self, *a, **k):  # steps 1-2 fine (2 micro-steps each), then NaN
+        calls["n"] += 1
+        return forward(self, *a, **k) * (float("nan") if calls["n"] > 4 else 1.0)
+
+    monkeypatch.setattr(VLM, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="in step 3, .*nonfinite_step_000002. The last good checkpoint is "
+                                                 ".*step_000001"):
+        run(tmp_path, spatial, "--max-steps", "4", "--save-every", "1")
+    monkeypatch.setattr(VLM, "forward", forward)
+    with pytest.raises(ValueError, match=r"differ from the checkpoint's: seed \(checkpoint 1337, now 7\)\. "):
+        run(tmp_path, spatial, "--max-steps", "4", "--save-every", "1", "--resume", "--lr", "5e-4", "--seed", "7")
+    run(tmp_path, spatial, "--max-steps", "4", "--save-every", "1", "--resume", "--lr", "5e-4")
+    log = capsys.readouterr().out
+    assert "step_000001 at step 1, after the non-finite stop (the weights after 2 updates), with lr 0.001 -> " in log
+    assert (stage(tmp_path) / "config.json").exists() and not (stage(tmp_path) / "stopped.json").exists()
 
 
 def test_nan_guard_checks_the_last_update_before_the_export(tmp_path, spatial):
