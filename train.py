@@ -34,10 +34,10 @@ from dataengine.writer import KINDS, write_dataset
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
-from storage.atomic import repo_path
+from storage.atomic import read_json, remove_stale_temporaries, repo_path, write_text_atomically
 from training.dataset import ConversationDataset, LoaderReport, collate, dataset_file
-from training.runs import (gathered, latest_checkpoint, load_checkpoint, load_stage_weights, save_checkpoint,
-                           save_stage, stage_chain)
+from training.runs import (RECOVERY_KEYS, gathered, latest_checkpoint, load_checkpoint, load_stage_weights,
+                           mark_stopped, run_files, save_checkpoint, save_stage, set_aside, stage_chain, stopped)
 
 
 @dataclass
@@ -290,11 +290,11 @@ def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
 def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
     """The VLM a finished stage describes: its sources plus every stage's trained tensors, oldest first (eval)."""
     stage_dir = Path(stage_dir)
-    meta = json.loads((stage_dir / "config.json").read_text())
+    meta = read_json(stage_dir / "config.json")
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in meta["config"].items() if k in names})
     chain = stage_chain(stage_dir)
-    vlm, tok = build_base(cfg, json.loads((chain[0] / "config.json").read_text())["sources"])
+    vlm, tok = build_base(cfg, read_json(chain[0] / "config.json")["sources"])
     for d in chain:
         load_stage_weights(vlm, d)
     return vlm.eval(), tok, cfg
@@ -338,7 +338,7 @@ def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer
         init = None
     chain = stage_chain(init) if init is not None else []
     if chain:
-        sources = json.loads((chain[0] / "config.json").read_text())["sources"]
+        sources = read_json(chain[0] / "config.json")["sources"]
     else:
         sources = base_sources(cfg, run_dir, log, write=rt.master)
         if rt.world > 1:
@@ -417,13 +417,7 @@ def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Modul
         for layer in vlm.lm.model.layers:
             fully_shard(layer)
     opt = torch.optim.AdamW(param_groups(vlm, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=rt.device == "cuda")
-    step = 0
-    if cfg.resume and not cfg.bench:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
-        step = load_checkpoint(ckpt, vlm, opt, cfg)
-        rt.log(f"  resumed from {ckpt} at step {step}")
+    step = resume(vlm, opt, cfg, rt, out_dir) if cfg.resume and not cfg.bench else 0
     model = vlm
     if rt.world > 1 and not cfg.fsdp:
         model = nn.parallel.DistributedDataParallel(
@@ -431,6 +425,41 @@ def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Modul
     for block in list(vlm.vit.blocks) + list(vlm.lm.model.layers) if rt.compile else []:
         block.compile()  # block by block: shapes vary with sequence length, and eval/saving keep the plain module
     return model, opt, step
+
+
+def claim_stage_dir(cfg: Config, rt: Runtime, out_dir: Path) -> None:
+    """Before anything is written: what killed writers left here goes (rank 0), and a new run refuses a stage dir
+    that holds another run, which it would silently mix with or overwrite."""
+    if cfg.bench:
+        return
+    if rt.master:
+        for folder in (out_dir, out_dir / "checkpoints"):
+            for p in remove_stale_temporaries(folder):
+                rt.log(f"  removed {p}: left by a killed write")
+    found = run_files(out_dir)
+    if found and not cfg.resume:
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): a new run would mix with it or "
+                              f"overwrite it. Pass --resume to continue it, choose another --name, or delete "
+                              f"{out_dir} to start over.")
+
+
+def resume(vlm: VLM, opt, cfg: Config, rt: Runtime, out_dir: Path) -> int:
+    """--resume: the latest checkpoint restored -> its step. After the NaN guard stopped the run (stopped.json) the
+    learning rates may change; an unfinished stage without a checkpoint (killed before its first) starts over."""
+    stop, ckpt = stopped(out_dir), latest_checkpoint(out_dir)
+    if ckpt is None:
+        if (out_dir / "config.json").exists() or not ((out_dir / "metrics.jsonl").exists() or stop):
+            done = " (a finished stage saved without --save-every)" if (out_dir / "config.json").exists() else ""
+            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}{done}: nothing to "
+                                    f"resume")
+        why = "none was good before the non-finite stop" if stop else "the run was killed before its first"
+        rt.log(f"  --resume: {out_dir} has no checkpoint ({why}): starting over at step 0")
+        return 0
+    step, changed = load_checkpoint(ckpt, vlm, opt, cfg, may_change=RECOVERY_KEYS if stop else ())
+    said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    rt.log(f"  resumed from {ckpt} at step {step}" + (f", after the non-finite stop (the weights after "
+                                                      f"{stop['updates']} updates), with {said}" if changed else ""))
+    return step
 
 
 def param_groups(vlm: VLM, cfg: Config) -> list[dict]:
@@ -486,9 +515,9 @@ def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
     if not rt.master or cfg.bench:
         return lambda row: None
     path, wandb = out_dir / "metrics.jsonl", None
-    kept = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step] if step and path.exists() else []
+    kept = metric_rows(path, step, rt.log) if step and path.exists() else []
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(r + "\n" for r in kept))
+    write_text_atomically(path, "".join(r + "\n" for r in kept))
     if cfg.wandb:
         try:
             import wandb
@@ -502,6 +531,25 @@ def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
         if wandb:
             wandb.log(row, step=row["step"])
     return write
+
+
+def metric_rows(path: Path, step: int, log) -> list[str]:
+    """The lines of metrics.jsonl up to `step`. A torn last line (the run was killed while writing it) is dropped
+    with a warning; anything else that is not a row is an error naming file:line."""
+    lines, kept = path.read_text().splitlines(), []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                raise ValueError("expected a JSON object with an integer 'step'")
+        except ValueError as e:  # JSONDecodeError is one
+            if i == len(lines) and isinstance(e, json.JSONDecodeError):
+                log(f"  WARNING: {path}:{i}: a torn last line (the run was killed while writing it), dropped")
+                continue
+            raise ValueError(f"{path}:{i}: not a metrics row ({e}): {line[:80]!r}") from e
+        if row["step"] <= step:
+            kept.append(line)
+    return kept
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
@@ -526,10 +574,54 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def forward_backward(model, vlm: VLM, batches: list, rt: Runtime, n_sup: float, backward: bool = True):
+    """This rank's micro-batches of a step, forward and backward -> (their summed loss, how many had nothing to
+    train). Such a micro-batch (every sample unusable, or text only with the LLM frozen) backpropagates a zero through
+    every trainable tensor instead: DDP's all-reduce waits for each rank's gradients."""
+    loss_sum, skipped = torch.zeros((), device=rt.device), 0
+    for i, b in enumerate(batches):
+        b = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        sync = model.no_sync() if model is not vlm and i < len(batches) - 1 else nullcontext()  # DDP
+        with sync, torch.autocast(rt.device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+            loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
+            if backward and not loss.requires_grad:
+                skipped += 1
+                loss = loss + sum(p.sum() for p in trainable_state(vlm).values()) * 0.0
+            if backward:  # normalized by the global count of supervised tokens: DDP averages over ranks, hence * world
+                (loss * rt.world / n_sup).backward()
+        loss_sum += loss.detach().float()
+    return loss_sum, skipped
+
+
+def nonfinite_stop(cfg: Config, rt: Runtime, out_dir: Path, step: int, loss: float, grad_norm: float | None):
+    """The NaN guard: the weights after `step` updates gave a non-finite loss or gradient. Their checkpoint, if one
+    was written, is set aside; every checkpoint left was followed by a finite step, so the latest is good.
+    stopped.json lets --resume change the learning rates. Raises on every rank."""
+    bad, note = out_dir / "checkpoints" / f"step_{step:06d}", ""
+    if rt.master and not cfg.bench:
+        if bad.is_dir():
+            note = f" The checkpoint holding those weights is set aside as {set_aside(bad)}."
+        good = latest_checkpoint(out_dir)
+        mark_stopped(out_dir, {"updates": step, "loss": loss, "grad_norm": grad_norm,
+                               "resume_from": str(good) if good else None})
+    if rt.world > 1:
+        dist.barrier()
+    good = latest_checkpoint(out_dir) if not cfg.bench else None
+    where = (f"The last good checkpoint is {good} (the step after it was finite): --resume continues from it"
+             if good else "No good checkpoint was written: --resume starts over at step 0")
+    what = f" or gradient norm ({grad_norm}) in step {step + 1}" if grad_norm is not None else " in the final check"
+    raise FloatingPointError(
+        f"non-finite loss ({loss}){what}, with the weights after {step} updates; stopped without saving the "
+        f"stage.{note} {where}. To go on with a lower rate, rerun the same command with --resume and a lower --lr "
+        f"(after this stop --resume accepts new {', '.join('--' + k.replace('_', '-') for k in RECOVERY_KEYS)}; "
+        f"each other setting must stay), or with --resume --dtype fp32.")
+
+
 def train(cfg: Config) -> Path | None:
     rt = setup_runtime(cfg)
     log, device = rt.log, rt.device
     out_dir = repo_path(cfg.runs_dir) / cfg.name / f"stage{cfg.stage}"
+    claim_stage_dir(cfg, rt, out_dir)
     vlm, tok, sources, init = stage_model(cfg, rt, out_dir)
     ds, accum, steps_per_epoch, total = stage_data(cfg, rt, vlm, tok)
     model, opt, step = prepare(vlm, cfg, rt, out_dir)
@@ -539,7 +631,7 @@ def train(cfg: Config) -> Path | None:
         pin_memory=device == "cuda", collate_fn=functools.partial(collate, pad_id=tok.pad_id, pack=cfg.pack)))
     peak, patches = peak_flops(device), math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
     metrics, report = metrics_writer(cfg, rt, out_dir, step), LoaderReport()  # report: said at each epoch's end
-    last_good, timings, t_start = None, [], time.time()
+    timings, t_start, skipped, batches = [], time.time(), 0, []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     while step < end:
@@ -552,22 +644,13 @@ def train(cfg: Config) -> Path | None:
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        loss_sum = torch.zeros((), device=device)
-        for i, b in enumerate(batches):
-            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-            sync = model.no_sync() if model is not vlm and i < len(batches) - 1 else nullcontext()  # DDP
-            with sync, torch.autocast(device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
-                # normalized by the global count of supervised tokens: DDP averages over ranks, hence * world
-                (loss * rt.world / n_sup).backward()
-            loss_sum += loss.detach().float()
+        loss_sum, n_skipped = forward_backward(model, vlm, batches, rt, n_sup)
+        skipped += n_skipped
         loss_value = all_sum(loss_sum, rt.world) / n_sup
         grad_norm = reduce_and_clip(vlm, cfg, rt.world)
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
             opt.zero_grad(set_to_none=True)
-            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-            raise FloatingPointError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
-                                     f"{step}; stopping without saving: {where}. Try a lower --lr or --dtype fp32.")
+            nonfinite_stop(cfg, rt, out_dir, step, loss_value, float(grad_norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -595,26 +678,37 @@ def train(cfg: Config) -> Path | None:
                     f"{min(row['rel_change']):.2e}..{max(row['rel_change']):.2e}")
             metrics(row)
         if step % steps_per_epoch == 0 or step == total:
-            log(f"  epoch {math.ceil(step / steps_per_epoch)} {report.summary()}")
-            report = LoaderReport()
+            log(f"  epoch {math.ceil(step / steps_per_epoch)} {report.summary()}" + skipped_note(skipped, rt))
+            report, skipped = LoaderReport(), 0
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            last_good = save_checkpoint(out_dir, step, vlm, opt, cfg, keep_last=cfg.keep_last, master=rt.master)
+            save_checkpoint(out_dir, step, vlm, opt, cfg, keep_last=cfg.keep_last, master=rt.master)
     if cfg.bench:
         return report_bench(cfg, timings, vlm, device, patches, peak, log)
+    if batches:  # the last update's weights have met no forward yet: they go out only if they give a finite loss
+        # (on the plain module, with grad mode as in training: DDP expects no lone forward, compiled blocks no change)
+        loss_value = all_sum(forward_backward(vlm, vlm, batches, rt, 1.0, backward=False)[0], rt.world)
+        if not math.isfinite(loss_value):
+            nonfinite_stop(cfg, rt, out_dir, step, loss_value, None)
     return finish_stage(cfg, rt, vlm, out_dir, sources, init, t_start)
 
 
+def skipped_note(skipped: int, rt: Runtime) -> str:
+    n = int(all_sum(torch.tensor(float(skipped), device=rt.device), rt.world))  # every rank's
+    return (f"\n  {n} micro-batch{'es' if n > 1 else ''}{' (all ranks)' if rt.world > 1 else ''} with nothing to "
+            f"train (every sample unusable, or text only with the LLM frozen) skipped: a zero gradient instead"
+            ) if n else ""
+
+
 def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dict, init, t_start: float) -> Path:
-    """The stage dir (every rank gathers, rank 0 writes) and the stage-3 encoder export; every rank waits for both.
-    main() closes the process group once train() has returned."""
-    save_stage(out_dir, vlm, cfg, sources, init, master=rt.master)
-    if rt.master:
-        if cfg.stage == 3:
-            if cfg.vision_tune == "lora":
-                merge_lora(vlm.vit)
-            save_vit(vlm.vit, out_dir / "vision")
-            rt.log(f"boosted encoder saved to {out_dir / 'vision'} (load_vit reads it; baseline: {sources['vision']})")
-        rt.log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")
+    """The stage dir: tensors, the stage-3 encoder export, config.json strictly last (every rank gathers, rank 0
+    writes); every rank waits for it. main() closes the process group once train() has returned."""
+    def export(stage_dir: Path):
+        if cfg.vision_tune == "lora":
+            merge_lora(vlm.vit)
+        save_vit(vlm.vit, stage_dir / "vision")
+        rt.log(f"boosted encoder saved to {stage_dir / 'vision'} (load_vit reads it; baseline: {sources['vision']})")
+    save_stage(out_dir, vlm, cfg, sources, init, master=rt.master, export=export if cfg.stage == 3 else None)
+    rt.log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")
     if rt.world > 1:
         dist.barrier()
     return out_dir

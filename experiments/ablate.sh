@@ -17,7 +17,9 @@ COMMON="--preset small --stage 3 --init runs/mini/stage2 --batch-size 4 --global
 
 for v in $VARIANTS; do
   name="mini-$v-$SIZE"
-  python train.py $COMMON --name "$name" --vision-tune "$v" 2>&1 | tee "runs/$name-stage3.log"
+  [ -f "runs/$name/stage3/config.json" ] && continue  # finished; an interrupted run resumes
+  resume=$([ -d "runs/$name/stage3" ] && echo --resume || true)
+  python train.py $COMMON --name "$name" --vision-tune "$v" $resume 2>&1 | tee -a "runs/$name-stage3.log"
 done
 encoders="--vision weights/dinov2-s14 --vision runs/mini/stage3/vision"
 for v in dual full lora; do  # every variant trained at this size so far, this call's or an earlier one's

@@ -34,10 +34,11 @@ gen spatial "$N3" spatial 301
 gen spatial 24 heldout 777
 gen grounding 48 heldout-grounding 778
 
-stage() {  # stage NAME K ARGS...: train unless that stage already finished
+stage() {  # stage NAME K ARGS...: train unless that stage already finished; an interrupted one resumes
   local name=$1 k=$2; shift 2
   if [ ! -f "runs/$name/stage$k/config.json" ]; then
-    python train.py $COMMON --name "$name" --stage "$k" "$@" 2>&1 | tee "runs/$name-stage$k.log"
+    local resume=$([ -d "runs/$name/stage$k" ] && echo --resume || true)
+    python train.py $COMMON --name "$name" --stage "$k" $resume "$@" 2>&1 | tee -a "runs/$name-stage$k.log"
   fi
 }
 mkdir -p runs

@@ -23,8 +23,10 @@ for stage in $STAGES; do
   n=$([ "$stage" = 1 ] && echo "$N1" || ([ "$stage" = 2 ] && echo "$N2" || echo "$N3"))
   # --data-size keeps the first n samples per kind of the mix even where more were generated earlier
   size=$([ "$stage" = 1 ] && echo "$n" || echo $((2 * n)))
+  [ -f "runs/$NAME/stage$stage/config.json" ] && continue  # finished; an interrupted stage resumes
+  resume=$([ -d "runs/$NAME/stage$stage" ] && echo --resume || true)
   python train.py $COMMON --stage "$stage" --gen-samples "$n" --data-size "$size" --data-root data/mini $EXTRA \
-    2>&1 | tee "runs/$NAME-stage$stage.log"
+    $resume 2>&1 | tee -a "runs/$NAME-stage$stage.log"
 done
 python data.py spatial --n 24 --out data/mini-qa --seed 777 --size 224
 python eval.py --run "$NAME" --qa data/mini-qa --threads 2 2>&1 | tee "runs/$NAME-eval.log"

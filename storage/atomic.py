@@ -6,10 +6,12 @@ no numpy): the data engine uses it too.
     write_file_atomically(path, lambda tmp: tmp.write_text(text))      # tmp is a sibling; renamed over path
     write_dir_atomically(out, lambda tmp: save_file(state, tmp / "model.safetensors"))
     repo_path("weights/dinov2-s14")                                     # as given if it exists, else under the repo
+    remove_stale_temporaries(out.parent)                                # what a killed writer left there
 """
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -54,6 +56,35 @@ def write_dir_atomically(out, write) -> Path:
     else:
         os.replace(tmp, out)
     return out
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Clean up after writers that were killed mid-write: their hidden .NAME.tmp-PID (a partial file or directory) is
+    removed; a .NAME.old-PID (killed between write_dir_atomically's two renames) goes back to NAME when NAME is
+    missing, else is removed. Only entries whose process is gone: a live writer's are never touched. -> [what went]"""
+    done = []
+    for p in sorted(Path(folder).glob(".*")) if Path(folder).is_dir() else []:
+        m = re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)", p.name)
+        if not m or _alive(int(m[3])):
+            continue
+        if m[2] == "old" and not (p.parent / m[1]).exists():
+            os.replace(p, p.parent / m[1])  # the last complete version: as if the interrupted swap never began
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        done.append(p)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def repo_path(path) -> Path:

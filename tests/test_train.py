@@ -1,11 +1,10 @@
-"""train.py on the tiny preset: the three stages, what each stage may change, exact resume, DDP, bad configs."""
+"""train.py on the tiny preset: the three stages, what each stage may change, DDP, bad configs (a run's faults and
+exact resume after kill -9: test_run_faults.py)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,10 +26,8 @@ def args(tmp, *extra):
     return ["--runs-dir", str(tmp / "runs"), "--data-root", str(tmp / "data"), *TINY, *extra]
 
 
-def run_cli(tmp, *extra, env=None, wait=True):
+def run_cli(tmp, *extra, env=None):
     cmd = [sys.executable, str(ROOT / "train.py"), *args(tmp, *extra)]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
@@ -114,33 +111,6 @@ def test_vision_tune_ablations(three_stages, mode):
     assert same == (mode == "frozen")
 
 
-def test_killed_run_resumes_bitwise(tmp_path):
-    full = tmp_path / "full"
-    full.mkdir()
-    run_cli(full, "--stage", "3", "--max-steps", "6")
-    ref = load_file(full / "runs" / "tiny" / "stage3" / "model.safetensors")
-
-    part = tmp_path / "part"
-    part.mkdir()
-    (part / "data").symlink_to(full / "data")  # same data, no second generation
-    proc = run_cli(part, "--stage", "3", "--max-steps", "6", "--save-every", "2", "--keep-last", "5", wait=False)
-    ckpts = part / "runs" / "tiny" / "stage3" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts.exists() and any(ckpts.glob("step_*"))):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (part / "runs" / "tiny" / "stage3" / "model.safetensors").exists()  # it really died mid-way
-    out = run_cli(part, "--stage", "3", "--max-steps", "6", "--save-every", "2", "--keep-last", "5", "--resume")
-    assert "resumed from" in out
-    got = load_file(part / "runs" / "tiny" / "stage3" / "model.safetensors")
-    assert got.keys() == ref.keys()
-    for k in ref:
-        assert torch.equal(got[k], ref[k]), k
-
-
 @pytest.mark.parametrize("stage,fsdp", [(1, False), (2, True)])
 def test_two_processes_match_one(tmp_path, stage, fsdp):
     """DDP (stage 1), and FSDP2 sharding the LLM while it trains (stage 2), equal one process with the same global
@@ -193,11 +163,11 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     def poisoned(self, *a, **k):
         calls["n"] += 1
         loss = forward(self, *a, **k)
-        return loss * float("nan") if calls["n"] > 4 else loss  # steps 1-2 fine (2 micro-steps each), then NaN
+        return loss * float("nan") if calls["n"] > 6 else loss  # steps 1-3 fine (2 micro-steps each), then NaN
 
     monkeypatch.setattr(VLM, "forward", poisoned)
     cfg = train.parse_config(["--stage", "1", "--max-steps", "5", "--save-every", "2", *args(tmp_path)])
-    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 2; .*step_000002"):
+    with pytest.raises(FloatingPointError, match="in step 4, .* last good checkpoint is .*step_000002"):
         train.train(cfg)
     out = tmp_path / "runs" / "tiny" / "stage1"
     assert latest_checkpoint(out).name == "step_000002"

@@ -4,26 +4,33 @@ A training run on disk: train.py's stage directories and resumable checkpoints, 
     runs/<name>/base/                     random encoder / LLM of a preset that has no weights (tiny), made once
     runs/<name>/stage<k>/config.json      the resolved Config, `sources` (where the frozen parts come from), `init`
                                           (the stage dir this one started from), `base_vision` (the encoder before
-                                          stage 3, for eval.py) -- written last: its presence marks a finished stage
+                                          stage 3, for eval.py) -- written last, after the export, and removed before
+                                          the stage's files are rewritten: its presence marks a finished stage
     runs/<name>/stage<k>/model.safetensors   exactly the tensors this stage trained, named as in VLM.named_parameters
     runs/<name>/stage<k>/checkpoints/step_000100/   model.safetensors, optimizer.safetensors, state.json: everything
-                                          an exact resume needs (weights, AdamW moments, step, RNG); the last k kept
+                                          an exact resume needs (weights, AdamW moments, step, RNG, the config); the
+                                          last k by step number kept
+    runs/<name>/stage<k>/checkpoints/nonfinite_step_000100/   a checkpoint whose weights gave a non-finite loss, set
+                                          aside by the NaN guard (kept for inspection, never resumed from)
+    runs/<name>/stage<k>/stopped.json     written by the NaN guard: where and why it stopped; until the stage
+                                          finishes, --resume may change the learning rates (RECOVERY_KEYS)
     runs/<name>/stage3/vision/            the boosted encoder, which load_vit reads
     runs/<name>/stage<k>/metrics.jsonl    one JSON line per logged step
 """
 
 import dataclasses
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from attention import DualChannelAttention, LoRALinear, add_dual_channel, add_lora
-from storage.atomic import write_text_atomically
-from storage.tensors import listed, save_tensors, state_diff, write_model_dir
+from storage.atomic import read_json, write_text_atomically
+from storage.tensors import listed, load_safetensors, save_tensors, state_diff, write_model_dir
 
 
 def stage_chain(stage_dir: Path) -> list[Path]:
@@ -37,14 +44,14 @@ def stage_chain(stage_dir: Path) -> list[Path]:
             raise ValueError(f"{d}: the chain of `init` links loops")
         seen.add(d.resolve())
         chain.append(d)
-        init = json.loads(cfg_file.read_text()).get("init")
+        init = read_json(cfg_file).get("init")
         d = Path(init) if init else None
     return chain[::-1]
 
 
 def load_stage_weights(vlm, stage_dir: Path) -> None:
     """Apply the tensors a finished stage trained; dual-channel (or LoRA) tensors wrap the encoder first."""
-    state = load_file(Path(stage_dir) / "model.safetensors")
+    state = load_safetensors(Path(stage_dir) / "model.safetensors")
     if any(".attn_plus." in k for k in state) and not any(isinstance(m, DualChannelAttention) for m in vlm.modules()):
         add_dual_channel(vlm.vit)
     lora_a = [v for k, v in state.items() if k.endswith(".lora_a")]
@@ -78,31 +85,76 @@ def trained_state(vlm) -> dict:
     return {n: gathered(p.detach()) for n, p in vlm.named_parameters() if p.requires_grad}
 
 
-def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master: bool = True) -> None:
-    """Trained tensors, then config.json (last: it marks the stage done). All ranks gather shards; the master writes."""
+def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master: bool = True, export=None) -> None:
+    """Trained tensors, export(out_dir) (stage 3: the encoder), then config.json. config.json marks the stage done:
+    the old one goes first and the new one comes strictly last, so that a crash anywhere in between leaves an
+    unfinished stage, never a finished one whose files disagree. All ranks gather shards; the master writes."""
     state = trained_state(vlm)
     if not master:
         return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").unlink(missing_ok=True)
     save_tensors(state, out_dir / "model.safetensors")
+    if export is not None:
+        export(out_dir)
+    (out_dir / "stopped.json").unlink(missing_ok=True)
     meta = {"stage": cfg.stage, "config": dataclasses.asdict(cfg), "sources": sources,
             "init": str(init) if init else None, "base_vision": sources["vision"]}
     write_text_atomically(out_dir / "config.json", json.dumps(meta, indent=2))
 
 
-RESUME_KEYS = ("stage", "seed", "global_batch", "batch_size", "data", "data_size", "max_steps", "epochs", "lr",
-               "gate_lr", "projector_lr", "warmup_frac", "shuffle_images", "vision_tune", "pack", "max_len")
+# Config fields that change where or how fast a run goes, not what it computes: a resume may change them. Every other
+# field is recorded in each checkpoint and must match on --resume.
+NOT_COMPARED = ("name", "runs_dir", "resume", "workers", "device", "compile", "grad_ckpt", "fsdp", "save_every",
+                "keep_last", "log_every", "wandb", "bench", "probe")
+# after the NaN guard stopped a run (stopped.json), --resume may also change these: the way out it suggests
+RECOVERY_KEYS = ("lr", "gate_lr", "projector_lr", "min_lr_frac", "warmup_frac", "grad_clip", "dtype")
+
+
+def run_files(out_dir: Path) -> list[str]:
+    """What of a run a stage dir already holds: a new run there would mix with it or overwrite it."""
+    out_dir = Path(out_dir)
+    names = [n for n in ("config.json", "model.safetensors", "metrics.jsonl", "stopped.json", "vision")
+             if (out_dir / n).exists()]
+    ckpts = checkpoints(out_dir)
+    return names + ([f"checkpoints/ ({len(ckpts)}: steps {ckpts[0][0]}..{ckpts[-1][0]})"] if ckpts else [])
+
+
+def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """[(step, dir)] of the stage's resumable checkpoints, by step number (not by name: names outgrow their digits)."""
+    found = [(re.fullmatch(r"step_(\d+)", p.name), p) for p in (Path(out_dir) / "checkpoints").glob("step_*")]
+    return sorted((int(m[1]), p) for m, p in found if m and p.is_dir())
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    steps = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
-    return steps[-1] if steps else None
+    found = checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """A checkpoint whose weights gave a non-finite loss: renamed out of reach of --resume, kept for inspection."""
+    to = ckpt.with_name("nonfinite_" + ckpt.name)
+    shutil.rmtree(to, ignore_errors=True)
+    os.replace(ckpt, to)
+    return to
+
+
+def stopped(out_dir: Path) -> dict | None:
+    """What the NaN guard wrote when it stopped this stage (stopped.json), or None."""
+    path = Path(out_dir) / "stopped.json"
+    return read_json(path) if path.exists() else None
+
+
+def mark_stopped(out_dir: Path, info: dict) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_text_atomically(Path(out_dir) / "stopped.json", json.dumps(info, indent=2))
 
 
 def save_checkpoint(out_dir: Path, step: int, vlm, opt, cfg, keep_last: int = 2, master: bool = True) -> Path:
-    """Trainable weights, AdamW state by parameter name, step and RNG; older checkpoints beyond keep_last go.
-    Every rank calls it (shards are gathered); the master writes."""
+    """Trainable weights, AdamW state by parameter name, step, RNG and the config; then the oldest checkpoints go, by
+    step number, so that keep_last remain (<= 0: all stay). Every rank calls it (shards are gathered); the master
+    writes."""
     path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
     params = trained_state(vlm)
     name_of = {id(p): n for n, p in vlm.named_parameters() if p.requires_grad}
@@ -112,31 +164,43 @@ def save_checkpoint(out_dir: Path, step: int, vlm, opt, cfg, keep_last: int = 2,
         rng = {"rng::cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["rng::cuda"] = torch.cuda.get_rng_state()
-        state = {"step": step, "config": {k: getattr(cfg, k) for k in RESUME_KEYS}}
-        write_model_dir(path, params, {"state.json": state},
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_COMPARED}
+        write_model_dir(path, params, {"state.json": {"step": step, "config": config}},
                         lambda tmp: save_tensors({**moments, **rng}, tmp / "optimizer.safetensors"))
-        for old in sorted(path.parent.glob("step_*"))[:-keep_last]:
+        older = [p for s, p in checkpoints(out_dir) if s < step]  # never the one just written, nor a later one
+        for old in older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
             shutil.rmtree(old)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return path
 
 
-def load_checkpoint(path: Path, vlm, opt, cfg) -> int:
-    """Restore what save_checkpoint wrote; returns the step to continue from."""
+def config_changes(path: Path, cfg, may_change=()) -> dict:
+    """{key: (checkpoint's value, cfg's)} of the keys in `may_change` that differ from what the checkpoint at `path`
+    recorded; any other difference in a compared field is a ValueError naming each key with both values."""
+    recorded = read_json(Path(path) / "state.json")["config"]
+    now = dataclasses.asdict(cfg)
+    changed = {k: (v, now[k]) for k, v in recorded.items() if k in now and k not in NOT_COMPARED and now[k] != v}
+    refused = {k: ab for k, ab in changed.items() if k not in may_change}
+    if refused:
+        raise ValueError(f"{path}: --resume continues a run exactly, but these settings differ from the checkpoint's: "
+                         + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items())
+                         + ". Resume with the checkpoint's values, or start a new run under another --name.")
+    return changed
+
+
+def load_checkpoint(path: Path, vlm, opt, cfg, may_change=()) -> tuple[int, dict]:
+    """Restore what save_checkpoint wrote -> (the step to continue from, the allowed config changes made)."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if getattr(cfg, k) != v}
-    if changed:
-        raise ValueError(f"{path}: cannot resume exactly with a different " + ", ".join(
-            f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in changed.items()))
-    weights = load_file(path / "model.safetensors")
+    changed = config_changes(path, cfg, may_change)
+    state = read_json(path / "state.json")
+    weights = load_safetensors(path / "model.safetensors")
     params = {n: p for n, p in vlm.named_parameters() if p.requires_grad}
     missing, unexpected, _ = state_diff({k: p.shape for k, p in params.items()}, weights)
     if missing or unexpected:
         raise KeyError(f"{path}/model.safetensors: trainable tensors differ from this run's: missing "
                        f"[{listed(missing)}], unexpected [{listed(unexpected)}]")
-    extra = load_file(path / "optimizer.safetensors")
+    extra = load_safetensors(path / "optimizer.safetensors")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(sharded_like(weights[n].to(p.device), p))
@@ -153,4 +217,4 @@ def load_checkpoint(path: Path, vlm, opt, cfg) -> int:
     torch.set_rng_state(extra["rng::cpu"])
     if "rng::cuda" in extra and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng::cuda"])
-    return state["step"]
+    return state["step"], changed
