@@ -46,11 +46,12 @@ def encoder_embedding(encoder, size: int = 224):
 
 
 def generate(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
-             rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None, depth_scale=1.0):
+             rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None, depth_scale=1.0,
+             points_per_turn: int = 1):
     """dataengine.writer.write_dataset, with `encoder` (a path) loaded to pair RGB-D frames without poses."""
     embed = encoder_embedding(encoder) if encoder else None
     return write_dataset(kind, out, n, seed, size, order, workers, rgbd, shard_size, progress, band, encoder, embed,
-                         depth_scale)
+                         depth_scale, points_per_turn)
 
 
 HELP = {"spatial": "single-view spatial conversations, 12 turns pixel -> object -> scene (stage 3)",
@@ -84,6 +85,10 @@ def main(argv=None):
         if kind in ORDERED:
             sp.add_argument("--order", choices=ORDERS, default="forward", help="turn order: pixel->object->scene"
                             "(->caption), its reverse, or shuffled (the paper's ablation)")
+        if kind == "spatial":
+            sp.add_argument("--points-per-turn", type=int, choices=range(1, 5), default=1, metavar="K",
+                            help="points each depth / 3D-position turn asks about, 1 to 4 (default 1): \"What is the "
+                                 "depth at (u1, v1), (u2, v2) and (u3, v3)?\" -> \"2.35 m, 1.80 m and 3.02 m.\"")
         if "multiview" in kind:
             sp.add_argument("--band", default=None, metavar="LO,HI",
                             help="co-visibility band: the share of view-1 pixels that view 2 sees unoccluded "
@@ -110,7 +115,7 @@ def main(argv=None):
     try:
         print(generate(args.kind, args.out, args.n, args.seed, args.size, getattr(args, "order", "forward"),
                        args.workers, args.rgbd, args.shard_size, band=band, encoder=getattr(args, "encoder", None),
-                       depth_scale=args.depth_scale))
+                       depth_scale=args.depth_scale, points_per_turn=getattr(args, "points_per_turn", 1)))
     except ValueError as e:     # bad input (an RGB-D frame, an option): its message names it; rerun to continue
         raise SystemExit(f"data.py {args.kind}: {e}") from e
 

@@ -121,15 +121,26 @@ def _scene_agrees(meta: dict, out: Path, inst: np.ndarray, depth: np.ndarray, Ki
     return bad
 
 
+def _each_point(a: str, expected: list, where: str) -> list:
+    """An answer about several points, one group of decimals per point in the question's order (expected: [[(value,
+    decimals)] per point]): each point is compared on its own, so a wrong value names its point."""
+    got, n = NUMBER.findall(a), len(expected[0])
+    if len(expected) == 1 or len(got) != n * len(expected):
+        return _numbers(a, [e for point in expected for e in point], where)
+    return [b for k, point in enumerate(expected) for b in
+            _numbers(" ".join(got[k * n:(k + 1) * n]), point, f"{where}: point {k + 1} of {len(expected)}")]
+
+
 def _pixel_turn(kind: str, q: str, a: str, turn: dict, level: str, f: dict, where: str, stats: dict) -> list:
-    """Depth, 3D position, displacement and closer-or-farther of the points the turn names."""
+    """Depth and 3D position of each point the turn names, displacement and closer-or-farther of its two points."""
     ks, P, d, xyz = turn["points"], f["P"], f["d"], f["xyz"]
-    bad = [] if level == "pixel" and all(P(k) in q for k in ks) else [
-        f"{where}: level {level} or the question does not name its points"]
+    at = [q.find(P(k)) for k in ks]           # the answer follows the question's order of the (distinct) points
+    bad = [] if level == "pixel" and ks and -1 not in at and at == sorted(set(at)) else [
+        f"{where}: level {level} or the question does not name its distinct points in order"]
     if kind == "depth":
-        return bad + _numbers(a, [(d[ks[0]], 2)], where)
+        return bad + _each_point(a, [[(d[k], 2)] for k in ks], where)
     if kind == "position":
-        return bad + _numbers(a, [(v, 2) for v in xyz[ks[0]]], where)
+        return bad + _each_point(a, [[(v, 2) for v in xyz[k]] for k in ks], where)
     if kind == "displacement":
         v = xyz[ks[1]] - xyz[ks[0]]
         return bad + _numbers(a, [(c, 2) for c in v] + [(np.linalg.norm(v), 2)], where)

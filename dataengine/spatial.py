@@ -8,8 +8,10 @@ distance between objects and 2 captions. writer.py writes it as kind "spatial"; 
 
 Answers carry the image, not the question: "2.35 m.", "(0.12, -0.40, 2.35) m.", "Yes, the first point is closer
 than the second: 2.10 m vs 2.35 m." -- no query coordinate is echoed, so nearly every supervised number is one the
-encoder must supply (tools/answer_stats.py measures the share). Relations compare bounding-cube centres (or extents)
-in views.py's answer frame and call near-ties ties.
+encoder must supply (tools/answer_stats.py measures the share). With points_per_turn K > 1 (data.py spatial
+--points-per-turn K) each depth and 3D-position turn asks about K points and answers in their order: "What is the
+depth at (0.241, 0.766), (0.512, 0.300) and (0.700, 0.650)?" -> "2.35 m, 1.80 m and 3.02 m.". Relations compare
+bounding-cube centres (or extents) in views.py's answer frame and call near-ties ties.
 """
 
 import json
@@ -24,8 +26,9 @@ from dataengine.text import (CLOSER_WORDS, FORMS, PIXEL_KINDS, QUESTIONS, RELATI
 from dataengine.views import View, save_view
 
 
-def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order: str = "forward"):
-    """-> (conversations [{"from", "value"}] x 24, levels x 12, points [{"px", "uv"}], turn records x 12)."""
+def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order: str = "forward", k: int = 1):
+    """-> (conversations [{"from", "value"}] x 24, levels x 12, points [{"px", "uv"}], turn records x 12). The depth
+    and 3D-position turns ask about k points each."""
     (H, W), pick = view.depth.shape, picker(rng)
     # up to 4 focus objects; the 4 object turns and the scene turn ask about pairs spread over them
     focus = [int(i) for i in rng.permutation(views.candidates(view, inside))[:4]]
@@ -40,27 +43,20 @@ def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order
     object_kinds = ["left_right", "front_behind", "above_below", pick(["taller", "wider", "bigger"])]
     pairs = [(a, least_used(a)) for a in (least_used() for _ in object_kinds)]
     # the pixel-level points land on those objects: "closer" on the front/behind pair, "displacement" on the
-    # above/below pair, single points on objects not covered yet
+    # above/below pair, the k points of a depth / position turn on objects not covered yet, then on other objects
+    # than the turn's own, then on any
     pixel_kinds = sorted(list(PIXEL_KINDS) + [pick(PIXEL_KINDS)], key=PIXEL_KINDS.index)
     two = {"closer": [pairs[1], pairs[3]], "displacement": [pairs[2], pairs[0]]}
-    wanted = [list(two[k].pop(0)) if k in two else None for k in pixel_kinds]
+    wanted = [list(two[kind].pop(0)) if kind in two else None for kind in pixel_kinds]
     covered = {o for w in wanted if w for o in w}
-    for k, w in enumerate(wanted):
+    for t, w in enumerate(wanted):
         if w is None:
-            rest = [f for f in focus if f not in covered]
-            wanted[k] = [rest[0] if rest else pick(focus)]
-            covered.add(wanted[k][0])
-    flat = np.nonzero(inside.reshape(-1))[0]
-    owner = view.instance.reshape(-1)[flat]
-    px, taken = [], np.zeros((H, W), bool)        # points keep 2 pixels apart when the object allows it
-    for o in (o for w in wanted for o in w):
-        pool = flat[owner == o]
-        free = pool[~taken.reshape(-1)[pool]]
-        pool = free if len(free) else pool
-        r, c = divmod(int(pool[rng.integers(len(pool))]), W)
-        taken[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = True
-        px.append((c, r))
-    px = np.array(px)
+            wanted[t] = []
+            for _ in range(k):
+                rest = [f for f in focus if f not in covered]
+                wanted[t].append(rest[0] if rest else pick([f for f in focus if f not in wanted[t]] or focus))
+                covered.add(wanted[t][-1])
+    px = sample_points(view, inside, wanted, rng)
     cam = views.unproject(view.depth, np.array(view.K))[px[:, 1], px[:, 0]]          # (n, 3) camera frame
     facts = dict(P=[f"({coord((c + 0.5) / W)}, {coord((r + 0.5) / H)})" for c, r in px], d=cam[:, 2],
                  xyz=cam @ np.array(view.answer_from_camera).T, names={o["id"]: o["name"] for o in view.objects},
@@ -78,14 +74,34 @@ def conversation(view: View, inside: np.ndarray, rng: np.random.Generator, order
     return to_conversation(turns), [t.level for t in turns], points, [t.record for t in turns]
 
 
+def sample_points(view: View, inside: np.ndarray, wanted: list, rng) -> np.ndarray:
+    """(n, 2) pixels (column, row): one on each object of each turn's list `wanted`. Points keep 2 pixels apart when
+    the object allows it, and a turn's own points are distinct pixels in any case."""
+    (H, W), flat = view.depth.shape, np.nonzero(inside.reshape(-1))[0]
+    owner = view.instance.reshape(-1)[flat]
+    px, taken = [], np.zeros((H, W), bool)
+    for objects in wanted:
+        mine = []
+        for o in objects:
+            pool = flat[owner == o]
+            free, other = pool[~taken.reshape(-1)[pool]], np.setdiff1d(pool, mine)
+            pool = free if len(free) else other if len(other) else pool
+            mine.append(int(pool[rng.integers(len(pool))]))
+            r, c = divmod(mine[-1], W)
+            taken[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = True
+            px.append((c, r))
+    return np.array(px)
+
+
 def pixel_turn(kind: str, idx: list, facts: dict, rng, pick) -> Turn:
-    """A question about one or two points; the answer is only what the image tells (no echoed coordinates)."""
+    """A question about some points; the answer is only what the image tells (no echoed coordinates), one value per
+    point in the question's order: "2.35 m, 1.80 m and 3.02 m." """
     P, d, xyz = facts["P"], facts["d"], facts["xyz"]
     i, j, rec = idx[0], idx[-1], dict(kind=kind, points=idx)
-    if kind == "depth":
-        return Turn("pixel", pick(QUESTIONS["depth"]).format(p=P[i]), f"{meters(d[i])} m.", rec)
-    if kind == "position":
-        return Turn("pixel", pick(QUESTIONS["position"]).format(p=P[i]), f"{position(xyz[i])}.", rec)
+    if kind in ("depth", "position"):
+        values = [f"{meters(d[x])} m" if kind == "depth" else position(xyz[x]) for x in idx]
+        asked = QUESTIONS[kind if len(idx) == 1 else kind + "s"]
+        return Turn("pixel", pick(asked).format(p=listing([P[x] for x in idx])), listing(values) + ".", rec)
     if kind == "closer":
         form, want = int(rng.integers(2)), int(rng.integers(2))      # yes/no or which; about "closer" or "farther"
         s, o, rel, prefix = verdict(form, want, 2 if abs(d[i] - d[j]) < TIE_DEPTH else int(d[i] > d[j]), i, j)
@@ -165,7 +181,7 @@ def prepare(spec, embed=None) -> list:       # the RGB-D frame folders, if any
 def make_sample(spec, index: int, out: Path, frames: list) -> str:
     rng = np.random.default_rng([spec.seed, index])
     view, inside = views.sample_view(spec, index, frames, rng)
-    conv, levels, points, turns = conversation(view, inside, rng, spec.order)
+    conv, levels, points, turns = conversation(view, inside, rng, spec.order, spec.points_per_turn)
     sid, (H, W) = f"{index:06d}", view.depth.shape
     files = save_view(out, sid, view, f"images/{sid}.png")
     counts = np.bincount(view.instance.reshape(-1), minlength=max(o["id"] for o in view.objects) + 1)

@@ -38,6 +38,7 @@ class DatasetSpec:     # what fixes a dataset's content; saved in <kind>.json, a
     band: list | None = None           # multi-view kinds: [lo, hi] of the co-visibility (or feature-distance) band
     encoder: str | None = None         # multi-view kinds on RGB-D frames without poses: the encoder of that band
     depth_scale: float = 1.0           # RGB-D frames: stored depth x depth_scale = meters (0.001: millimetres)
+    points_per_turn: int = 1           # spatial: points each depth / 3D-position turn asks about
 
 
 def fast_malloc():
@@ -65,7 +66,8 @@ def _job(index):
     return index, BUILDERS[_worker["spec"].kind].make_sample(_worker["spec"], index, _worker["out"], _worker["source"])
 
 
-def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth_scale=1.0) -> DatasetSpec:
+def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth_scale=1.0,
+                 points_per_turn=1) -> DatasetSpec:
     """The spec of a dataset, its options checked (a ValueError names the one that is wrong)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: data.py writes {', '.join(KINDS)}")
@@ -79,12 +81,18 @@ def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth
     if depth_scale != 1 and not (rgbd and 0 < depth_scale < float("inf")):
         raise ValueError(f"depth_scale {depth_scale}: a finite number > 0 that converts RGB-D frames' depth (rgbd) "
                          "to meters")
+    if points_per_turn != 1 and kind != "spatial":
+        raise ValueError(f"points_per_turn {points_per_turn!r}: applies to the depth / 3D-position turns of spatial "
+                         f"data, not to {kind!r}")
+    if points_per_turn not in range(1, 5):
+        raise ValueError(f"points_per_turn {points_per_turn!r}: expected a whole number of points from 1 to 4")
     if multi:
         band = [float(b) for b in (band if band is not None else multiview.FEATURE_BAND if encoder else multiview.BAND)]
         if len(band) != 2 or not 0 <= band[0] < band[1] <= (2 if encoder else 1):
             raise ValueError(f"band {band}: expected [lo, hi] with 0 <= lo < hi <= {2 if encoder else 1}")
     return DatasetSpec(seed, size, order if kind in ORDERED else None, str(Path(rgbd).resolve()) if rgbd else None,
-                       shard_size, kind, band, str(Path(encoder).resolve()) if encoder else None, float(depth_scale))
+                       shard_size, kind, band, str(Path(encoder).resolve()) if encoder else None, float(depth_scale),
+                       int(points_per_turn))
 
 
 def open_dataset(out: Path, spec: DatasetSpec):
@@ -107,12 +115,12 @@ def open_dataset(out: Path, spec: DatasetSpec):
 
 def write_dataset(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
                   rgbd=None, shard_size: int = 256, progress: bool = True, band=None, encoder=None,
-                  embed=None, depth_scale: float = 1.0) -> Path:
+                  embed=None, depth_scale: float = 1.0, points_per_turn: int = 1) -> Path:
     """Write (or finish writing) n samples of `kind` to out -> its data.jsonl. rgbd: RGB-D frame folders instead of
     the synthetic rooms (multi-view kinds: scene folders of frames), their depth x depth_scale in meters. band: the
     co-visibility band, or the feature band when `encoder` (its path) pairs frames without poses; embed computes those
-    features."""
-    spec = dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth_scale)
+    features. points_per_turn: points each depth / 3D-position turn of spatial data asks about."""
+    spec = dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth_scale, points_per_turn)
     out = Path(out)
     open_dataset(out, spec)
     source = BUILDERS[kind].prepare(spec, embed)
