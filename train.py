@@ -401,6 +401,23 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def forward_backward(model: nn.Module, batches: list[dict], rt: Runtime) -> float:
+    """One step's micro-batches forward (autocast) and backward -> the loss per supervised token over all ranks.
+    The gradients it leaves are normalized by the global count of supervised tokens; DDP syncs on the last one."""
+    n_sup = torch.tensor([float(sum(b["n_supervised"] for b in batches))], device=rt.device)
+    n_sup = max(all_sum(n_sup, rt.world), 1.0)
+    loss_sum = torch.zeros((), device=rt.device)
+    for i, b in enumerate(batches):
+        b = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        with model.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
+            with torch.autocast(rt.device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+                loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
+            (loss * rt.world / n_sup).backward()  # DDP averages over ranks, hence * world
+        loss_sum += loss.detach().float()
+    return all_sum(loss_sum, rt.world) / n_sup
+
+
 def reduce_and_clip(vlm: VLM, cfg: Config, world: int) -> torch.Tensor:
     """Under FSDP the replicated trainable tensors' gradients are averaged by hand; then clip_grad_norm_ over plain
     tensors and FSDP2 shards together: the two kinds' norms are combined by hand."""
@@ -493,21 +510,10 @@ def train(cfg: Config) -> Path | None:
         batches = [next(loader) for _ in range(accum)]  # this rank's micro-batches of the step
         for b in batches:
             report.add(b)
-        n_sup = torch.tensor([float(sum(b["n_supervised"] for b in batches))], device=device)
-        n_sup = max(all_sum(n_sup, rt.world), 1.0)
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        loss_sum = torch.zeros((), device=device)
-        for i, b in enumerate(batches):
-            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-            sync = model.no_sync() if model is not vlm and i < len(batches) - 1 else nullcontext()  # DDP
-            with sync, torch.autocast(device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
-                # normalized by the global count of supervised tokens: DDP averages over ranks, hence * world
-                (loss * rt.world / n_sup).backward()
-            loss_sum += loss.detach().float()
-        loss_value = all_sum(loss_sum, rt.world) / n_sup
+        loss_value = forward_backward(model, batches, rt)
         grad_norm = reduce_and_clip(vlm, cfg, rt.world)
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
             opt.zero_grad(set_to_none=True)
