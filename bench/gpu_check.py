@@ -266,6 +266,17 @@ def check_stage(args, preset: str, stage: int, sources: dict, work: Path, budget
     return row
 
 
+def targets(rows: list) -> dict:
+    """The targets set for the GPU, read off the rows: {target: {"value": ..., "met": bool or None (not measured)}}."""
+    row = lambda preset: next((r for r in rows if r["preset"] == preset and r["stage"] == 3), {})
+    base, small = row("base"), row("small")
+    mfus = [m["mfu"] for m in (base.get("eager"), base.get("compiled")) if m and m["mfu"] is not None]
+    values = {"base stage 3: MFU >= 40 %": (max(mfus, default=None), 0.40),
+              "base stage 3: compiled >= 1.3x eager": (base.get("compiled_speedup"), 1.3),
+              "small stage 3: batch >= 8 in 24 GB": (small.get("max_batch_24gb"), 8)}
+    return {k: {"value": v, "met": None if v is None else v >= bound} for k, (v, bound) in values.items()}
+
+
 def environment(args, device: str, peak) -> dict:
     env = {"torch": torch.__version__, "device": device, "dry": args.dry, "budget_s": args.budget,
            "cap_gib": args.cap_gib, "peak_tflops": peak and peak / 1e12, "tokenizer": args.tokenizer or "byte-level",
@@ -289,6 +300,9 @@ def markdown(result: dict) -> str:
              "compiled | MFU eager / compiled | peak GiB eager / compiled | loss rel. diff | max batch in "
              f"{env['cap_gib']:g} GB | loader s/batch | loader keeps up | errors |",
              "|" + "---|" * 15]
+    verdict = lambda met: "not measured" if met is None else "met" if met else "NOT met"
+    tail = ["", "Targets: " + "; ".join(f"{k}: {fmt(t['value'])} ({verdict(t['met'])})"
+                                        for k, t in result["targets"].items())]
     for r in result["rows"]:
         e, c = r["eager"] or {}, r["compiled"] or {}
         pair = lambda key, spec: f"{fmt(e.get(key), spec)} / {fmt(c.get(key), spec)}"
@@ -299,10 +313,11 @@ def markdown(result: dict) -> str:
                      f"{fmt(r['loss_rel_diff'], '.1e')} | {fmt(r['max_batch_24gb'])} (OOM at "
                      f"{fmt(r['first_oom_batch'])}) | {fmt(r['loader_s_per_batch'])} | {fmt(r['loader_keeps_up'])} "
                      f"| {errors} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + tail) + "\n"
 
 
 def write(out: Path, result: dict):
+    result["targets"] = targets(result["rows"])
     write_text_atomically(out / "gpu_check.json", json.dumps(result, indent=2))
     write_text_atomically(out / "gpu_check.md", markdown(result))
 

@@ -115,8 +115,9 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
             assert set(row[mode]) == set(gpu_check.MODE_FIELDS)
             assert all(row[mode][f] is not None for f in gpu_check.MODE_FIELDS), row[mode]
         assert row["losses_agree"] and row["max_batch_24gb"] == 2 and row["first_oom_batch"] is None  # no cap on CPU
+    assert len(result["targets"]) == 3 and all(t["value"] is not None for t in result["targets"].values())
     table = (tmp_path / "gpu_check.md").read_text()
-    assert table.count("\n| small |") == 3 and table.count("\n| base |") == 3
+    assert table.count("\n| small |") == 3 and table.count("\n| base |") == 3 and "Targets: " in table
 
 
 def test_gpu_check_records_errors_and_skips_instead_of_stopping(tmp_path, monkeypatch, capsys):
@@ -134,3 +135,22 @@ def test_gpu_check_records_errors_and_skips_instead_of_stopping(tmp_path, monkey
     result = gpu_check.main(["--dry", "--presets", "small", "--stages", "3", "--budget", "0", "--out", str(tmp_path)])
     assert result["rows"][0]["errors"] == {"models": "skipped: the 0 s budget was spent"}
     assert json.loads((tmp_path / "gpu_check.json").read_text())["complete"]
+
+
+def test_documented_train_commands_parse():
+    """Every `python train.py ...` line in README.md, BENCHMARKS.md and train.py's docstring is a valid command (a
+    stale flag such as --compile default once sat in BENCHMARKS.md)."""
+    import re
+    import shlex
+
+    commands = []
+    for doc in ("README.md", "BENCHMARKS.md", "train.py"):
+        for m in re.finditer(r"(?<![\w/])train\.py((?: +--?[\w-]+(?: +[\w./:,-]+)?)*)", (ROOT / doc).read_text()):
+            if "--help" not in m.group(1):
+                commands.append((doc, m.group(1)))
+    assert len(commands) >= 8, commands
+    for doc, flags in commands:
+        try:
+            train.parse_config(shlex.split(flags))
+        except SystemExit:
+            pytest.fail(f"{doc}: `train.py{flags}` does not parse")
