@@ -574,23 +574,28 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def forward_backward(model, vlm: VLM, batches: list, rt: Runtime, n_sup: float, backward: bool = True):
-    """This rank's micro-batches of a step, forward and backward -> (their summed loss, how many had nothing to
-    train). Such a micro-batch (every sample unusable, or text only with the LLM frozen) backpropagates a zero through
-    every trainable tensor instead: DDP's all-reduce waits for each rank's gradients."""
+def forward_backward(model: nn.Module, vlm: VLM, batches: list[dict], rt: Runtime,
+                     backward: bool = True) -> tuple[float, int]:
+    """One step's micro-batches forward (autocast) and backward -> (the loss per supervised token over all ranks, how
+    many micro-batches had nothing to train). The gradients are normalized by the global count of supervised tokens;
+    DDP syncs on the last micro-batch. A micro-batch with nothing to train (every sample unusable, or text only with
+    the LLM frozen) backpropagates a zero through every trainable tensor instead: DDP's all-reduce waits for it."""
+    n_sup = torch.tensor([float(sum(b["n_supervised"] for b in batches))], device=rt.device)
+    n_sup = max(all_sum(n_sup, rt.world), 1.0)
     loss_sum, skipped = torch.zeros((), device=rt.device), 0
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     for i, b in enumerate(batches):
         b = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-        sync = model.no_sync() if model is not vlm and i < len(batches) - 1 else nullcontext()  # DDP
-        with sync, torch.autocast(rt.device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-            loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
+        with model.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
+            with torch.autocast(rt.device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+                loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
             if backward and not loss.requires_grad:
                 skipped += 1
                 loss = loss + sum(p.sum() for p in trainable_state(vlm).values()) * 0.0
-            if backward:  # normalized by the global count of supervised tokens: DDP averages over ranks, hence * world
-                (loss * rt.world / n_sup).backward()
+            if backward:
+                (loss * rt.world / n_sup).backward()  # DDP averages over ranks, hence * world
         loss_sum += loss.detach().float()
-    return loss_sum, skipped
+    return all_sum(loss_sum, rt.world) / n_sup, skipped
 
 
 def nonfinite_stop(cfg: Config, rt: Runtime, out_dir: Path, step: int, loss: float, grad_norm: float | None):
@@ -639,14 +644,11 @@ def train(cfg: Config) -> Path | None:
         batches = [next(loader) for _ in range(accum)]  # this rank's micro-batches of the step
         for b in batches:
             report.add(b)
-        n_sup = torch.tensor([float(sum(b["n_supervised"] for b in batches))], device=device)
-        n_sup = max(all_sum(n_sup, rt.world), 1.0)
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        loss_sum, n_skipped = forward_backward(model, vlm, batches, rt, n_sup)
+        loss_value, n_skipped = forward_backward(model, vlm, batches, rt)
         skipped += n_skipped
-        loss_value = all_sum(loss_sum, rt.world) / n_sup
         grad_norm = reduce_and_clip(vlm, cfg, rt.world)
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
             opt.zero_grad(set_to_none=True)
@@ -686,7 +688,7 @@ def train(cfg: Config) -> Path | None:
         return report_bench(cfg, timings, vlm, device, patches, peak, log)
     if batches:  # the last update's weights have met no forward yet: they go out only if they give a finite loss
         # (on the plain module, with grad mode as in training: DDP expects no lone forward, compiled blocks no change)
-        loss_value = all_sum(forward_backward(vlm, vlm, batches, rt, 1.0, backward=False)[0], rt.world)
+        loss_value = forward_backward(vlm, vlm, batches, rt, backward=False)[0]
         if not math.isfinite(loss_value):
             nonfinite_stop(cfg, rt, out_dir, step, loss_value, None)
     return finish_stage(cfg, rt, vlm, out_dir, sources, init, t_start)

@@ -1,6 +1,6 @@
 """
-SmolLM2-135M forward + backward at sequence 512 on CPU, fp32: our LLM against transformers' LlamaForCausalLM on the
-same weights, and our chunked supervised loss against full (B, T, V) logits.
+SmolLM2-135M forward + backward at sequence 512 on CPU, fp32 (ours in bf16 autocast too): our LLM against
+transformers' LlamaForCausalLM on the same weights, and our chunked supervised loss against full (B, T, V) logits.
 
     python bench/bench_llm.py                      # every variant, a few minutes on 2 cores
     python bench/bench_llm.py --rounds 5 --variants ours transformers
@@ -21,6 +21,7 @@ its median process CPU time (the work done, which other processes on the same co
   ours-full-logits   our model, loss from full (B, T, V) logits as transformers computes it
   ours-ckpt          ours with lm.grad_checkpointing = True
   ours-sup25, transformers-sup25   25% of positions supervised (labels -100 elsewhere), as in chat data
+  ours-bf16, ours-sup25-bf16       ours under bf16 autocast, as train.py runs it on a CPU with native bf16
   loss-chunked, loss-full          the head + loss alone: h (B, T, 576) and the tied (49152, 576) weight
 """
 
@@ -39,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ["ours", "transformers", "ours-full-logits", "ours-ckpt", "ours-sup25", "transformers-sup25",
-            "loss-chunked", "loss-full"]
+VARIANTS = ["ours", "ours-bf16", "transformers", "ours-full-logits", "ours-ckpt", "ours-sup25", "ours-sup25-bf16",
+            "transformers-sup25", "loss-chunked", "loss-full"]
 
 
 def vm_hwm_mb() -> float:
@@ -65,13 +66,14 @@ def make_steps(variants, weights: str, batch: int, seq: int) -> dict:
         lm.train()
         h = torch.randn(batch, seq, lm.cfg.dim, requires_grad=True)
 
-        def ours(full_logits=False, ckpt=False, frac=1.0):
+        def ours(full_logits=False, ckpt=False, frac=1.0, bf16=False):
             lm.zero_grad(set_to_none=True)
             lm.grad_checkpointing = ckpt
-            if full_logits:  # as transformers does: shift the labels, not the (B, T, V) logits
-                loss = F.cross_entropy(lm(x).float().flatten(0, 1), shifted[frac].flatten(), ignore_index=-100)
-            else:
-                loss = lm.loss(lm.hidden(x), x, masks[frac], reduction="mean")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                if full_logits:  # as transformers does: shift the labels, not the (B, T, V) logits
+                    loss = F.cross_entropy(lm(x).float().flatten(0, 1), shifted[frac].flatten(), ignore_index=-100)
+                else:
+                    loss = lm.loss(lm.hidden(x), x, masks[frac], reduction="mean")
             loss.backward()
             return loss.item()
 
@@ -88,6 +90,7 @@ def make_steps(variants, weights: str, batch: int, seq: int) -> dict:
 
         steps.update({"ours": ours, "ours-full-logits": lambda: ours(full_logits=True),
                       "ours-ckpt": lambda: ours(ckpt=True), "ours-sup25": lambda: ours(frac=0.25),
+                      "ours-bf16": lambda: ours(bf16=True), "ours-sup25-bf16": lambda: ours(frac=0.25, bf16=True),
                       "loss-chunked": lambda: head_only(True), "loss-full": lambda: head_only(False)})
     if any(v.startswith("transformers") for v in variants):
         from transformers import LlamaForCausalLM
@@ -143,7 +146,7 @@ def report_speed(args, common: list[str], memory: dict):
     threads = ["--threads", str(args.threads)] if args.threads else []
     speed = run_worker(["--speed-worker", "--rounds", str(args.rounds), "--variants", *args.variants, *threads,
                         *common])
-    print(f"\nB={args.batch} T={args.seq} fp32, CPU, torch {speed['torch']}, {speed['threads']} threads; "
+    print(f"\nB={args.batch} T={args.seq} CPU, torch {speed['torch']}, {speed['threads']} threads; "
           f"median of {args.rounds} interleaved rounds")
     print("(wall time suffers when other processes share the cores; CPU time is the work done, best compared with "
           "--threads 1)")

@@ -4,6 +4,15 @@ model composed from transformers' classes: Dinov2Model -> our Projector -> Llama
 labels=...), on the same weights, batch and sequence.
 
     python bench/bench_train.py [--batch 4] [--text 448] [--supervised 0.4] [--iters 5] [--threads 2]
+    python bench/bench_train.py --compare dtypes [--rounds 4] [--batch 4] [--data DIR] [--stage 3] [--random]
+    python bench/bench_train.py --compare compile [--rounds 4] ...
+
+--compare runs train.py's own step (forward_backward, clipping, AdamW) of the small preset on real data (64 spatial
+samples at 224 px generated into a temporary dir unless --data is given), the two variants in turn on the same
+micro-batch, round after round, in one process: a busy machine then slows both alike, and the ratio per round is the
+number to trust. `dtypes`: fp32 against bf16 autocast; `compile`: bf16 eager against bf16 with every block compiled
+(train.py --compile on; the first rounds include compilation and are not timed). --random: random weights of the real
+shapes instead of weights/ (speed does not depend on the values).
 
 Both sides compute the same model and train the same tensors: the transformers side wraps each Dinov2Attention in
 the same gated pair (frozen original, trainable clone, zero-initialised gate; `HFDualChannel` below), so the only
@@ -12,15 +21,17 @@ Needs weights/ (python tools/offline_weights.py).
 """
 
 import argparse
+import copy
+import dataclasses
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import copy
 
 import torch
 from torch import nn
@@ -102,6 +113,72 @@ def run_transformers(args):
     return step, ids.shape
 
 
+def compare_setup(args):
+    """train.py's small-preset stage model (weights/ or random of the same shapes) and the first rounds' micro-batches
+    of its training plan."""
+    import train
+    from dataengine.writer import write_dataset
+    from gpu_check import random_sources
+    from llm import Tokenizer
+    from training.dataset import collate
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    data = args.data or str(write_dataset("spatial", tmp / "spatial", n=64, seed=0, size=224, progress=False).parent)
+    argv = ["--preset", "small", "--stage", str(args.stage), "--data", data, "--batch-size", str(args.batch),
+            "--global-batch", str(args.batch), "--runs-dir", str(tmp / "runs"), "--no-probe", "--device", "cpu"]
+    if args.random:
+        real = ROOT / "weights" / "smollm2-135m-instruct"
+        tok = Tokenizer.load(real) if real.exists() else Tokenizer.byte_level()  # byte-level: ~2x the tokens
+        sources = random_sources("small", tmp, tok, dry=False)
+        argv += ["--vision", sources["vision"], "--llm", sources["llm"]]
+    cfg = train.parse_config(argv)
+    rt = train.setup_runtime(cfg)
+    vlm, tok, _, _ = train.stage_model(cfg, rt, tmp / "out")
+    ds = train.stage_data(cfg, rt, vlm, tok)[0]
+    plan = train.batch_plan(cfg, len(ds), 1, 0, 0, args.rounds + 2)[2]
+    batches = [collate([ds[i] for i in idx], pad_id=tok.pad_id) for idx in plan]
+    return train, cfg, rt, vlm, batches, tmp
+
+
+def compare(args):
+    """Two variants of train.py's step in turn on the same micro-batch each round; the first two rounds warm up."""
+    torch.set_num_threads(args.threads)
+    train, cfg, rt, vlm, batches, tmp = compare_setup(args)
+    if args.compare == "dtypes":
+        variants = {"fp32": (vlm, dataclasses.replace(rt, amp_dtype=None)),
+                    "bf16": (vlm, dataclasses.replace(rt, amp_dtype=torch.bfloat16))}
+    else:
+        compiled = copy.deepcopy(vlm)
+        for block in list(compiled.vit.blocks) + list(compiled.lm.model.layers):
+            block.compile()  # as train.prepare does for --compile on
+        bf16 = dataclasses.replace(rt, amp_dtype=torch.bfloat16)
+        variants = {"bf16 eager": (vlm, bf16), "bf16 compiled": (compiled, bf16)}
+    opts = {name: torch.optim.AdamW(train.param_groups(m, cfg), lr=cfg.lr) for name, (m, _) in variants.items()}
+    times = {name: [] for name in variants}
+    print(f"stage {args.stage}, small preset, CPU, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"torch {torch.__version__}; per round: the same micro-batch for each variant")
+    for r, batch in enumerate(batches):
+        line = f"round {r} ({batch['n_tokens']} tokens, T={batch['ids'].shape[1]}):"
+        for name, (model, rt_v) in variants.items():
+            t0 = time.perf_counter()
+            train.forward_backward(model, model, [batch], rt_v)
+            train.reduce_and_clip(model, cfg, 1)
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            times[name].append((dt, batch["n_tokens"]))
+            line += f" {name} {dt:.2f} s"
+        print(line + ("  (warm-up)" if r < 2 else ""), flush=True)
+    a, b = variants
+    for name in variants:
+        dt = statistics.median(t for t, _ in times[name][2:])
+        tok = statistics.median(n / t for t, n in times[name][2:])
+        print(f"{name:<14} {dt:7.2f} s/step (median)  {tok:6.0f} tokens/s")
+    ratios = [ta / tb for (ta, _), (tb, _) in zip(times[a][2:], times[b][2:])]
+    print(f"{a} / {b} per round: {' '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}x")
+    shutil.rmtree(tmp)
+
+
 def child(args):
     torch.set_num_threads(args.threads)
     step, shape = {"ours": run_ours, "transformers": run_transformers}[args.child](args)
@@ -124,8 +201,15 @@ def main():
     ap.add_argument("--supervised", type=float, default=0.4, help="fraction of the text the loss covers")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compare", choices=["dtypes", "compile"], help="train.py's step, two variants in turn")
+    ap.add_argument("--rounds", type=int, default=4, help="--compare: timed rounds (after 2 warm-up rounds)")
+    ap.add_argument("--stage", type=int, default=3, help="--compare: the stage")
+    ap.add_argument("--data", default="", help="--compare: dataset dir(s) as train.py --data takes them")
+    ap.add_argument("--random", action="store_true", help="--compare: random weights of the real shapes")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compare:
+        return compare(args)
     if args.child:
         return child(args)
     print(f"stage-3 step, small preset, CPU fp32, {args.threads} threads, batch {args.batch}, "

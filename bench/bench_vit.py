@@ -3,6 +3,7 @@ ViT benchmark: our ViT against transformers' Dinov2Model on the same weights, an
 against the plain one, with the two ways of running the dual channel side by side.
 
     python bench/bench_vit.py [--batch 8] [--size 224] [--iters 5] [--threads 2] [--device cpu|cuda] [--dtype fp32|bf16]
+    python bench/bench_vit.py --compare-dtypes [--iters 5]    # ours in fp32 vs bf16 autocast (as train.py runs it)
 
 Uses weights/dinov2-s14 when present (python tools/offline_weights.py), else a random ViT-S/14 of the same shape:
 speed does not depend on the values. Prints one line per case: median seconds per call and images/s.
@@ -69,6 +70,33 @@ def timeit(fn, iters, device):
     return interleaved({"fn": fn}, iters, device)["fn"]
 
 
+def compare_dtypes(vit, x, args):
+    """Ours in fp32 and under bf16 autocast, interleaved call by call: forward, a step with every weight trainable,
+    and the dual-channel step (stage 3: Attn+ and the gates train)."""
+    def under(amp, fn):
+        def run():
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=amp):
+                fn()
+        return run
+
+    def forward():
+        with torch.no_grad():
+            vit(x)
+
+    def step():
+        vit.zero_grad(set_to_none=True)
+        vit(x).float().square().mean().backward()
+
+    print(f"{'case':<28} {'fp32':>9} {'bf16':>9} {'fp32/bf16':>9}")
+    for name in ("forward", "fwd+bwd, all trainable", "fwd+bwd, dual channel"):
+        if name == "fwd+bwd, dual channel":
+            add_dual_channel(vit)
+        fn = forward if name == "forward" else step
+        t = interleaved({"fp32": under(False, fn), "bf16": under(True, fn)}, args.iters, args.device)
+        print(f"{name:<28} {t['fp32'] * 1000:6.0f} ms {t['bf16'] * 1000:6.0f} ms {t['fp32'] / t['bf16']:8.2f}x",
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -77,6 +105,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--compare-dtypes", action="store_true", help="ours only: fp32 vs bf16 autocast, interleaved")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -100,6 +129,8 @@ def main():
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev, dtype=dtype)
     print(f"device={dev} dtype={args.dtype} threads={args.threads} batch={args.batch} size={args.size} "
           f"torch={torch.__version__}")
+    if args.compare_dtypes:
+        return compare_dtypes(ours.float().train(), x.float(), args)
 
     def report(name, seconds):
         print(f"{name:<48} {seconds * 1000:9.1f} ms   {args.batch / seconds:8.1f} img/s")
