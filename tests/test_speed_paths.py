@@ -137,9 +137,10 @@ def test_gpu_check_records_errors_and_skips_instead_of_stopping(tmp_path, monkey
     assert json.loads((tmp_path / "gpu_check.json").read_text())["complete"]
 
 
-def test_documented_train_commands_parse():
+def test_documented_train_commands_parse(capsys):
     """Every `python train.py ...` line in README.md, BENCHMARKS.md and train.py's docstring is a valid command (a
-    stale flag such as --compile default once sat in BENCHMARKS.md)."""
+    stale flag such as --compile default once sat in BENCHMARKS.md). A --data path that is not on this machine is
+    the one refusal allowed: the command names data the reader makes first."""
     import re
     import shlex
 
@@ -153,4 +154,5 @@ def test_documented_train_commands_parse():
         try:
             train.parse_config(shlex.split(flags))
         except SystemExit:
-            pytest.fail(f"{doc}: `train.py{flags}` does not parse")
+            if "no such dataset file or directory" not in capsys.readouterr().err:
+                pytest.fail(f"{doc}: `train.py{flags}` does not parse")
