@@ -212,7 +212,7 @@ def largest_batch(vlm, cfg, rt, ds, tok, cap_gib: float, sizes: list) -> tuple[i
             try:
                 train_step(vlm, opt, batch, cfg, rt)
                 fit = size
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 oom = size
             finally:
                 del opt, batch
@@ -288,7 +288,9 @@ def environment(args, device: str, peak) -> dict:
 
 
 def fmt(x, spec: str = ".3g") -> str:
-    return "–" if x is None else format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+    if x is None:
+        return "–"
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
 
 def markdown(result: dict) -> str:
@@ -322,7 +324,8 @@ def write(out: Path, result: dict):
     write_text_atomically(out / "gpu_check.md", markdown(result))
 
 
-def main(argv=None):
+def arguments(argv=None):
+    """-> (args, presets, stages, tokenizer); a bad flag is an argparse error before anything runs."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes: the harness end to end in seconds")
@@ -335,19 +338,30 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="", help="a checkpoint dir with tokenizer.json (default: byte-level)")
     ap.add_argument("--work", default="", help="scratch dir for models, data and runs (default: a temporary one)")
     args = ap.parse_args(argv)
-    budget = Budget(args.budget)
+    presets, stages = args.presets.split(","), args.stages.split(",")
+    if not set(presets) <= set(SHAPES) or not set(stages) <= {"1", "2", "3"}:
+        ap.error(f"--presets {args.presets!r} --stages {args.stages!r}: presets from {', '.join(SHAPES)}, stages 1-3")
+    try:
+        tok = Tokenizer.load(args.tokenizer) if args.tokenizer else Tokenizer.byte_level()
+    except (OSError, ValueError) as e:
+        ap.error(f"--tokenizer {args.tokenizer}: {e}")
     args.device = "cpu" if args.dry or not torch.cuda.is_available() else "cuda"
+    return args, presets, [int(s) for s in stages], tok
+
+
+def main(argv=None) -> dict:
+    args, presets, stages, tok = arguments(argv)
+    budget = Budget(args.budget)
     if args.dry:  # tiny ops: a second thread only waits for the first, and for a core when the machine is busy
         torch.set_num_threads(1)
     peak = args.peak_tflops * 1e12 or train.peak_flops(args.device) or (1e12 if args.dry else None)  # dry: nominal
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
-    tok = Tokenizer.load(args.tokenizer) if args.tokenizer else Tokenizer.byte_level()
     result = {"env": environment(args, args.device, peak), "rows": [], "complete": False, "elapsed_s": 0.0}
     try:
-        for stage in [int(s) for s in args.stages.split(",")]:
-            for preset in args.presets.split(","):
+        for stage in stages:
+            for preset in presets:
                 row = {f: None for f in ROW_FIELDS} | {"preset": preset, "stage": stage, "errors": {}}
                 sources = guarded(row, "models", budget, lambda: random_sources(preset, work, tok, args.dry))
                 row = check_stage(args, preset, stage, sources, work, budget, peak) if sources else row
@@ -357,7 +371,7 @@ def main(argv=None):
                 gc.collect()
                 torch.cuda.empty_cache() if args.device == "cuda" else None
         result["complete"] = True
-    finally:
+    finally:  # an interrupted run still leaves its rows
         result["elapsed_s"] = budget.elapsed()
         write(out, result)
         if not args.work:
