@@ -406,10 +406,9 @@ def forward_backward(model: nn.Module, batches: list[dict], rt: Runtime) -> floa
     The gradients it leaves are normalized by the global count of supervised tokens; DDP syncs on the last one."""
     n_sup = torch.tensor([float(sum(b["n_supervised"] for b in batches))], device=rt.device)
     n_sup = max(all_sum(n_sup, rt.world), 1.0)
-    loss_sum = torch.zeros((), device=rt.device)
+    loss_sum, ddp = torch.zeros((), device=rt.device), isinstance(model, nn.parallel.DistributedDataParallel)
     for i, b in enumerate(batches):
         b = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         with model.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
             with torch.autocast(rt.device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
                 loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
