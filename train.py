@@ -34,10 +34,10 @@ from dataengine.writer import KINDS, write_dataset
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
-from storage.atomic import read_json, remove_stale_temporaries, repo_path, write_text_atomically
+from storage.atomic import read_json, repo_path, write_text_atomically
 from training.dataset import ConversationDataset, LoaderReport, collate, dataset_file
-from training.runs import (RECOVERY_KEYS, gathered, latest_checkpoint, load_checkpoint, load_stage_weights,
-                           mark_stopped, run_files, save_checkpoint, save_stage, set_aside, stage_chain, stopped)
+from training.runs import (claim_stage_dir, gathered, load_stage_weights, metric_rows, nonfinite_stop, resume,
+                           save_checkpoint, save_stage, stage_chain)
 
 
 @dataclass
@@ -427,41 +427,6 @@ def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Modul
     return model, opt, step
 
 
-def claim_stage_dir(cfg: Config, rt: Runtime, out_dir: Path) -> None:
-    """Before anything is written: what killed writers left here goes (rank 0), and a new run refuses a stage dir
-    that holds another run, which it would silently mix with or overwrite."""
-    if cfg.bench:
-        return
-    if rt.master:
-        for folder in (out_dir, out_dir / "checkpoints"):
-            for p in remove_stale_temporaries(folder):
-                rt.log(f"  removed {p}: left by a killed write")
-    found = run_files(out_dir)
-    if found and not cfg.resume:
-        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): a new run would mix with it or "
-                              f"overwrite it. Pass --resume to continue it, choose another --name, or delete "
-                              f"{out_dir} to start over.")
-
-
-def resume(vlm: VLM, opt, cfg: Config, rt: Runtime, out_dir: Path) -> int:
-    """--resume: the latest checkpoint restored -> its step. After the NaN guard stopped the run (stopped.json) the
-    learning rates may change; an unfinished stage without a checkpoint (killed before its first) starts over."""
-    stop, ckpt = stopped(out_dir), latest_checkpoint(out_dir)
-    if ckpt is None:
-        if (out_dir / "config.json").exists() or not ((out_dir / "metrics.jsonl").exists() or stop):
-            done = " (a finished stage saved without --save-every)" if (out_dir / "config.json").exists() else ""
-            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}{done}: nothing to "
-                                    f"resume")
-        why = "none was good before the non-finite stop" if stop else "the run was killed before its first"
-        rt.log(f"  --resume: {out_dir} has no checkpoint ({why}): starting over at step 0")
-        return 0
-    step, changed = load_checkpoint(ckpt, vlm, opt, cfg, may_change=RECOVERY_KEYS if stop else ())
-    said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    rt.log(f"  resumed from {ckpt} at step {step}" + (f", after the non-finite stop (the weights after "
-                                                      f"{stop['updates']} updates), with {said}" if changed else ""))
-    return step
-
-
 def param_groups(vlm: VLM, cfg: Config) -> list[dict]:
     """AdamW groups: matrices decay, vectors (norms, biases, gates, layerscales) never. In stage 3 the gates, the
     projector and the rest (Attn+) each get their own rate, as `lr_scale` x the scheduled --lr."""
@@ -533,25 +498,6 @@ def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
     return write
 
 
-def metric_rows(path: Path, step: int, log) -> list[str]:
-    """The lines of metrics.jsonl up to `step`. A torn last line (the run was killed while writing it) is dropped
-    with a warning; anything else that is not a row is an error naming file:line."""
-    lines, kept = path.read_text().splitlines(), []
-    for i, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
-                raise ValueError("expected a JSON object with an integer 'step'")
-        except ValueError as e:  # JSONDecodeError is one
-            if i == len(lines) and isinstance(e, json.JSONDecodeError):
-                log(f"  WARNING: {path}:{i}: a torn last line (the run was killed while writing it), dropped")
-                continue
-            raise ValueError(f"{path}:{i}: not a metrics row ({e}): {line[:80]!r}") from e
-        if row["step"] <= step:
-            kept.append(line)
-    return kept
-
-
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
 
 
@@ -596,30 +542,6 @@ def forward_backward(model: nn.Module, vlm: VLM, batches: list[dict], rt: Runtim
                 (loss * rt.world / n_sup).backward()  # DDP averages over ranks, hence * world
         loss_sum += loss.detach().float()
     return all_sum(loss_sum, rt.world) / n_sup, skipped
-
-
-def nonfinite_stop(cfg: Config, rt: Runtime, out_dir: Path, step: int, loss: float, grad_norm: float | None):
-    """The NaN guard: the weights after `step` updates gave a non-finite loss or gradient. Their checkpoint, if one
-    was written, is set aside; every checkpoint left was followed by a finite step, so the latest is good.
-    stopped.json lets --resume change the learning rates. Raises on every rank."""
-    bad, note = out_dir / "checkpoints" / f"step_{step:06d}", ""
-    if rt.master and not cfg.bench:
-        if bad.is_dir():
-            note = f" The checkpoint holding those weights is set aside as {set_aside(bad)}."
-        good = latest_checkpoint(out_dir)
-        mark_stopped(out_dir, {"updates": step, "loss": loss, "grad_norm": grad_norm,
-                               "resume_from": str(good) if good else None})
-    if rt.world > 1:
-        dist.barrier()
-    good = latest_checkpoint(out_dir) if not cfg.bench else None
-    where = (f"The last good checkpoint is {good} (the step after it was finite): --resume continues from it"
-             if good else "No good checkpoint was written: --resume starts over at step 0")
-    what = f" or gradient norm ({grad_norm}) in step {step + 1}" if grad_norm is not None else " in the final check"
-    raise FloatingPointError(
-        f"non-finite loss ({loss}){what}, with the weights after {step} updates; stopped without saving the "
-        f"stage.{note} {where}. To go on with a lower rate, rerun the same command with --resume and a lower --lr "
-        f"(after this stop --resume accepts new {', '.join('--' + k.replace('_', '-') for k in RECOVERY_KEYS)}; "
-        f"each other setting must stay), or with --resume --dtype fp32.")
 
 
 def train(cfg: Config) -> Path | None:
