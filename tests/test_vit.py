@@ -334,3 +334,18 @@ def test_grad_checkpointing_gives_the_same_gradients():
     vit(x).square().mean().backward()
     for n, g in grads.items():
         torch.testing.assert_close(vit.get_parameter(n).grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_random_encoder_keeps_the_shape_and_redraws_every_weight(tmp_path):
+    from tools.random_encoder import main as random_encoder
+    real = tiny_vit(n_registers=2)
+    torch.manual_seed(1)
+    for p in real.parameters():  # "pretrained": far from the init distribution, so a copied tensor would show
+        p.data.uniform_(0.5, 1.0)
+    save_vit(real, tmp_path / "real")
+    random_encoder([str(tmp_path / "real"), str(tmp_path / "rand"), "--seed", "3"])
+    rand = load_vit(tmp_path / "rand")
+    assert rand.cfg == real.cfg
+    for (n, a), (_, b) in zip(real.state_dict().items(), rand.state_dict().items()):
+        assert a.shape == b.shape and not torch.equal(a, b), n
+    assert rand.patch_embed.weight.std().item() < 0.03  # drawn as ViT.__init__ draws it
