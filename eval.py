@@ -7,6 +7,7 @@ on the same held-out probe set with the same seeds and budget, spatial-QA accura
     python eval.py --run NAME                                  # runs/NAME/stage3: base_vision vs the boosted export
     python eval.py --vision A --rgbd my_frames/                # + the depth probes on RGB-D frame folders
     python eval.py --qa data/heldout --answers answers.jsonl   # score a VLM's answers to held-out conversations
+    python eval.py --qa data/heldout --vlm runs/NAME/stage2/checkpoints/step_000200 --diagnose  # a run mid-way
 
 Writes report.json (every number), report.md (the table) and report.png (bar charts + a depth panel) to --out
 (default runs/NAME/eval for --run, else runs/eval) and prints the table. Features are cached in the probe set's
@@ -105,8 +106,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--qa", help="held-out spatial conversations (a data.py directory) to score --answers against")
     add("--answers", action="append", default=[], help="NAME=answers.jsonl ({'id', 'answers': [str per turn]} "
         "per line), repeatable: one QA column each; without it --run's VLMs answer (stage 2: before, 3: after boost)")
-    add("--vlm", action="append", default=[], help="a finished stage directory (runs/NAME/stageK), repeatable: its VLM "
-        "answers --qa, and with --diagnose its image dependence and localization gap are measured on --qa's data")
+    add("--vlm", action="append", default=[], help="a finished stage directory (runs/NAME/stageK) or one of its "
+        "checkpoints (runs/NAME/stageK/checkpoints/step_N, while it trains), repeatable: its VLM answers --qa, and with --diagnose its image dependence and localization gap are measured on --qa's data")
     add("--diagnose", action="store_true", help="with --vlm: the loss on answer digits with the true vs another "
         "image, and with the true vs swapped query point (evaluation/diagnostics.py)")
     add("--qa-samples", type=int, default=24, help="held-out conversations the VLMs answer")

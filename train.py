@@ -288,13 +288,24 @@ def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
 
 
 def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
-    """The VLM a finished stage describes: its sources plus every stage's trained tensors, oldest first (eval)."""
+    """The VLM a finished stage describes: its sources plus every stage's trained tensors, oldest first (eval).
+    A checkpoint directory (runs/NAME/stageK/checkpoints/step_N) works too: the stages it started from, then its own
+    tensors, so that a long run can be asked questions while it trains."""
     stage_dir = Path(stage_dir)
-    meta = read_json(stage_dir / "config.json")
+    checkpoint = not (stage_dir / "config.json").exists() and (stage_dir / "state.json").exists()
+    meta = read_json(stage_dir / ("state.json" if checkpoint else "config.json"))
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in meta["config"].items() if k in names})
-    chain = stage_chain(stage_dir)
-    vlm, tok = build_base(cfg, read_json(chain[0] / "config.json")["sources"])
+    if checkpoint:
+        run_dir = stage_dir.parent.parent.parent  # runs/NAME
+        init = repo_path(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
+        chain = stage_chain(init) if init is not None and (init / "config.json").exists() else []
+        sources = read_json(chain[0] / "config.json")["sources"] if chain else base_sources(cfg, run_dir, print, False)
+        chain.append(stage_dir)
+    else:
+        chain = stage_chain(stage_dir)
+        sources = read_json(chain[0] / "config.json")["sources"]
+    vlm, tok = build_base(cfg, sources)
     for d in chain:
         load_stage_weights(vlm, d)
     return vlm.eval(), tok, cfg

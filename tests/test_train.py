@@ -272,3 +272,22 @@ def test_boosted_encoder_packs_to_attn_plus_and_gates(three_stages, tmp_path):
     assert (a(x) - b(x)).abs().max() < 0.05 * a(x).abs().max()
     with pytest.raises(ValueError, match="no dual-channel tensors"):
         boosted_encoder.pack(base, tmp_path / "none.safetensors")
+
+
+def test_a_checkpoint_loads_as_the_model_of_its_step(three_stages):
+    """eval.py --vlm runs/NAME/stage2/checkpoints/step_N: the stages it started from, then exactly its own tensors."""
+    tmp, _ = three_stages
+    run_cli(tmp, "--stage", "2", "--name", "mid", "--init", str(tmp / "runs" / "tiny" / "stage1"),
+            "--max-steps", "3", "--save-every", "1")
+    ckpt = latest_checkpoint(tmp / "runs" / "mid" / "stage2")
+    assert ckpt.name == "step_000002"
+    vlm, _, cfg = train.load_stage(ckpt)
+    own = load_file(ckpt / "model.safetensors")
+    params = dict(vlm.named_parameters())
+    assert own and all(torch.equal(params[k], v) for k, v in own.items())
+    stage1 = rebuild(tmp / "runs" / "tiny" / "stage1")
+    vit_before = dict(stage1.vit.named_parameters())
+    assert all(torch.equal(p, vit_before[k]) for k, p in vlm.vit.named_parameters())  # stage 2 leaves the ViT
+    final = dict(rebuild(tmp / "runs" / "mid" / "stage2").named_parameters())
+    assert any(not torch.equal(final[k], v) for k, v in own.items())  # step 2 is not the finished step 3
+    assert cfg.stage == 2
