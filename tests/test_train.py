@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -291,3 +292,42 @@ def test_a_checkpoint_loads_as_the_model_of_its_step(three_stages):
     final = dict(rebuild(tmp / "runs" / "mid" / "stage2").named_parameters())
     assert any(not torch.equal(final[k], v) for k, v in own.items())  # step 2 is not the finished step 3
     assert cfg.stage == 2
+
+
+def test_gradient_noise_statistics_match_their_definitions():
+    """tools/gradient_noise.stats from a Gram matrix against the same numbers from the vectors themselves."""
+    from tools.gradient_noise import stats
+    rng = np.random.default_rng(0)
+    n, P = 40, 30
+    G, Dm = rng.normal(size=P), rng.normal(size=P) * 0.5
+    h = G + rng.normal(size=(n, P)) * 2.0                           # the control's gradients
+    g = h + Dm + rng.normal(size=(n, P)) * 0.3                      # the boost's: the image adds Dm
+    X = np.concatenate([g, h])
+    s = stats(X @ X.T, n)
+    def unbiased(x):                                                # |E x|^2 and tr(Σ) from the vectors
+        tr = x.var(0, ddof=1).sum()
+        return (x.mean(0) ** 2).sum() - tr / n, tr
+    sig_g, tr_g = unbiased(g)
+    sig_d, tr_d = unbiased(g - h)
+    assert s["B"] == pytest.approx(tr_g / sig_g, rel=1e-9)
+    assert s["image_share"] == pytest.approx(sig_d / sig_g, rel=1e-9)
+    assert s["B_img"] == pytest.approx(tr_d / sig_d, rel=1e-9)
+    off = [g[i] @ h[j] for i in range(n) for j in range(n) if i != j]
+    cos = np.mean(off) / np.sqrt(sig_g * unbiased(h)[0])
+    assert s["cos_boost_control"] == pytest.approx(cos, rel=1e-9)
+    assert 0.5 < s["cos_boost_control"] < 1 and s["image_share"] < 0.5  # and they land near the truth
+    x = rng.normal(size=(n // 2, P))
+    noise = np.concatenate([x, -x, x, -x])                          # g's and h's whose mean is exactly zero
+    assert stats(noise @ noise.T, n)["B"] == float("inf")           # no signal resolved: B is unbounded
+
+
+def test_gradient_noise_runs_on_a_stage_2_model(three_stages):
+    from tools.gradient_noise import measure
+    tmp, _ = three_stages
+    extra = ("--preset", "tiny", "--runs-dir", str(tmp / "runs"), *TINY)
+    gram = measure(str(tmp / "runs" / "tiny" / "stage2"), str(tmp / "data" / "tiny" / "spatial"), 4, extra=extra)
+    assert {"attn+ 00", "attn+ 01", "attn+ all", "projector"} <= set(gram)
+    K = gram["attn+ all"]
+    assert K.shape == (8, 8) and np.allclose(K, K.T) and (np.diag(K) > 0).all()
+    assert np.allclose(K, gram["attn+ 00"] + gram["attn+ 01"])
+    assert not np.allclose(K[:4, :4], K[4:, 4:])  # another image changes the gradient
