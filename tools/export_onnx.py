@@ -33,8 +33,10 @@ deprecated. The check compares the ONNX graph in onnxruntime with the PyTorch mo
 
 import argparse
 import json
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attention import DualChannelAttention  # noqa: E402
 from model import ViT, load_vit, preprocess  # noqa: E402
+from storage.atomic import write_file_atomically  # noqa: E402
 
 OPSET = 18  # the dynamo exporter's own; onnxruntime 1.32 runs it
 TOL = 1e-4  # max abs difference, fp32, ONNX Runtime vs PyTorch
@@ -97,7 +100,10 @@ def export(vit: ViT, out, size: int | None = None, static: bool = False, batch: 
     if any(p.dtype != torch.float32 for p in vit.parameters()):
         raise ValueError("export an fp32 encoder (load_vit(path, dtype=torch.float32)): the check is fp32")
     model = OnnxEncoder(vit).eval()  # eval() reaches the ViT too
-    with torch.no_grad():
+    # torch.onnx logs a warning per torchvision op it cannot register; none of them is in a ViT
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # inside torch.export
         program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
                                     input_names=["pixel_values"], output_names=["last_hidden_state", "pooler_output"],
                                     verbose=False)
@@ -108,7 +114,10 @@ def export(vit: ViT, out, size: int | None = None, static: bool = False, batch: 
     program.model.metadata_props.update({f"spatialboost.{k}": json.dumps(v) for k, v in meta.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     nbytes = sum(p.numel() * p.element_size() for p in vit.parameters())
-    program.save(out, external_data=nbytes > 1.5e9)  # one file below protobuf's 2 GB limit, weights beside it above
+    if nbytes > 1.5e9:  # protobuf's 2 GB limit: the weights go to a file beside it, named after it (no rename)
+        program.save(out, external_data=True)
+    else:
+        write_file_atomically(out, lambda tmp: program.save(tmp, external_data=False))
     return out
 
 
