@@ -6,6 +6,7 @@ on the same held-out probe set with the same seeds and budget, spatial-QA accura
     python eval.py --vision A --vision B                       # side by side, deltas against the first
     python eval.py --run NAME                                  # runs/NAME/stage3: base_vision vs the boosted export
     python eval.py --vision A --rgbd my_frames/                # + the depth probes on RGB-D frame folders
+    python eval.py --vision A --vision B --stereo              # + correspondence on a real stereo photo (PCK)
     python eval.py --qa data/heldout --answers answers.jsonl   # score a VLM's answers to held-out conversations
     python eval.py --qa data/heldout --vlm runs/NAME/stage2/checkpoints/step_000200 --diagnose  # a run mid-way
 
@@ -24,11 +25,13 @@ from pathlib import Path
 
 import torch
 
+from dataengine.middlebury import motorcycle
 from evaluation import probes
 from evaluation.probes import ProbeConfig
 from evaluation.diagnostics import diagnose
 from evaluation.qa import evaluate_qa, load_conversations, read_answers, score_qa, vlm_answer_fn
 from evaluation.report import write_report
+from evaluation.stereo import stereo_probe
 from evaluation.suite import dual_channel_stats, fingerprint, run_probes
 from model import load_vit
 from storage.atomic import repo_path, write_text_atomically
@@ -103,6 +106,9 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--make-probes", action="store_true", help="only write the probe set (replacing it) and exit")
     add("--rgbd", help="also run the depth probes on RGB-D frame folders (scenes.load_rgbd format)")
     add("--depth-scale", type=float, default=1.0, help="multiplies --rgbd's stored depth (0.001: depth.npy in mm)")
+    add("--stereo", action="store_true", help="also the correspondence probe on the Middlebury Motorcycle stereo "
+        "pair (evaluation/stereo.py; needs `pip install scikit-image`): PCK of patch matches against the true "
+        "disparity, the views --image-size px high")
     add("--qa", help="held-out spatial conversations (a data.py directory) to score --answers against")
     add("--answers", action="append", default=[], help="NAME=answers.jsonl ({'id', 'answers': [str per turn]} "
         "per line), repeatable: one QA column each; without it --run's VLMs answer (stage 2: before, 3: after boost)")
@@ -137,6 +143,10 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
         rgbd = probes.load_rgbd_set(args.rgbd, args.image_size, depth_scale=args.depth_scale) if args.rgbd else None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"eval.py --rgbd: {e}") from e
+    try:
+        pair = motorcycle() if args.stereo else None
+    except ImportError as e:
+        raise SystemExit(f"eval.py --stereo: {e}") from e
     report["probe_set"] = {"path": str(ps.root), "fingerprint": ps.fingerprint, "images": len(ps.images),
                            "train_images": int(ps.train.sum()), "objects": len(ps.crops)}
     names, results, examples = [], [], []
@@ -148,6 +158,10 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
         if rgbd is not None:
             more, _ = run_probes(vit, rgbd, cfg, args.image_size, args.crop_size, not args.no_cache)
             res.update({f"rgbd_{k}": v for k, v in more.items() if k != "time_s"})
+        if pair is not None:
+            t_stereo = time.time()
+            res["stereo"] = stereo_probe(vit, pair, args.image_size)
+            res["time_s"]["stereo"] = round(time.time() - t_stereo, 1)
         res["time_s"]["total"] = round(time.time() - t, 1)
         dual = dual_channel_stats(vit)
         if dual:

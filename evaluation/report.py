@@ -14,10 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 from storage.atomic import write_file_atomically, write_text_atomically
 
 LOWER_IS_BETTER = {"rmse", "absrel", "si_rmse", "rmse_aligned", "absrel_aligned", "rel_err", "rel_err_median",
-                   "err_m", "err_m_median"}
+                   "err_m", "err_m_median", "err_px_median", "image_err_px_median"}
 HEADLINE = [("depth_lin1", "rmse"), ("depth_lin4", "rmse"), ("depth_lin1", "d1"), ("depth_lin1", "si_rmse"),
             ("depth_lin1", "rmse_aligned"), ("segmentation", "miou"), ("classification", "linear_acc"),
-            ("classification", "knn_acc"), ("retrieval", "map"), ("rgbd_depth_lin1", "rmse")]
+            ("classification", "knn_acc"), ("retrieval", "map"), ("rgbd_depth_lin1", "rmse"),
+            ("stereo", "pck16")]
 
 
 def table_rows(results: list) -> list:
