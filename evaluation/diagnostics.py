@@ -6,6 +6,9 @@ grounding dataset (python eval.py --vlm runs/NAME/stage2 --diagnose --qa data/he
   means the answers' numbers do not depend on the image at all.
 - localization gap: the loss on a point question's answer digits with the true query coordinates vs another
   point's coordinates of the same image (the answer kept). Zero means the LLM does not read the queried place.
+- answer image dependence: the same as the first over every answer token of the whole conversation, in context (a
+  caption's words too): zero means the LLM answers without looking at the image at all, not only without finding
+  the queried place in it.
 
 Each is a mean per digit token, paired per sample, with a bootstrap 95 % interval over samples.
 
@@ -36,10 +39,12 @@ def digit_weights(tok, ids: list, mask: list) -> list:
 
 
 @torch.no_grad()
-def digit_loss(vlm, tok, conversation: list, image: np.ndarray, image_size: int, n_image_tokens: int):
-    """(summed loss, count) over the answer digits of one single-image conversation."""
+def digit_loss(vlm, tok, conversation: list, image: np.ndarray, image_size: int, n_image_tokens: int,
+               digits: bool = True):
+    """(summed loss, count) over the answer digits of one single-image conversation (digits=False: every answer
+    token)."""
     ids, mask = tok.render(conversation, n_image_tokens)
-    weights = digit_weights(tok, ids, mask)
+    weights = digit_weights(tok, ids, mask) if digits else [int(bool(m)) for m in mask]
     if not any(weights):
         return 0.0, 0
     dev = next(vlm.parameters()).device
@@ -73,12 +78,18 @@ def ask(question: str) -> dict:
 
 
 def diagnose(vlm, tok, image_size: int, samples: list, data_dir, log=print) -> dict:
-    """Both diagnostics over samples (held-out data with meta.turns); losses per digit token."""
+    """The diagnostics over samples (held-out data with meta.turns); losses per digit token."""
     n_img = vlm.n_image_tokens(image_size)
     images = [first_image(s, data_dir) for s in samples]
-    true_l, other_l, point_l, swap_l = [], [], [], []
+    true_l, other_l, point_l, swap_l, whole_true, whole_other = [], [], [], [], [], []
     for k, s in enumerate(samples):
         conv, own = s["conversations"], {}           # own: turn -> (loss, count) with its true image
+        a, n = digit_loss(vlm, tok, [ask(conv[0]["value"]), *conv[1:]], images[k], image_size, n_img, digits=False)
+        b, _ = digit_loss(vlm, tok, [ask(conv[0]["value"]), *conv[1:]], images[(k + 1) % len(images)], image_size,
+                          n_img, digits=False)
+        if n:
+            whole_true.append(a / n)
+            whole_other.append(b / n)
         for t in range(len(conv) // 2):               # every turn asked alone, with its image
             turn = [ask(conv[2 * t]["value"]), conv[2 * t + 1]]
             own[t] = a, n = digit_loss(vlm, tok, turn, images[k], image_size, n_img)
@@ -95,7 +106,8 @@ def diagnose(vlm, tok, image_size: int, samples: list, data_dir, log=print) -> d
         if log and (k + 1) % 8 == 0:
             log(f"  diagnostics: {k + 1}/{len(samples)} samples")
     return {"image_dependence": summary(true_l, other_l, "true image", "other image"),
-            "localization_gap": summary(point_l, swap_l, "true point", "swapped point")}
+            "localization_gap": summary(point_l, swap_l, "true point", "swapped point"),
+            "answer_image_dependence": summary(whole_true, whole_other, "true image", "other image")}
 
 
 def summary(true: list, changed: list, a: str, b: str) -> dict:

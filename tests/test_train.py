@@ -252,10 +252,18 @@ def test_diagnostics_on_a_stage_directory(three_stages):
     data.generate("spatial", tmp / "diag", n=3, seed=778, size=32, progress=False)
     vlm, tok, cfg = train.load_stage(tmp / "runs" / "tiny" / "stage2")
     result = diagnose(vlm, tok, cfg.image_size, load_conversations(tmp / "diag"), tmp / "diag", log=None)
-    for name in ("image_dependence", "localization_gap"):
+    for name in ("image_dependence", "localization_gap", "answer_image_dependence"):
         d = result[name]
         assert d["n"] > 0 and d["gap_ci95"][0] <= d["gap"] <= d["gap_ci95"][1]
         assert all(v == v for v in d.values() if isinstance(v, float))                    # no NaN
+    # the whole-conversation loss with the true image is the training loss per answer token, as the loader makes it
+    from training.dataset import ConversationDataset
+    ds = ConversationDataset([(tmp / "diag", 1.0)], tok, vlm.vit.cfg, cfg.image_size,
+                             vlm.n_image_tokens(cfg.image_size), max_len=100_000)
+    with torch.no_grad():
+        per_sample = [float(vlm(it["ids"][None], it["pixels"], it["weights"][None]) / it["weights"].sum())
+                      for it in (ds[i] for i in range(len(ds)))]
+    assert result["answer_image_dependence"]["true image"] == pytest.approx(np.mean(per_sample), abs=1e-4)
 
 
 def test_boosted_encoder_packs_to_attn_plus_and_gates(three_stages, tmp_path):
@@ -322,12 +330,17 @@ def test_gradient_noise_statistics_match_their_definitions():
 
 
 def test_gradient_noise_runs_on_a_stage_2_model(three_stages):
-    from tools.gradient_noise import measure
+    from tools.gradient_noise import main
     tmp, _ = three_stages
-    extra = ("--preset", "tiny", "--runs-dir", str(tmp / "runs"), *TINY)
-    gram = measure(str(tmp / "runs" / "tiny" / "stage2"), str(tmp / "data" / "tiny" / "spatial"), 4, extra=extra)
-    assert {"attn+ 00", "attn+ 01", "attn+ all", "projector"} <= set(gram)
+    out = tmp / "gradnoise.json"
+    main(["--init", str(tmp / "runs" / "tiny" / "stage2"), "--data", str(tmp / "data" / "tiny" / "spatial"),
+          "--n", "4", "--out", str(out), "--preset", "tiny", "--runs-dir", str(tmp / "runs"), *TINY])
+    result = json.loads(out.read_text())
+    gram = {k: np.array(K) for k, K in result["gram"].items()}
+    assert {"attn+ 00", "attn+ 01", "attn+ all", "projector"} <= set(gram) == set(result["groups"])
     K = gram["attn+ all"]
     assert K.shape == (8, 8) and np.allclose(K, K.T) and (np.diag(K) > 0).all()
     assert np.allclose(K, gram["attn+ 00"] + gram["attn+ 01"])
     assert not np.allclose(K[:4, :4], K[4:, 4:])  # another image changes the gradient
+    main(["--again", str(out), "--out", str(tmp / "again.json")])  # the numbers from the saved matrices alone
+    assert json.loads((tmp / "again.json").read_text())["groups"] == result["groups"]

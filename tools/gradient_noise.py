@@ -3,6 +3,7 @@ How much of a stage-3 update is signal, and how much of that signal needs the tr
 two forward-backward passes per sample and no training, run at the point where stage 3 starts.
 
     python tools/gradient_noise.py --init runs/b15/stage2 --data data/b15/spatial --n 48 --out runs/gradnoise.json
+    python tools/gradient_noise.py --again runs/gradnoise.json       # the numbers again, from the saved Gram matrices
 
 For each of n samples, the gradient of its loss per supervised token with respect to what stage 3 trains (the Attn+
 of every encoder layer, the projector), once with its own image (g_i) and once with another sample's image (h_i:
@@ -57,20 +58,25 @@ def sample_gradients(vlm, batch: dict, rt, params: dict) -> dict:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def stats(K: np.ndarray, n: int) -> dict:
-    """From the Gram matrix of [g_1..g_n, h_1..h_n] (2n, 2n): noise scales, image share, cosine."""
-    Kgg, Kgh, Khh = K[:n, :n], K[:n, n:], K[n:, n:]
+def stats(K: np.ndarray, n: int, pick: np.ndarray | None = None) -> dict:
+    """From the Gram matrix of [g_1..g_n, h_1..h_n] (2n, 2n): noise scales, image share, cosine. pick: which samples
+    (a bootstrap resample; default all). |E x|^2 is the mean of x_a . x_b over pairs of different samples, which is
+    unbiased, and stays so for a resample when pairs of copies of one sample are left out too."""
+    pick = np.arange(n) if pick is None else pick
+    Kgg, Kgh, Khh = (K[np.ix_(pick + a, pick + b)] for a, b in ((0, 0), (0, n), (n, n)))
     Kdd = Kgg - Kgh - Kgh.T + Khh
+    distinct = pick[:, None] != pick[None, :]
+    if not distinct.any():  # a resample of one sample repeated: no pair to estimate the mean gradient from
+        return dict.fromkeys(("B", "image_share", "B_img", "cos_boost_control", "grad_norm", "noise_norm"), np.nan)
 
-    def signal_and_trace(G):  # unbiased |E x|^2 and tr(Σ) from a Gram matrix of n samples
-        mean_sq, sq_mean = G.mean(), np.diag(G).mean()
-        trace = n / (n - 1) * (sq_mean - mean_sq)
-        return mean_sq - trace / n, trace
+    def signal_and_trace(G):  # unbiased |E x|^2, and tr(Σ) = E|x|^2 - |E x|^2
+        signal = G[distinct].mean()
+        return signal, np.diag(G).mean() - signal
 
     sig_g, tr_g = signal_and_trace(Kgg)
     sig_h, _ = signal_and_trace(Khh)
     sig_d, tr_d = signal_and_trace(Kdd)
-    cross = (n * n * Kgh.mean() - np.trace(Kgh)) / (n * (n - 1))  # E g . E h without the pairs' shared noise
+    cross = Kgh[distinct].mean()  # E g . E h
     return {"B": tr_g / sig_g if sig_g > 0 else float("inf"),
             "image_share": sig_d / sig_g if sig_g > 0 else float("nan"),
             "B_img": tr_d / sig_d if sig_d > 0 else float("inf"),
@@ -80,16 +86,14 @@ def stats(K: np.ndarray, n: int) -> dict:
 
 def with_interval(K: np.ndarray, n: int, draws: int = 1000, seed: int = 0) -> dict:
     """stats() and a bootstrap 95 % interval per number, resampling samples (each keeps its g and h together)."""
-    point, rng, boot = stats(K, n), np.random.default_rng(seed), []
-    for _ in range(draws):
-        i = rng.integers(n, size=n)
-        idx = np.concatenate([i, i + n])
-        boot.append(stats(K[np.ix_(idx, idx)], n))
+    point, rng = stats(K, n), np.random.default_rng(seed)
+    boot = [stats(K, n, rng.integers(n, size=n)) for _ in range(draws)]
     out = {}
     for key, value in point.items():
         vals = np.array([b[key] for b in boot], dtype=float)
-        vals = np.where(np.isnan(vals), np.inf, vals)
-        out[key] = {"value": float(value), "ci95": [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]}
+        vals = np.where(np.isnan(vals), np.inf, vals)  # no interpolation: an unbounded end stays inf, never nan
+        out[key] = {"value": float(value), "ci95": [float(np.percentile(vals, 2.5, method="lower")),
+                                                    float(np.percentile(vals, 97.5, method="higher"))]}
     return out
 
 
@@ -123,8 +127,9 @@ def measure(init: str, data: str, n: int, seed: int = 0, dtype: str = "bf16", ex
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="noise scale and image share of the stage-3 gradient at its start")
-    ap.add_argument("--init", required=True, help="the finished stage-2 directory stage 3 would start from")
-    ap.add_argument("--data", required=True, help="stage-3 data (a data.py spatial directory)")
+    ap.add_argument("--init", help="the finished stage-2 directory stage 3 would start from")
+    ap.add_argument("--data", help="stage-3 data (a data.py spatial directory)")
+    ap.add_argument("--again", metavar="JSON", help="no passes: the numbers again from an earlier --out's Gram matrices")
     ap.add_argument("--n", type=int, default=48, help="samples (two forward-backward passes each)")
     ap.add_argument("--seed", type=int, default=0, help="which samples, and the image pairing of the control")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -135,9 +140,17 @@ def main(argv=None):
         ap.error("--n: at least 4 samples for a variance and its interval")
     if args.threads:
         torch.set_num_threads(args.threads)
-    gram = measure(args.init, args.data, args.n, args.seed, args.dtype, tuple(extra or ["--preset", "small"]))
+    if args.again:
+        before = json.loads(Path(args.again).read_text())
+        args.init, args.data, args.n, args.seed = before["init"], before["data"], before["n"], before["seed"]
+        gram = {k: np.array(K) for k, K in before["gram"].items()}
+    elif not (args.init and args.data):
+        ap.error("give --init and --data (or --again JSON)")
+    else:
+        gram = measure(args.init, args.data, args.n, args.seed, args.dtype, tuple(extra or ["--preset", "small"]))
     result = {"init": args.init, "data": args.data, "n": args.n, "seed": args.seed,
-              "groups": {k: with_interval(K, args.n) for k, K in sorted(gram.items())}}
+              "groups": {k: with_interval(K, args.n) for k, K in sorted(gram.items())},
+              "gram": {k: K.tolist() for k, K in gram.items()}}
     print(f"{'group':<12} {'B = tr(Σ)/|G|²':>26} {'image share':>22} {'B_img':>22} {'cos(boost, control)':>22}")
     for k, r in result["groups"].items():
         cell = lambda s: f"{s['value']:9.3g} [{s['ci95'][0]:.3g}, {s['ci95'][1]:.3g}]"  # noqa: E731
