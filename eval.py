@@ -178,6 +178,7 @@ def world_evaluations(args, cfg: ProbeConfig, report: dict):
 def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tuple[list, list, list]:
     """Every probe on every encoder (the probe set made first if missing), each encoder's entry added to report.
     Returns (names, results, examples)."""
+    worlds = world_evaluations(args, cfg, report)  # first: a missing package stops us before any long work
     if not (Path(args.probes) / "index.json").exists():
         print(f"no probe set at {args.probes}: making the default one ({args.n_images} held-out views, "
               f"seed {args.probe_seed}); later runs reuse it")
@@ -191,7 +192,6 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
     report["probe_set"] = {"path": str(ps.root), "fingerprint": ps.fingerprint, "images": len(ps.images),
                            "train_images": int(ps.train.sum()), "objects": len(ps.crops)}
     names, results, examples = [], [], []
-    worlds = world_evaluations(args, cfg, report)
     for name, path in encoders:
         print(f"{name}: {path}")
         vit, t = load_vit(path), time.time()

@@ -182,3 +182,13 @@ def test_evaluate_quick_and_eval_cli(tmp_path, monkeypatch):
     assert report["robot_config"]["tasks"] == [TASK] and report["robot_config"]["demos"] == 2
     md = (tmp_path / "r/report.md").read_text()
     assert f"| robot | {TASK} (higher better) |" in md and "| robot_sd | average (sd over seeds) |" in md
+
+
+def test_missing_packages_say_what_to_install(tmp_path, monkeypatch):
+    import sys
+    import eval as ev
+    monkeypatch.setitem(sys.modules, "metaworld", None)  # an import of metaworld now fails
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"pip install -r requirements-robot\.txt"):
+        ev.main(["--vision", "enc", "--probes", "p", "--robot"])
+    assert not (tmp_path / "p").exists()  # stopped before making the main probe set
