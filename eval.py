@@ -123,11 +123,12 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     # worlds we did not build (evaluation/robot.py, evaluation/mujoco_probes.py; pip install -r requirements-robot.txt)
     add("--robot", action="store_true", help="also robot control per encoder: CortexBench-style behaviour cloning on "
-        "MetaWorld, success rate of an MLP policy on the frozen embedding (about 4 min per encoder on a CPU core)")
+        "MetaWorld, success rate of an MLP policy on the frozen embedding (4-7 min per encoder on 2 shared CPU cores)")
     add("--robot-tasks", default=",".join(mujoco_sim.TASKS), help="comma-separated MetaWorld tasks for --robot")
     add("--robot-seeds", type=int, default=3, help="policy seeds per task (the spread is over them)")
     add("--robot-episodes", type=int, default=4, help="evaluation rollouts per task and policy seed")
-    add("--robot-quick", action="store_true", help="one task, 2 demos, short rollouts (also with --quick): a smoke test")
+    add("--robot-quick", action="store_true", help="one task, 2 demos, short rollouts (also with --quick): a smoke "
+        "test")
     add("--robot-cache", default="data/robot-cache", help="where demos and their embeddings are cached")
     add("--mujoco", action="store_true", help="also the depth and segmentation probes on MetaWorld scenes rendered "
         "by MuJoCo (--mujoco-probes, made if missing), reported as mujoco_*")

@@ -27,8 +27,12 @@ version departs from it (every departure is a RobotConfig field):
   up to 114; such a demo seed is skipped).
 - Evaluation: `episodes` = 4 rollouts per task and policy seed (CortexBench: 25 every 5 epochs, reporting the best
   epoch); here one evaluation of the final policy. An episode succeeds when env info["success"] is set at any step,
-  and ends there (CortexBench reads the flag at the last of 500 steps; MetaWorld's five rarely undo a success).
-  `seeds` = 3 policy seeds; the same episode seeds for every policy seed and every encoder (paired comparison).
+  and ends there (CortexBench reads the flag at the last of 500 steps; stopping at the first success saves the rest).
+  `seeds` = 3 policy seeds; the same episode seeds for every policy seed and every encoder (paired comparison), so
+  the spread over policy seeds leaves out the sampling error of 4 placements per task (a rate's standard error is
+  then up to 0.25 per task, about 0.1 for the five-task average): raise `episodes` for finer comparisons.
+- Quick mode (RobotConfig.quick(), eval.py --robot-quick or --quick): button-press-topdown only, 2 demos, 2 policy
+  seeds of 2 rollouts of at most 60 decisions: a smoke test of the whole path, not a measurement.
 
 Demonstrations (images, proprioception, actions) are rendered once per setting and cached in cache_dir
 (demos-TASK-KEY.safetensors), and their embeddings once per encoder (embed-TASK-KEY.safetensors, keyed by the
@@ -121,8 +125,9 @@ def record_demos(task: str, cfg: RobotConfig, log=None) -> dict:
     try:
         while len(seeds) < cfg.demos:
             if seed - cfg.demo_seed >= 3 * cfg.demos + 5:
-                raise RuntimeError(f"{task}: the scripted expert succeeded on only {len(seeds)} of {seed - cfg.demo_seed}"
-                                   f" demo seeds within {cfg.horizon} decisions (x{cfg.action_repeat} steps)")
+                tried = seed - cfg.demo_seed
+                raise RuntimeError(f"{task}: the scripted expert succeeded on only {len(seeds)} of {tried} demo "
+                                   f"seeds within {cfg.horizon} decisions (x{cfg.action_repeat} steps)")
             obs, ep, ok = sim.reset(env, seed), [], False
             for _ in range(cfg.horizon):
                 action = np.clip(policy.get_action(obs), -1, 1).astype(np.float32)
@@ -147,7 +152,8 @@ def record_demos(task: str, cfg: RobotConfig, log=None) -> dict:
 
 def cached_demos(task: str, cfg: RobotConfig, cache_dir=None, log=None) -> dict:
     """record_demos, read from / written to cache_dir/demos-TASK-KEY.safetensors (no cache_dir: always recorded)."""
-    path = None if cache_dir is None else Path(cache_dir) / f"demos-{task}-{_key(_demo_settings(task, cfg))}.safetensors"
+    name = f"demos-{task}-{_key(_demo_settings(task, cfg))}.safetensors"
+    path = None if cache_dir is None else Path(cache_dir) / name
     if path is not None and path.exists():
         return load_safetensors(path)
     t = time.time()
@@ -312,7 +318,8 @@ def _sd(values) -> float:
 def evaluate(vit: ViT, cfg: RobotConfig, cache_dir=None, log=print) -> dict:
     """Every task of cfg for one encoder -> {"robot": {task: mean success over policy seeds, "average": ...},
     "robot_sd": {the sample sd over policy seeds of the same}, "robot_runs": {task: {"success": [rate per
-    seed], "decisions", "demo_frames"}}, "time_s": {task: seconds}}. The average's sd is that of each seed's five-task average."""
+    seed], "decisions", "demo_frames"}}, "time_s": {task: seconds}}. The average's sd is that of each seed's
+    five-task average."""
     sim.require()
     log = log or (lambda *_: None)
     per_task, times = {}, {}
