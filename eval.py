@@ -7,6 +7,7 @@ on the same held-out probe set with the same seeds and budget, spatial-QA accura
     python eval.py --run NAME                                  # runs/NAME/stage3: base_vision vs the boosted export
     python eval.py --vision A --rgbd my_frames/                # + the depth probes on RGB-D frame folders
     python eval.py --vision A --vision B --stereo              # + correspondence on a real stereo photo (PCK)
+    python eval.py --run NAME --robot --mujoco                 # + MetaWorld robot control, MuJoCo depth/seg probes
     python eval.py --qa data/heldout --answers answers.jsonl   # score a VLM's answers to held-out conversations
     python eval.py --qa data/heldout --vlm runs/NAME/stage2/checkpoints/step_000200 --diagnose  # a run mid-way
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dataengine.middlebury import motorcycle
-from evaluation import probes
+from evaluation import mujoco_sim, probes
 from evaluation.probes import ProbeConfig
 from evaluation.diagnostics import diagnose
 from evaluation.qa import evaluate_qa, load_conversations, read_answers, score_qa, vlm_answer_fn
@@ -127,12 +128,65 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--quick", action="store_true", help="a tenth of the training steps: a smoke test, not a result")
     add("--no-cache", action="store_true", help="do not read or write cached features")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    # worlds we did not build (evaluation/robot.py, evaluation/mujoco_probes.py; pip install -r requirements-robot.txt)
+    add("--robot", action="store_true", help="also robot control per encoder: CortexBench-style behaviour cloning on "
+        "MetaWorld, success rate of an MLP policy on the frozen embedding (4-7 min per encoder on 2 shared CPU cores)")
+    add("--robot-tasks", default=",".join(mujoco_sim.TASKS), help="comma-separated MetaWorld tasks for --robot")
+    add("--robot-seeds", type=int, default=3, help="policy seeds per task (the spread is over them)")
+    add("--robot-episodes", type=int, default=4, help="evaluation rollouts per task and policy seed")
+    add("--robot-quick", action="store_true", help="one task, 2 demos, short rollouts (also with --quick): a smoke "
+        "test")
+    add("--robot-cache", default="data/robot-cache", help="where demos and their embeddings are cached")
+    add("--mujoco", action="store_true", help="also the depth and segmentation probes on MetaWorld scenes rendered "
+        "by MuJoCo (--mujoco-probes, made if missing), reported as mujoco_*")
+    add("--mujoco-probes", default="data/mujoco-probes", help="the MuJoCo probe set directory")
     return ap, ap.parse_args(argv)
+
+
+def world_evaluations(args, cfg: ProbeConfig, report: dict):
+    """--robot and --mujoco as one function of an encoder -> (its result entries: robot, robot_sd, robot_runs,
+    mujoco_depth_lin1, ...; their times), or None when neither is asked. Makes the MuJoCo probe set if missing."""
+    if not (args.robot or args.mujoco):
+        return None
+    try:
+        mujoco_sim.require()
+    except ImportError as e:
+        raise SystemExit(f"eval.py --robot/--mujoco: {e}") from e
+    from evaluation import mujoco_probes, robot
+    scenes, rcfg = None, None
+    if args.mujoco:
+        if not (Path(args.mujoco_probes) / "index.json").exists():
+            print(f"no MuJoCo probe set at {args.mujoco_probes}: making it (240 views of MetaWorld scenes)")
+            mujoco_probes.make_mujoco_probe_set(args.mujoco_probes, overwrite=True)
+        scenes = probes.load_probe_set(args.mujoco_probes)
+        report["mujoco_probe_set"] = {"path": str(scenes.root), "fingerprint": scenes.fingerprint,
+                                      "images": len(scenes.images), "train_images": int(scenes.train.sum())}
+    if args.robot:
+        rcfg = robot.RobotConfig(tasks=tuple(args.robot_tasks.split(",")), seeds=args.robot_seeds,
+                                 episodes=args.robot_episodes)
+        rcfg = rcfg.quick() if args.robot_quick or args.quick else rcfg
+        report["robot_config"] = asdict(rcfg)
+
+    def run(vit):
+        out, times = {}, {}
+        if scenes is not None:
+            t = time.time()
+            res, _ = run_probes(vit, scenes, cfg, args.image_size, args.crop_size, not args.no_cache)
+            out.update({f"mujoco_{k}": v for k, v in res.items() if k != "time_s"})
+            times["mujoco"] = round(time.time() - t, 1)
+        if rcfg is not None:
+            t = time.time()
+            res = robot.evaluate(vit, rcfg, None if args.no_cache else args.robot_cache)
+            out.update({k: v for k, v in res.items() if k != "time_s"})
+            times["robot"] = round(time.time() - t, 1)
+        return out, times
+    return run
 
 
 def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tuple[list, list, list]:
     """Every probe on every encoder (the probe set made first if missing), each encoder's entry added to report.
     Returns (names, results, examples)."""
+    worlds = world_evaluations(args, cfg, report)  # first: a missing package stops us before any long work
     if not (Path(args.probes) / "index.json").exists():
         print(f"no probe set at {args.probes}: making the default one ({args.n_images} held-out views, "
               f"seed {args.probe_seed}); later runs reuse it")
@@ -162,6 +216,10 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
             t_stereo = time.time()
             res["stereo"] = stereo_probe(vit, pair, args.image_size)
             res["time_s"]["stereo"] = round(time.time() - t_stereo, 1)
+        if worlds is not None:
+            more, times = worlds(vit)
+            res.update(more)
+            res["time_s"].update(times)
         res["time_s"]["total"] = round(time.time() - t, 1)
         dual = dual_channel_stats(vit)
         if dual:

@@ -189,7 +189,8 @@ def _read(root: Path, rel: str, kind: str):
 
 
 def load_probe_set(root, crop_size: int = 112) -> ProbeSet:
-    """Read a directory written by make_probe_sets; object crops (object_crop) are cut at crop_size x crop_size."""
+    """Read a directory written by make_probe_sets (or mujoco_probes.make_mujoco_probe_set); object crops
+    (object_crop) are cut at crop_size x crop_size. A set without objects has crops None (dense probes only)."""
     root = Path(root)
     path = root / "index.json"
     if not path.exists():
@@ -202,17 +203,19 @@ def load_probe_set(root, crop_size: int = 112) -> ProbeSet:
     images, depth, labels = read("rgb"), read("depth").astype(np.float32), read("semantic").astype(np.int64) - 1
     if images.ndim != 4 or depth.shape != images.shape[:3] or labels.shape != depth.shape:
         raise ValueError(f"{root}: rgb {images.shape}, depth {depth.shape} and semantic {labels.shape} disagree")
+    ps = ProbeSet(root=root, fingerprint=hashlib.sha256(raw).hexdigest()[:16], classes=index["categories"],
+                  images=images, depth=depth, labels=labels,
+                  train=np.array([im["split"] == "train" for im in index["images"]]),
+                  object_classes=index["object_categories"])
     objs = index["objects"]
+    if not objs:  # a dense-only set (evaluation/mujoco_probes.py): run_probes skips classification and retrieval
+        return ps
     instance = {i: _read(root, index["images"][i]["instance"], "instance") for i in {o["image"] for o in objs}}
     crops = [object_crop(images[o["image"]], instance[o["image"]] == o["instance"], o["box"], crop_size) for o in objs]
-    return ProbeSet(root=root, fingerprint=hashlib.sha256(raw).hexdigest()[:16], classes=index["categories"],
-                    images=images, depth=depth, labels=labels,
-                    train=np.array([im["split"] == "train" for im in index["images"]]),
-                    object_classes=index["object_categories"], crops=np.stack(crops),
-                    obj_label=np.array([o["label"] for o in objs]),
-                    obj_key=np.unique([o["key"] for o in objs], return_inverse=True)[1],
-                    obj_image=np.array([o["image"] for o in objs]),
-                    obj_train=np.array([o["split"] == "train" for o in objs]))
+    return dataclasses.replace(ps, crops=np.stack(crops), obj_label=np.array([o["label"] for o in objs]),
+                               obj_key=np.unique([o["key"] for o in objs], return_inverse=True)[1],
+                               obj_image=np.array([o["image"] for o in objs]),
+                               obj_train=np.array([o["split"] == "train" for o in objs]))
 
 
 def load_rgbd_set(root, size: int = 224, test_every: int = 4, depth_scale: float = 1.0) -> ProbeSet:

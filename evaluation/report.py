@@ -18,7 +18,7 @@ LOWER_IS_BETTER = {"rmse", "absrel", "si_rmse", "rmse_aligned", "absrel_aligned"
 HEADLINE = [("depth_lin1", "rmse"), ("depth_lin4", "rmse"), ("depth_lin1", "d1"), ("depth_lin1", "si_rmse"),
             ("depth_lin1", "rmse_aligned"), ("segmentation", "miou"), ("classification", "linear_acc"),
             ("classification", "knn_acc"), ("retrieval", "map"), ("rgbd_depth_lin1", "rmse"),
-            ("stereo", "pck16")]
+            ("stereo", "pck16"), ("mujoco_depth_lin1", "rmse"), ("mujoco_segmentation", "miou"), ("robot", "average")]
 
 
 def table_rows(results: list) -> list:
@@ -34,7 +34,8 @@ def format_table(names: list, rows: list, markdown: bool = False) -> str:
     head = ["probe", "metric"] + [names[0]] + [f"{n} (delta)" for n in names[1:]]
     body = []
     for probe, metric, values in rows:
-        arrow = "lower better" if metric in LOWER_IS_BETTER else "higher better"
+        arrow = "sd over seeds" if probe.endswith("_sd") else "lower better" if metric in LOWER_IS_BETTER \
+            else "higher better"
         cells = [f"{values[0]:.3f}"] + [f"{v:.3f} ({v - values[0]:+.3f})" for v in values[1:]]
         body.append([probe, f"{metric} ({arrow})"] + cells)
     if markdown:
