@@ -279,11 +279,14 @@ class Projector(nn.Module):
     """LLaVA-1.5's Linear -> GELU -> Linear, after merging each merge x merge block of patches into one token (pixel
     shuffle: a 32x32 grid costs 256 LLM tokens at merge 2). patches (B, h, w, D) -> (B, N, llm_dim)."""
 
-    def __init__(self, vision_dim: int, llm_dim: int, merge: int = 1):
+    def __init__(self, vision_dim: int, llm_dim: int, merge: int = 1, out_rms: float | None = None):
         super().__init__()
         self.merge = merge
         self.fc1 = nn.Linear(vision_dim * merge * merge, llm_dim)
         self.fc2 = nn.Linear(llm_dim, llm_dim)
+        # out_rms: an RMSNorm on the output whose gain starts at the LLM's text-embedding RMS, so image tokens enter
+        # the LLM at the scale of words (unnormalized, stage 1 grows them ~100x past it: train.py --projector-norm)
+        self.out_gain = nn.Parameter(torch.full((llm_dim,), float(out_rms))) if out_rms else None
 
     def n_tokens(self, h, w):
         return math.ceil(h / self.merge) * math.ceil(w / self.merge)
@@ -292,7 +295,10 @@ class Projector(nn.Module):
         m, (h, w) = self.merge, patches.shape[1:3]
         patches = F.pad(patches, (0, 0, 0, -w % m, 0, -h % m))  # odd grids: pad with zero patches
         x = rearrange(patches, "b (h m1) (w m2) d -> b (h w) (m1 m2 d)", m1=m, m2=m)
-        return self.fc2(F.gelu(self.fc1(x)))
+        x = self.fc2(F.gelu(self.fc1(x)))  # (B, N, llm_dim)
+        if self.out_gain is None:
+            return x
+        return self.out_gain * F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
 
 
 class VLM(nn.Module):

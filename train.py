@@ -59,6 +59,7 @@ class Config:
     image_size: int = 64  # images are resized (not cropped) to this square: normalized coordinates stay valid
     merge: int = 2  # projector merges merge x merge patches into one LLM token
     feature_layer: int = -1  # which ViT block the projector reads: 0 .. depth-1, or -depth .. -1 from the end
+    projector_norm: bool = False  # RMS-normalize image tokens to the text embeddings' scale (model.Projector)
     vision_tune: str = "dual"  # stage 3: dual | full | lora | frozen
     lora_rank: int = 8
     freeze_projector: bool = False  # stage 3: train only the encoder side
@@ -284,7 +285,8 @@ def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
     image_id = tok.add_image_token()
     lm.resize_vocab(max(len(tok), lm.cfg.vocab_size))
     torch.manual_seed(cfg.seed)
-    return VLM(vit, Projector(vit.cfg.dim, lm.cfg.dim, cfg.merge), lm, image_id, cfg.feature_layer), tok
+    out_rms = lm.model.embed_tokens.weight.detach().float().pow(2).mean().sqrt().item() if cfg.projector_norm else None
+    return VLM(vit, Projector(vit.cfg.dim, lm.cfg.dim, cfg.merge, out_rms), lm, image_id, cfg.feature_layer), tok
 
 
 def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:

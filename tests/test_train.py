@@ -344,3 +344,21 @@ def test_gradient_noise_runs_on_a_stage_2_model(three_stages):
     assert not np.allclose(K[:4, :4], K[4:, 4:])  # another image changes the gradient
     main(["--again", str(out), "--out", str(tmp / "again.json")])  # the numbers from the saved matrices alone
     assert json.loads((tmp / "again.json").read_text())["groups"] == result["groups"]
+
+
+def test_projector_norm_puts_image_tokens_at_the_text_scale(tmp_path):
+    """--projector-norm: image tokens RMS-normalized, the gain starting at the text embeddings' RMS; saved, reloaded."""
+    cfg = train.parse_config(args(tmp_path, "--stage", "1", "--projector-norm"))
+    vlm, _ = train.build_base(cfg, train.base_sources(cfg, tmp_path / "runs" / "tiny", print))
+    text_rms = vlm.lm.model.embed_tokens.weight.detach().pow(2).mean().sqrt()
+    assert torch.allclose(vlm.projector.out_gain, text_rms.expand_as(vlm.projector.out_gain))
+    run_cli(tmp_path, "--stage", "1", "--max-steps", "2", "--projector-norm")
+    stage = tmp_path / "runs" / "tiny" / "stage1"
+    assert "projector.out_gain" in load_file(stage / "model.safetensors")
+    vlm, _, cfg = train.load_stage(stage)
+    p = vlm.projector
+    patches = torch.randn(2, 4, 4, vlm.vit.cfg.dim)                              # (B, h, w, D)
+    merged = patches.reshape(2, 2, 2, 2, 2, -1).permute(0, 1, 3, 2, 4, 5).reshape(2, 4, -1)  # 2x2 blocks, row-major
+    y = p.fc2(torch.nn.functional.gelu(p.fc1(merged)))
+    want = p.out_gain * y / (y.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    assert cfg.projector_norm and torch.allclose(p(patches), want, atol=1e-5)
