@@ -289,6 +289,11 @@ def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
     return VLM(vit, Projector(vit.cfg.dim, lm.cfg.dim, cfg.merge, out_rms), lm, image_id, cfg.feature_layer), tok
 
 
+def earlier_stage(cfg: Config, run_dir: Path) -> Path | None:
+    """The stage a stage starts from: --init, else runs/<name>/stage<k-1>; None for stage 1."""
+    return repo_path(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
+
+
 def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
     """The VLM a finished stage describes: its sources plus every stage's trained tensors, oldest first (eval).
     A checkpoint directory (runs/NAME/stageK/checkpoints/step_N) works too: the stages it started from, then its own
@@ -300,7 +305,7 @@ def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
     cfg = Config(**{k: v for k, v in meta["config"].items() if k in names})
     if checkpoint:
         run_dir = stage_dir.parent.parent.parent  # runs/NAME
-        init = repo_path(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
+        init = earlier_stage(cfg, run_dir)
         chain = stage_chain(init) if init is not None and (init / "config.json").exists() else []
         sources = read_json(chain[0] / "config.json")["sources"] if chain else base_sources(cfg, run_dir, print, False)
         chain.append(stage_dir)
@@ -341,7 +346,7 @@ def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer
     """-> (vlm, tok, sources, init): the sources plus every earlier stage's tensors (runs/<name>/stage<k-1> and the
     stages it started from, or --init), made trainable as the stage says, on the device."""
     log, run_dir = rt.log, repo_path(cfg.runs_dir) / cfg.name
-    init = repo_path(cfg.init) if cfg.init else (run_dir / f"stage{cfg.stage - 1}" if cfg.stage > 1 else None)
+    init = earlier_stage(cfg, run_dir)
     if init is not None and not (init / "config.json").exists():
         if cfg.init:
             raise FileNotFoundError(f"--init {cfg.init}: {init / 'config.json'} not found")

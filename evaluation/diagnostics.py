@@ -84,9 +84,9 @@ def diagnose(vlm, tok, image_size: int, samples: list, data_dir, log=print) -> d
     true_l, other_l, point_l, swap_l, whole_true, whole_other = [], [], [], [], [], []
     for k, s in enumerate(samples):
         conv, own = s["conversations"], {}           # own: turn -> (loss, count) with its true image
-        a, n = digit_loss(vlm, tok, [ask(conv[0]["value"]), *conv[1:]], images[k], image_size, n_img, digits=False)
-        b, _ = digit_loss(vlm, tok, [ask(conv[0]["value"]), *conv[1:]], images[(k + 1) % len(images)], image_size,
-                          n_img, digits=False)
+        whole = [ask(conv[0]["value"]), *conv[1:]]   # the whole conversation, every answer token
+        a, n = digit_loss(vlm, tok, whole, images[k], image_size, n_img, digits=False)
+        b, _ = digit_loss(vlm, tok, whole, images[(k + 1) % len(images)], image_size, n_img, digits=False)
         if n:
             whole_true.append(a / n)
             whole_other.append(b / n)
