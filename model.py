@@ -294,54 +294,82 @@ class Projector(nn.Module):
     def forward(self, patches):
         m, (h, w) = self.merge, patches.shape[1:3]
         patches = F.pad(patches, (0, 0, 0, -w % m, 0, -h % m))  # odd grids: pad with zero patches
-        x = rearrange(patches, "b (h m1) (w m2) d -> b (h w) (m1 m2 d)", m1=m, m2=m)
-        x = self.fc2(F.gelu(self.fc1(x)))  # (B, N, llm_dim)
+        return self.project(rearrange(patches, "b (h m1) (w m2) d -> b (h w) (m1 m2 d)", m1=m, m2=m))
+
+    def project(self, x):
+        """Merged blocks (..., merge * merge * vision_dim), row-major within the block -> (..., llm_dim)."""
+        x = self.fc2(F.gelu(self.fc1(x)))
         if self.out_gain is None:
             return x
         return self.out_gain * F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
+
+    def at_points(self, grid, points):
+        """One token per query point, made as an image token is but from the merge x merge block centred on the
+        point: grid (N, h, w, D) patch features, points (P, 3) rows (image index, u, v) in [0, 1] -> (P, llm_dim).
+        The block's patches are sampled bilinearly one patch apart, so a point on a token's centre gives exactly
+        that token."""
+        m, (h, w) = self.merge, grid.shape[1:3]
+        offsets = (torch.arange(m, device=grid.device, dtype=torch.float32) - (m - 1) / 2)  # in patches
+        u = points[:, 1, None] * w + offsets[None]                                         # (P, m) in patches
+        v = points[:, 2, None] * h + offsets[None]
+        xy = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), -1)        # (P, m, m, 2): (x, y)
+        xy = xy / torch.tensor([w, h], device=grid.device) * 2 - 1                         # grid_sample's [-1, 1]
+        feats = grid[points[:, 0].long()].permute(0, 3, 1, 2)                              # (P, D, h, w)
+        block = F.grid_sample(feats.float(), xy, mode="bilinear", padding_mode="border", align_corners=False)
+        return self.project(rearrange(block, "p d m1 m2 -> p (m1 m2 d)").to(grid.dtype))
 
 
 class VLM(nn.Module):
     """ViT -> Projector -> LLM, as LLaVA: each image's projected patch features take the places of its run of
     image-token ids in the text, so one sequence can hold several images (multi-view samples)."""
 
-    def __init__(self, vit: ViT, projector: Projector, lm: nn.Module, image_token_id: int, feature_layer: int = -1):
+    def __init__(self, vit: ViT, projector: Projector, lm: nn.Module, image_token_id: int, feature_layer: int = -1,
+                 point_token_id: int | None = None):
         super().__init__()
         self.vit, self.projector, self.lm = vit, projector, lm
-        self.image_token_id = image_token_id
+        self.image_token_id, self.point_token_id = image_token_id, point_token_id
         self.feature_layer = feature_layer  # which ViT block the projector reads (-1: the last)
 
     def n_image_tokens(self, image_size: int) -> int:
         return self.projector.n_tokens(*self.vit.grid(image_size, image_size))
 
-    def embed(self, ids, pixels=None):
-        """ids (B, T) with image-token runs, pixels (N, 3, S, S) for the images in reading order -> (B, T, D)."""
+    def embed(self, ids, pixels=None, points=None):
+        """ids (B, T) with image-token runs, pixels (N, 3, S, S) for the images in reading order, points (P, 3) for
+        the point tokens in reading order (image index into pixels, u, v) -> (B, T, D)."""
         x = self.lm.embed(ids)
         is_image = ids == self.image_token_id
+        is_point = ids == self.point_token_id if self.point_token_id is not None else torch.zeros_like(is_image)
+        n_points = 0 if points is None else points.shape[0]
+        if int(is_point.sum()) != n_points:
+            raise ValueError(f"the text has {int(is_point.sum())} point tokens but {n_points} points were given")
         if pixels is None or pixels.shape[0] == 0:
-            if is_image.any():
-                raise ValueError("the text has image tokens but no images were given")
+            if is_image.any() or n_points:
+                raise ValueError("the text has image or point tokens but no images were given")
             return x
-        img = self.projector(self.vit.patch_grid(pixels, self.feature_layer))  # (N, n_image_tokens, D)
+        grid = self.vit.patch_grid(pixels, self.feature_layer)  # (N, h, w, vision_dim)
+        img = self.projector(grid)  # (N, n_image_tokens, D)
         if int(is_image.sum()) != img.shape[0] * img.shape[1]:
             raise ValueError(f"the text has {int(is_image.sum())} image tokens but {img.shape[0]} images give "
                              f"{img.shape[0]} x {img.shape[1]}")
-        return x.masked_scatter(is_image[..., None], img.to(x.dtype))
+        x = x.masked_scatter(is_image[..., None], img.to(x.dtype))
+        if n_points:
+            x = x.masked_scatter(is_point[..., None], self.projector.at_points(grid, points).to(x.dtype))
+        return x
 
-    def forward(self, ids, pixels, weights, positions=None, mask=None):
+    def forward(self, ids, pixels, weights, positions=None, mask=None, points=None):
         """The summed next-token loss over supervised tokens (weights: render's mask); the trainer normalizes it."""
-        h = self.lm.hidden(embeds=self.embed(ids, pixels), positions=positions, mask=mask)  # (B, T, D)
+        h = self.lm.hidden(embeds=self.embed(ids, pixels, points), positions=positions, mask=mask)  # (B, T, D)
         return self.lm.loss(h, ids, weights, reduction="sum")
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], pixels, **kw) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], pixels, points=None, **kw) -> list[list[int]]:
         """Continue rendered prompts (image tokens expanded; `add_generation_prompt=True`), left-padded into one
         batch; pixels hold their images in order. kw go to LLM.generate (max_new_tokens, temperature, stop_ids...)."""
         T = max(len(p) for p in prompts)
         dev = next(self.lm.parameters()).device
         ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=dev)  # (B, T)
         pad_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=dev)
-        return self.lm.generate(embeds=self.embed(ids, pixels), pad_mask=pad_mask, **kw)
+        return self.lm.generate(embeds=self.embed(ids, pixels, points), pad_mask=pad_mask, **kw)
 
 
 def _hf_config(cfg: dict, path) -> tuple[ViTConfig, list]:

@@ -60,6 +60,8 @@ class Config:
     merge: int = 2  # projector merges merge x merge patches into one LLM token
     feature_layer: int = -1  # which ViT block the projector reads: 0 .. depth-1, or -depth .. -1 from the end
     projector_norm: bool = False  # RMS-normalize image tokens to the text embeddings' scale (model.Projector)
+    point_tokens: bool = False  # follow each "(u, v)" in a question with a token of the image's features there
+    #                             (model.VLM.embed); the stages of a run must agree (it adds a token to the vocabulary)
     vision_tune: str = "dual"  # stage 3: dual | full | lora | frozen
     lora_rank: int = 8
     freeze_projector: bool = False  # stage 3: train only the encoder side
@@ -283,10 +285,12 @@ def build_base(cfg: Config, sources: dict) -> tuple[VLM, Tokenizer]:
     if cfg.system_prompt != "default":
         tok.system_prompt = None if cfg.system_prompt == "none" else cfg.system_prompt
     image_id = tok.add_image_token()
+    point_id = tok.add_point_token() if cfg.point_tokens else None
     lm.resize_vocab(max(len(tok), lm.cfg.vocab_size))
     torch.manual_seed(cfg.seed)
     out_rms = lm.model.embed_tokens.weight.detach().float().pow(2).mean().sqrt().item() if cfg.projector_norm else None
-    return VLM(vit, Projector(vit.cfg.dim, lm.cfg.dim, cfg.merge, out_rms), lm, image_id, cfg.feature_layer), tok
+    projector = Projector(vit.cfg.dim, lm.cfg.dim, cfg.merge, out_rms)
+    return VLM(vit, projector, lm, image_id, cfg.feature_layer, point_id), tok
 
 
 def earlier_stage(cfg: Config, run_dir: Path) -> Path | None:
@@ -357,6 +361,12 @@ def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer
     chain = stage_chain(init) if init is not None else []
     if chain:
         sources = read_json(chain[0] / "config.json")["sources"]
+        for d in chain:  # an LLM trained with or without the point token can only go on that way
+            earlier = read_json(d / "config.json")["config"]
+            if earlier["stage"] >= 2 and earlier.get("point_tokens", False) != cfg.point_tokens:
+                raise ValueError(f"{d} trained its LLM with point_tokens={earlier.get('point_tokens', False)}: "
+                                 f"stage {cfg.stage} must match it ({'add' if earlier.get('point_tokens') else 'drop'}"
+                                 f" --point-tokens)")
     else:
         sources = base_sources(cfg, run_dir, log, write=rt.master)
         if rt.world > 1:
@@ -552,7 +562,7 @@ def forward_backward(model: nn.Module, vlm: VLM, batches: list[dict], rt: Runtim
         b = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         with model.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
             with torch.autocast(rt.device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"))
+                loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"), b.get("points"))
             if backward and not loss.requires_grad:
                 skipped += 1
                 loss = loss + sum(p.sum() for p in trainable_state(vlm).values()) * 0.0

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from evaluation.stats import bootstrap_ci
+from language.tokenizer import query_points
 from model import preprocess
 
 POINT = re.compile(r"\(\d\.\d{3}, \d\.\d{3}\)")
@@ -49,7 +50,9 @@ def digit_loss(vlm, tok, conversation: list, image: np.ndarray, image_size: int,
         return 0.0, 0
     dev = next(vlm.parameters()).device
     pixels = preprocess([image], vlm.vit.cfg, size=image_size).to(dev)
-    loss = vlm(torch.tensor([ids], device=dev), pixels, torch.tensor([weights], device=dev))
+    points = [(0, u, v) for u, v in query_points(conversation)] if tok.point_id is not None else []
+    points = torch.tensor(points, dtype=torch.float32, device=dev) if points else None
+    loss = vlm(torch.tensor([ids], device=dev), pixels, torch.tensor([weights], device=dev), points=points)
     return float(loss), sum(weights)
 
 

@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from language.tokenizer import query_points
 from model import preprocess
 
 _NUM = (r"[-+\u2212]?(?:\d+,\d{1,2}(?=\s*(?:m|cm|mm|meters?|metres?)\b)"  # a decimal comma before a unit
@@ -327,18 +329,21 @@ def vlm_answer_fn(vlm, tok, image_size: int, data_dir, max_new_tokens: int = 160
     device = next(vlm.parameters()).device
 
     def answer(samples, t):
-        prompts, images = [], []
+        prompts, images, points = [], [], []
         for s in samples:
             paths = s["image"] if isinstance(s["image"], list) else [s["image"]]
-            images += [Image.open(data_dir / p).convert("RGB") for p in paths]
             question = dict(s["conversations"][2 * t])
             if context == "none" and t > 0:  # the images travel with the question
                 question["value"] = "<image>\n" * len(paths) + question["value"]
             turns = (s["conversations"][:2 * t] if context == "gold" else []) + [question]
             ids, _ = tok.render(turns, n_image_tokens=n_tokens, add_generation_prompt=True)
             prompts.append(ids)
+            if tok.point_id is not None:  # what render marked: query points of this sample's (single) image
+                points += [(len(images), u, v) for u, v in query_points(turns)]
+            images += [Image.open(data_dir / p).convert("RGB") for p in paths]
         pixels = preprocess(images, vlm.vit.cfg, size=image_size).to(device)
-        out = vlm.generate(prompts, pixels, max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids)
+        points = torch.tensor(points, dtype=torch.float32, device=device) if points else None
+        out = vlm.generate(prompts, pixels, points, max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids)
         return [tok.decode(o, skip_special=True).strip() for o in out]
 
     return answer

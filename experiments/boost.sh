@@ -4,6 +4,7 @@
 #
 #   bash experiments/boost.sh                       # everything; finished stages and runs are skipped on a rerun
 #   SEEDS="1 2 3 4 5" N3=256 bash experiments/boost.sh
+#   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh   # the README's point-token run
 #
 # 1. Data, each kind from its own seed so that stage 3's images are disjoint from stages 1-2's: captions (stage 1);
 #    instruct, grounding (the coordinate interface) and multiview (stage 2); concise spatial conversations (stage 3);
@@ -21,8 +22,11 @@ NAME=${NAME:-b15}
 SEEDS=${SEEDS:-"1 2 3"}
 N3=${N3:-128}           # stage-3 samples per run: 16 steps of 8
 LR3=${LR3:-2e-4}        # Attn+; the gates train at 100x, the projector at 1/10 (train.py's stage-3 defaults)
-D=data/$NAME
+POINTS=${POINTS:-0}     # 1: stages 2-3 with point tokens (train.py --point-tokens)
+MORE_CAPTIONS=${MORE_CAPTIONS:-0}   # > 0: stage 1 also reads this many fresh captions (seed 111)
+D=data/${DATA:-$NAME}    # DATA=b15: another run's data, the same images
 COMMON="--preset small --batch-size 4 --workers 2 --save-every 20 --no-probe --dtype bf16"
+PT=$([ "$POINTS" = 1 ] && echo --point-tokens || true)
 
 python tools/offline_weights.py
 gen() { python data.py "$1" --n "$2" --out "$D/$3" --seed "$4" --size 224 --workers 2 > /dev/null; }
@@ -33,6 +37,8 @@ gen multiview 300 multiview 204
 gen spatial "$N3" spatial 301
 gen spatial 24 heldout 777
 gen grounding 48 heldout-grounding 778
+CAPTIONS=$D/captions
+if [ "$MORE_CAPTIONS" -gt 0 ]; then gen captions "$MORE_CAPTIONS" captions-more 111; CAPTIONS=$CAPTIONS,$D/captions-more; fi
 
 stage() {  # stage NAME K ARGS...: train unless that stage already finished; an interrupted one resumes
   local name=$1 k=$2; shift 2
@@ -42,14 +48,14 @@ stage() {  # stage NAME K ARGS...: train unless that stage already finished; an 
   fi
 }
 mkdir -p runs
-stage "$NAME" 1 --global-batch 16 --data "$D/captions"
-stage "$NAME" 2 --global-batch 16 --data "$D/instruct,$D/grounding,$D/multiview" --lr 1e-4
+stage "$NAME" 1 --global-batch 16 --data "$CAPTIONS"
+stage "$NAME" 2 --global-batch 16 --data "$D/instruct,$D/grounding,$D/multiview" --lr 1e-4 $PT
 encoders="--vision weights/dinov2-s14" boost="" control=""
 for seed in $SEEDS; do
   for arm in boost control; do
     extra=$([ "$arm" = control ] && echo "--shuffle-images" || true)
     stage "$NAME-$arm-s$seed" 3 --init "runs/$NAME/stage2" --global-batch 8 --data "$D/spatial" --seed "$seed" \
-      --lr "$LR3" $extra
+      --lr "$LR3" $extra $PT
     encoders="$encoders --vision runs/$NAME-$arm-s$seed/stage3/vision"
   done
   boost="$boost,$NAME-boost-s$seed" control="$control,$NAME-control-s$seed"

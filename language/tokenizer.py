@@ -59,6 +59,24 @@ def _token_content(x):
     return x.get("content") if isinstance(x, dict) else x
 
 
+# A query point in a human turn: normalized image coordinates "(u, v)", each in [0, 1] (the data engine writes 3
+# decimals). With a point token, the VLM reads the image's features at each such point (model.VLM.embed).
+POINT_TEXT = re.compile(r"\((0(?:\.\d+)?|1(?:\.0+)?), (0(?:\.\d+)?|1(?:\.0+)?)\)")
+
+
+def image_count(conversation: list[dict]) -> int:
+    return sum(t["value"].count("<image>") for t in conversation if isinstance(t.get("value"), str))
+
+
+def query_points(conversation: list[dict]) -> list[tuple[float, float]]:
+    """The (u, v) of every query point in the human turns, in reading order: the points a tokenizer with a point
+    token marks. Only single-image conversations have them: with several images a point's image is ambiguous."""
+    if image_count(conversation) != 1:
+        return []
+    return [(float(m[1]), float(m[2])) for t in conversation if t.get("from") in ("human", "user")
+            for m in POINT_TEXT.finditer(t["value"])]
+
+
 # what Tokenizer.save writes to the .tiktoken file's .json sidecar, and _load_tiktoken requires
 CACHE_FIELDS = ("pattern", "specials", "special_ids", "rank_to_id", "normalizer", "unk_id", "extra", "fuse_unk",
                 "bos_id", "eos_id", "pad_id", "chat_style", "system_prompt", "name")
@@ -67,7 +85,8 @@ CACHE_FIELDS = ("pattern", "specials", "special_ids", "rank_to_id", "normalizer"
 class Tokenizer:
     """encode/decode with the checkpoint's own vocabulary, special-token ids, and `render` for chat training data.
     Ids: `bos_id`, `eos_id`, `pad_id`, `eot_id` (end of turn: <|im_end|> or <|eot_id|>), `image_id` (None until
-    `add_image_token()`), `stop_ids` (what generation stops on). Any of bos/pad may be None."""
+    `add_image_token()`), `point_id` (None until `add_point_token()`: then render marks query points, see
+    `query_points`), `stop_ids` (what generation stops on). Any of bos/pad may be None."""
 
     def __init__(self, ranks: dict[bytes, int], specials: dict[str, int], pattern: str, *,
                  rank_to_id: list[int] | None = None, extra: dict[int, bytes] | None = None,
@@ -88,6 +107,7 @@ class Tokenizer:
             raise ValueError(f"chat_style {chat_style!r} is not supported (supported: 'chatml', 'llama3')")
         self.chat_style, self.system_prompt = chat_style, system_prompt
         self.image_id = specials.get("<image>")
+        self.point_id = specials.get("<point>")
         # Bytes without a single-byte token: their presence sends encode down the slow path.
         self.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
         self._missing_re = re.compile(b"([" + b"".join(re.escape(bytes([b])) for b in self.missing) + b"]+)") if (
@@ -190,6 +210,12 @@ class Tokenizer:
         self.image_id = self.add_special_token(token)
         return self.image_id
 
+    def add_point_token(self, token: str = "<point>") -> int:
+        """Add the point token and make it `point_id`: from then on render follows every query point of a
+        single-image conversation with it (`query_points`), and the VLM puts the image's features there."""
+        self.point_id = self.add_special_token(token)
+        return self.point_id
+
     def render(self, conversation: list[dict], n_image_tokens: int = 1, add_generation_prompt: bool = False):
         """Conversation [{"from": "human"|"gpt"|"system", "value": str}, ...] -> (ids, mask), two lists of ints of
         equal length. mask[t] = 1 exactly on the tokens the model must produce: each assistant answer and its
@@ -201,7 +227,8 @@ class Tokenizer:
         checkpoint's template uses those headers. A leading "system" turn is used as given, else `self.system_prompt`
         (the default the checkpoint's own chat template inserts, e.g. SmolLM2's "You are a helpful AI assistant
         named SmolLM, ..."; None: no system turn) is prepended. Each "<image>" in a human turn becomes
-        n_image_tokens copies of `image_id`. Message text is encoded with specials=False: a literal "<|im_end|>" in
+        n_image_tokens copies of `image_id`; with `point_id` set, each of `query_points`'s "(u, v)" is followed by
+        `point_id`. Message text is encoded with specials=False: a literal "<|im_end|>" in
         data stays text and cannot break the turn structure. add_generation_prompt appends the assistant header."""
         roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
         ids, mask = [], []
@@ -230,6 +257,16 @@ class Tokenizer:
             raise ValueError(f"render: the {self.chat_style} chat format needs special tokens {absent}, which this "
                              f"tokenizer lacks")
         sp, enc = self.specials, lambda text: self.encode(text, False)
+        marks = self.point_id is not None and image_count(conversation) == 1
+
+        def user_text(piece):
+            if not marks:
+                return emit(enc(piece))
+            a = 0
+            for m in POINT_TEXT.finditer(piece):
+                emit(enc(piece[a:m.end()]) + [self.point_id])
+                a = m.end()
+            emit(enc(piece[a:]))
 
         def header(role):
             if llama3:
@@ -248,7 +285,7 @@ class Tokenizer:
                 for j, piece in enumerate(pieces):
                     if j:
                         emit([self.image_id] * n_image_tokens)
-                    emit(enc(piece))
+                    user_text(piece)
             else:
                 emit(enc(text.strip() if llama3 else text), train=role == "assistant")
             emit([sp["<|eot_id|>" if llama3 else "<|im_end|>"]], train=role == "assistant")

@@ -25,7 +25,9 @@ integer part of the weight, then an evenly spaced subset for the rest. The sourc
 
 Samples. ds[i] renders the conversation with Tokenizer.render and preprocesses its images (model.preprocess: squashed to
 image_size, not cropped, so normalized coordinates stay valid). Beyond max_len tokens, whole trailing turns (a human
-message and everything up to the next one) are dropped and counted, never part of an answer. A malformed line, roles out
+message and everything up to the next one) are dropped and counted, never part of an answer. With a point token
+(train.py --point-tokens) an item also has `points` (P, 2), the (u, v) of each point token it kept; collate gathers
+them as (P, 3) rows (image index in the batch's pixels, u, v) for VLM.embed. A malformed line, roles out
 of order, a missing or unreadable image or one outside the folder, a first turn alone over max_len: the item carries
 `problem` (file:line and what is wrong) and no tokens; collate skips it, LoaderReport counts and prints it. strict=True
 raises at once instead.
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from language.tokenizer import query_points
 from llm import block_causal
 from model import preprocess
 
@@ -200,12 +203,15 @@ class ConversationDataset(torch.utils.data.Dataset):
                 paths = check_record(json.loads(self.records[s].get(int(self.image_from[s][k]))[0]))[1]
             ids, weights, n_images, dropped = self.render(conv)
             pixels = self.images(self.records[s].root, paths[:n_images])
+            # the query points the kept turns mark (render cuts whole turns, so they are the first ones)
+            points = query_points(conv)[:ids.count(self.tok.point_id)] if self.tok.point_id is not None else []
         except PROBLEMS as e:
             if self.strict:
                 raise ValueError(f"{where}: {e}") from e
-            ids, weights, dropped, problem = [], [], 0, f"{where}: {e}"
+            ids, weights, dropped, problem, points = [], [], 0, f"{where}: {e}", []
         return dict(ids=torch.tensor(ids, dtype=torch.long), weights=torch.tensor(weights, dtype=torch.uint8),
-                    pixels=pixels, dropped_turns=dropped, problem=problem, max_len=self.max_len)
+                    pixels=pixels, points=torch.tensor(points, dtype=torch.float32).reshape(-1, 2),
+                    dropped_turns=dropped, problem=problem, max_len=self.max_len)
 
     def render(self, conv: list) -> tuple:
         """-> (ids, mask, images kept, turns dropped): whole trailing turns go until max_len holds the rest."""
@@ -281,8 +287,13 @@ def collate(items: list, pad_id: int | None, pack: bool = False, max_len: int | 
             segments[r, a:b] = j + 1
             a = b
     S = items[0]["pixels"].shape[-1] if items else 0
-    pixels = torch.cat([it["pixels"] for row in rows for it in row]) if good else torch.zeros(0, 3, S, S)
+    kept = [it for row in rows for it in row]                       # the order the VLM fills image and point tokens
+    pixels = torch.cat([it["pixels"] for it in kept]) if good else torch.zeros(0, 3, S, S)
+    first_image = np.cumsum([0] + [len(it["pixels"]) for it in kept])[:-1]
+    points = [torch.cat([torch.full((len(it["points"]), 1), float(i)), it["points"]], 1)     # (P, 3): image, u, v
+              for i, it in zip(first_image, kept) if len(it.get("points", ()))]
     batch = dict(ids=torch.from_numpy(ids), weights=torch.from_numpy(weights), pixels=pixels,
+                 points=torch.cat(points) if points else None,
                  n_supervised=int(np.count_nonzero(weights[:, 1:])), n_tokens=sum(len(it["ids"]) for it in good),
                  n_samples=len(good), problems=[it["problem"] for it in items if it["problem"] is not None],
                  dropped_turns=sum(it["dropped_turns"] for it in items),
