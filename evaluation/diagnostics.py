@@ -5,7 +5,8 @@ grounding dataset (python eval.py --vlm runs/NAME/stage2 --diagnose --qa data/he
 - image dependence: the loss on the answers' digits with the true image vs with another image of the set. Zero
   means the answers' numbers do not depend on the image at all.
 - localization gap: the loss on a point question's answer digits with the true query coordinates vs another
-  point's coordinates of the same image (the answer kept). Zero means the LLM does not read the queried place.
+  point's coordinates of the same image (the answer kept); an answer without digits (grounding's "What is at
+  (u, v)?" -> "The red chair.") on every answer token. Zero means the LLM does not read the queried place.
 - answer image dependence: the same as the first over every answer token of the whole conversation, in context (a
   caption's words too): zero means the LLM answers without looking at the image at all, not only without finding
   the queried place in it.
@@ -101,8 +102,12 @@ def diagnose(vlm, tok, image_size: int, samples: list, data_dir, log=print) -> d
                 true_l.append(a / n)
                 other_l.append(b / n)
         for t, p, q in point_turns(s):
-            (a, n), question = own[t], conv[2 * t]["value"]
-            b, _ = digit_loss(vlm, tok, [ask(question.replace(p, q)), conv[2 * t + 1]], images[k], image_size, n_img)
+            (a, n), question, answer = own[t], conv[2 * t]["value"], conv[2 * t + 1]
+            digits = n > 0  # an answer without digits ("The red chair.") is scored on every answer token
+            if not digits:
+                a, n = digit_loss(vlm, tok, [ask(question), answer], images[k], image_size, n_img, digits=False)
+            b, _ = digit_loss(vlm, tok, [ask(question.replace(p, q)), answer], images[k], image_size, n_img,
+                              digits=digits)
             if n:
                 point_l.append(a / n)
                 swap_l.append(b / n)

@@ -138,3 +138,31 @@ def test_point_tokens_through_three_stages_and_a_mismatch_refused(tmp_path):
     assert cfg.point_tokens and vlm.point_token_id == tok.point_id is not None
     out = run("--stage", "3", "--max-steps", "2", "--name", "other", "--init", str(tmp_path / "runs/tiny/stage2"))
     assert out.returncode != 0 and "trained its LLM with point_tokens=True" in out.stdout + out.stderr
+
+
+def test_diagnostics_read_point_tokens_as_training_does(tmp_path):
+    """The localization gap works on grounding answers (no digits), and with point tokens the diagnostics' loss of a
+    whole conversation is the training loss the loader's points give."""
+    import data
+    from evaluation.diagnostics import diagnose
+    from evaluation.qa import load_conversations
+
+    for k in (1, 2):
+        out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(tmp_path, "--stage", str(k), "--max-steps",
+                                                                          "1", "--point-tokens")],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+    vlm, tok, cfg = train.load_stage(tmp_path / "runs" / "tiny" / "stage2")
+    data.generate("grounding", tmp_path / "g", n=3, seed=778, size=32, progress=False)
+    samples = load_conversations(tmp_path / "g")
+    result = diagnose(vlm, tok, cfg.image_size, samples, tmp_path / "g", log=None)
+    gap = result["localization_gap"]
+    assert gap["n"] > 0 and gap["gap"] != 0  # another point: other text and other features
+    ds = ConversationDataset([(tmp_path / "g", 1.0)], tok, vlm.vit.cfg, cfg.image_size,
+                             vlm.n_image_tokens(cfg.image_size), max_len=100_000)
+    with torch.no_grad():
+        per_sample = [float(vlm(it["ids"][None], it["pixels"], it["weights"][None],
+                                points=torch.cat([torch.zeros(len(it["points"]), 1), it["points"]], 1))
+                            / it["weights"].sum()) for it in (ds[i] for i in range(len(ds)))]
+    assert all(len(ds[i]["points"]) > 0 for i in range(len(ds)))
+    assert result["answer_image_dependence"]["true image"] == pytest.approx(np.mean(per_sample), abs=1e-4)
