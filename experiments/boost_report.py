@@ -7,8 +7,10 @@ encoder is scored on the same resampled images; an arm's value is its mean over 
     python experiments/boost_report.py runs/b15-eval/report.json --arm baseline=baseline \\
         --arm boost=b15-boost-s1,b15-boost-s2,b15-boost-s3 --arm control=b15-control-s1,... --out results/boost
 
-Writes OUT.md (the table) and OUT.json (every number). Needs a report written with per-image results
-(eval.py --per-image).
+Writes OUT.md (the table) and OUT.json (every number). Needs reports written with per-image results
+(eval.py --per-image). Several reports may share the work (encoders probed in separate eval.py calls on the same probe
+set): they must agree on the probe set, and an encoder in more than one (the baseline, say) must have exactly the same
+per-image results in each, which also checks that the probes are deterministic.
 """
 
 import argparse
@@ -56,23 +58,41 @@ def compare(arms: dict, a: str, b: str, key: str, n_images: int, n_boot: int, se
     return {"diff": diff, "ci95": [float(lo), float(hi)]}
 
 
+def load_encoders(paths: list) -> dict:
+    """{encoder name: results} over one or more eval.py reports of the same probe set."""
+    by_name, probe_set, where = {}, None, {}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        setting = (report.get("probe_set"), report.get("config"))  # the probe images, and how the probes train
+        if probe_set is None:
+            probe_set = setting
+        elif setting != probe_set:
+            sys.exit(f"{path}: another probe set or probe config than {paths[0]}'s (eval.py --probes, --n-images, "
+                     f"--test-every, the probe settings)")
+        for e in report["encoders"]:
+            name, res = e["name"], e["results"]
+            if name in by_name and by_name[name].get("per_image") != res.get("per_image"):
+                sys.exit(f"{path}: encoder {name} has other per-image results than in {where[name]}")
+            by_name[name], where[name] = res, path
+    return by_name
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("report", help="eval.py's report.json, written with --per-image")
+    ap.add_argument("report", nargs="+", help="eval.py's report.json (one or more), written with --per-image")
     ap.add_argument("--arm", action="append", required=True, help="NAME=encoder,encoder,... (the report's names)")
     ap.add_argument("--control", default="control", help="the arm the others are compared with")
     ap.add_argument("--baseline", default="baseline")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
     args = ap.parse_args(argv)
-    report = json.loads(Path(args.report).read_text())
-    by_name = {e["name"]: e["results"] for e in report["encoders"]}
+    by_name = load_encoders(args.report)
     arms = {}
     for item in args.arm:
         name, _, members = item.partition("=")
         missing = [m for m in members.split(",") if m not in by_name or "per_image" not in by_name[m]]
         if missing:
-            sys.exit(f"{args.report}: no per-image results for {missing} (names: {sorted(by_name)}; "
+            sys.exit(f"{', '.join(args.report)}: no per-image results for {missing} (names: {sorted(by_name)}; "
                      "eval.py --per-image)")
         arms[name] = [by_name[m]["per_image"] for m in members.split(",")]
     n_images = len(next(iter(arms.values()))[0]["depth_lin1_rmse"])

@@ -56,3 +56,27 @@ def test_boost_report_finds_a_planted_difference(tmp_path):
     none = rows["depth_lin1_rmse"]["differences"]["control-baseline"]
     assert none["ci95"][0] < 0 < none["ci95"][1]
     assert "boost − control" in (tmp_path / "table.md").read_text()
+
+
+def test_reports_of_one_probe_set_merge_and_disagreements_are_refused(tmp_path):
+    """Encoders probed in separate eval.py calls make one table; a shared encoder must agree exactly in each."""
+    rng, n = np.random.default_rng(1), 40
+    enc = {name: {"name": name, "results": {"per_image": fake_encoder(rng, n, off)}}
+           for name, off in [("base", 0.0), ("boost-s1", -0.05), ("control-s1", 0.0), ("boost-s2", -0.05),
+                             ("control-s2", 0.0)]}
+    write = lambda name, encs, probe_set="p240": (tmp_path / name).write_text(  # noqa: E731
+        json.dumps({"probe_set": probe_set, "encoders": encs}))
+    write("a.json", [enc["base"], enc["boost-s1"], enc["control-s1"]])
+    write("b.json", [enc["base"], enc["boost-s2"], enc["control-s2"]])
+    arms = ["--arm", "baseline=base", "--arm", "boost=boost-s1,boost-s2", "--arm", "control=control-s1,control-s2"]
+    boost_report.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), *arms, "--n-boot", "100",
+                       "--out", str(tmp_path / "merged")])
+    assert json.loads((tmp_path / "merged.json").read_text())["arms"] == {"baseline": 1, "boost": 2, "control": 2}
+    other = json.loads(json.dumps(enc["base"]))
+    other["results"]["per_image"]["depth_lin1_rmse"][0] += 0.1      # the baseline probed differently
+    write("c.json", [other, enc["boost-s2"], enc["control-s2"]])
+    with pytest.raises(SystemExit, match="encoder base has other per-image results"):
+        boost_report.main([str(tmp_path / "a.json"), str(tmp_path / "c.json"), *arms, "--out", str(tmp_path / "x")])
+    write("d.json", [enc["boost-s2"], enc["control-s2"]], probe_set="another")
+    with pytest.raises(SystemExit, match="another probe set"):
+        boost_report.main([str(tmp_path / "a.json"), str(tmp_path / "d.json"), *arms, "--out", str(tmp_path / "x")])

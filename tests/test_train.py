@@ -346,6 +346,42 @@ def test_gradient_noise_runs_on_a_stage_2_model(three_stages):
     assert json.loads((tmp / "again.json").read_text())["groups"] == result["groups"]
 
 
+def test_gradient_step_moves_each_attn_plus_tensor_along_its_mean_gradient(three_stages):
+    """tools/gradient_step: each encoder's Attn+ is its frozen Attn (where stage 3 starts) moved by rel of its norm
+    against the saved mean gradient of its direction; gates stay at 0; --again rebuilds from the saved means."""
+    from tools.gradient_step import main
+    from storage.tensors import load_safetensors
+    tmp, _ = three_stages
+    out = tmp / "gradstep"
+    common = ["--init", str(tmp / "runs" / "tiny" / "stage2"), "--data", str(tmp / "data" / "tiny" / "spatial"),
+              "--n", "4", "--rel", "0.1", "--out", str(out), "--preset", "tiny", "--runs-dir", str(tmp / "runs"), *TINY]
+    main(common)
+    mean = load_safetensors(out / "mean.safetensors")
+    names = sorted(k.removeprefix("own.") for k in mean if k.startswith("own."))
+    assert names and all(".attn_plus." in k for k in names) and len(mean) == 2 * len(names)
+    assert any(not torch.allclose(mean[f"own.{k}"], mean[f"other.{k}"]) for k in names)  # the image matters
+    for which in ("boost", "control", "image", "random"):
+        sd = load_vit(out / f"{which}-0.1").state_dict()
+        for k in names:
+            own = k.removeprefix("vit.")
+            w, w0 = sd[own], sd[own.replace(".attn_plus.", ".attn.")]
+            g, h = mean[f"own.{k}"], mean[f"other.{k}"]
+            if which != "random":
+                d = {"boost": g, "control": h, "image": g - h}[which]
+                assert torch.allclose(w, w0 - 0.1 * w0.norm() / d.norm() * d, atol=1e-6), (which, k)
+            elif g.numel() >= 256:  # a direction unrelated to the gradients
+                assert abs(float(torch.nn.functional.cosine_similarity((w0 - w).flatten(), g.flatten(), 0))) < 0.5
+            if w0.norm() > 0:  # a zero tensor (the tiny ViT's biases) has no relative step: it stays
+                assert float((w - w0).norm() / w0.norm()) == pytest.approx(0.1, rel=1e-4)
+            else:
+                assert torch.equal(w, w0)
+        assert all(v.abs().max() == 0 for n, v in sd.items() if n.endswith(".gate"))  # σ(a) = ½, as at the start
+    first = load_vit(out / "image-0.1").state_dict()
+    main([*common, "--again", "--directions", "image"])  # from the saved means alone: the same encoder
+    again = load_vit(out / "image-0.1").state_dict()
+    assert all(torch.equal(v, again[n]) for n, v in first.items())
+
+
 def test_projector_norm_puts_image_tokens_at_the_text_scale(tmp_path):
     """--projector-norm: image tokens RMS-normalized, the gain starting at the text embeddings' RMS; saved, reloaded."""
     cfg = train.parse_config(args(tmp_path, "--stage", "1", "--projector-norm"))

@@ -97,15 +97,22 @@ def with_interval(K: np.ndarray, n: int, draws: int = 1000, seed: int = 0) -> di
     return out
 
 
-def measure(init: str, data: str, n: int, seed: int = 0, dtype: str = "bf16", extra: tuple = (), log=print) -> dict:
-    """The Gram matrices per group over n samples of `data`, at the model stage 3 would start from (`init`)."""
+def stage3_start(init: str, data: str, seed: int, dtype: str, extra: tuple):
+    """-> (vlm, tok, rt, own, other): the VLM stage 3 starts from (Attn+ = Attn, gates 0) and the stage-3 data, each
+    sample with its own image and with another's (the pairing of train.py --shuffle-images for this seed)."""
     argv = ["--stage", "3", "--init", init, "--data", data, "--dtype", dtype, "--seed", str(seed), "--no-probe",
-            "--name", "gradient-noise", *extra]
+            "--name", "gradient-diagnostic", *extra]
     cfg = train.parse_config(argv)
     rt = train.setup_runtime(cfg)
-    vlm, tok, _, _ = train.stage_model(cfg, rt, Path("(no run: tools/gradient_noise.py)"))
+    vlm, tok, _, _ = train.stage_model(cfg, rt, Path("(no run: a gradient diagnostic)"))
     own = train.stage_data(cfg, rt, vlm, tok)[0]
     other = train.stage_data(train.parse_config(argv + ["--shuffle-images"]), rt, vlm, tok)[0]
+    return vlm, tok, rt, own, other
+
+
+def measure(init: str, data: str, n: int, seed: int = 0, dtype: str = "bf16", extra: tuple = (), log=print) -> dict:
+    """The Gram matrices per group over n samples of `data`, at the model stage 3 would start from (`init`)."""
+    vlm, tok, rt, own, other = stage3_start(init, data, seed, dtype, extra)
     params = {k: p for k, p in train.trainable_state(vlm).items() if group_of(k)}
     order = np.random.default_rng(seed).permutation(len(own))[:n]
     if len(order) < n:

@@ -1,0 +1,137 @@
+"""
+Where would stage 3 take the encoder if every step saw unlimited data? The mean stage-3 gradient over many
+conversations, at the point where stage 3 starts, and encoders moved one step along it, for eval.py to probe:
+
+    python tools/gradient_step.py --init runs/p1/stage2 --data data/b15/spatial-grad --n 256 --preset small \
+        --point-tokens --out runs/gradstep
+    python eval.py --vision weights/dinov2-s14 --vision runs/gradstep/boost-0.02 --vision runs/gradstep/control-0.02 ...
+
+Three directions, from each conversation's gradient with its own image (g) and with another sample's image (h, the
+pairing of train.py --shuffle-images):
+- boost   = E[g]: what stage 3 itself follows;
+- control = E[h]: what the shuffled-answer control follows (the format, the answers' distribution);
+- image   = E[g - h]: the part only the true image teaches;
+- random  = a Gaussian direction (from --seed): the null, what any step of that size does to the probes.
+Every Attn+ tensor moves against its direction by --rel of its own norm (as Adam, each tensor moves by a comparable
+relative amount; a 16-step stage 3 at 2e-4 moves each layer's Attn+ by 1-2.5 %; a tensor of norm 0 stays). The gates stay at 0 (σ = ½), so the
+attention output moves by half of Attn+'s change, as at the start of training.
+
+tools/gradient_noise.py says how noisy a mean over n samples is (B_img: the image part needs n >> B_img). This tool
+asks the other question: if that mean were known, would it make the probes better? If the image direction does not
+improve depth even here, no amount of stage-3 data at this size of step will.
+
+Writes OUT/mean.safetensors (the two mean gradients, per Attn+ tensor) and OUT/<direction>-<rel>/ (encoders in
+load_vit's format). --again reuses mean.safetensors and only writes the encoders.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train  # noqa: E402
+from model import save_vit  # noqa: E402
+from storage.tensors import load_safetensors, save_tensors  # noqa: E402
+from tools.gradient_noise import stage3_start  # noqa: E402
+from training.dataset import collate  # noqa: E402
+
+DIRECTIONS = ("boost", "control", "image", "random")
+
+
+def attn_plus(vlm) -> dict:
+    return {k: p for k, p in vlm.named_parameters() if ".attn_plus." in k}
+
+
+def mean_gradients(vlm, tok, rt, own, other, n: int, seed: int, log=print) -> dict:
+    """{'own.<param>': E[g], 'other.<param>': E[h]} over n samples, each sample's loss per supervised token (one
+    sample per backward: every sample weighs the same, whatever its length)."""
+    params = attn_plus(vlm)
+    order = np.random.default_rng(seed).permutation(len(own))[:n]
+    if len(order) < n:
+        raise ValueError(f"--n {n}: the data has only {len(own)} samples")
+    out, t0 = {}, time.time()
+    for which, ds in (("own", own), ("other", other)):
+        sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+        for j, i in enumerate(order):
+            item = ds[int(i)]
+            if item["problem"]:
+                raise ValueError(f"sample {i}: {item['problem']}")
+            vlm.zero_grad(set_to_none=True)
+            train.forward_backward(vlm, vlm, [collate([item], pad_id=tok.pad_id)], rt)
+            for k, p in params.items():
+                sums[k] += p.grad.float()
+            if (j + 1) % 16 == 0:
+                log(f"  {which} image: {j + 1}/{n} samples ({time.time() - t0:.0f} s)")
+        out.update({f"{which}.{k}": s / n for k, s in sums.items()})
+    return out
+
+
+def direction(mean: dict, name: str, which: str, gen: torch.Generator) -> torch.Tensor:
+    g, h = mean[f"own.{name}"], mean[f"other.{name}"]
+    if which == "random":
+        return torch.randn(g.shape, generator=gen)
+    return {"boost": g, "control": h, "image": g - h}[which]
+
+
+def step(vlm, mean: dict, which: str, rel: float, seed: int = 0) -> None:
+    """In place: every Attn+ tensor W -> W - rel * |W| * D / |D|, D its mean gradient in direction `which`."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in attn_plus(vlm).items():
+            d = direction(mean, k, which, gen)
+            if not d.norm() > 0:
+                raise ValueError(f"{k}: the {which} direction is zero (no gradient reached this tensor)")
+            p -= (rel * p.norm() / d.norm() * d).to(p.dtype)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="encoders one step along the mean stage-3 gradient (boost, control, "
+                                             "image-only), for eval.py")
+    ap.add_argument("--init", required=True, help="the finished stage-2 directory stage 3 would start from")
+    ap.add_argument("--data", required=True, help="stage-3 data (a data.py spatial directory)")
+    ap.add_argument("--out", required=True, help="directory: mean.safetensors and one encoder per direction and rel")
+    ap.add_argument("--n", type=int, default=256, help="samples (two forward-backward passes each)")
+    ap.add_argument("--rel", default="0.02,0.05", help="relative step per Attn+ tensor, comma-separated")
+    ap.add_argument("--directions", default=",".join(DIRECTIONS))
+    ap.add_argument("--seed", type=int, default=0, help="which samples, and the control's image pairing")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--again", action="store_true", help="reuse OUT/mean.safetensors: no passes")
+    args, extra = ap.parse_known_args(argv)  # anything else goes to train.py's Config (--preset, --point-tokens)
+    rels = [float(r) for r in args.rel.split(",")]
+    which = args.directions.split(",")
+    if any(w not in DIRECTIONS for w in which) or any(not r > 0 for r in rels):
+        ap.error(f"--directions from {DIRECTIONS}; --rel positive numbers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    vlm, tok, rt, own, other = stage3_start(args.init, args.data, args.seed, args.dtype,
+                                            tuple(extra or ["--preset", "small"]))
+    start = {k: p.detach().clone() for k, p in attn_plus(vlm).items()}
+    if args.again:
+        mean = load_safetensors(out / "mean.safetensors")
+    else:
+        mean = mean_gradients(vlm, tok, rt, own, other, args.n, args.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        save_tensors(mean, out / "mean.safetensors")
+    for k in start:
+        g, h = mean[f"own.{k}"], mean[f"other.{k}"]
+        cos = float(g.flatten() @ h.flatten() / (g.norm() * h.norm()))
+        print(f"{k:<48} |E g| {g.norm():.3e}  |E h| {h.norm():.3e}  |E(g-h)| {(g - h).norm():.3e}  cos {cos:+.3f}")
+    for w in which:
+        for rel in rels:
+            with torch.no_grad():
+                for k, p in attn_plus(vlm).items():
+                    p.copy_(start[k])
+            step(vlm, mean, w, rel, args.seed)
+            save_vit(vlm.vit, out / f"{w}-{rel:g}")
+            print(f"wrote {out / f'{w}-{rel:g}'}")
+
+
+if __name__ == "__main__":
+    main()
