@@ -60,13 +60,13 @@ def compare(arms: dict, a: str, b: str, key: str, n_images: int, n_boot: int, se
 
 def load_encoders(paths: list) -> dict:
     """{encoder name: results} over one or more eval.py reports of the same probe set."""
-    by_name, probe_set, where = {}, None, {}
+    by_name, first, where = {}, None, {}
     for path in paths:
         report = json.loads(Path(path).read_text())
         setting = (report.get("probe_set"), report.get("config"))  # the probe images, and how the probes train
-        if probe_set is None:
-            probe_set = setting
-        elif setting != probe_set:
+        if first is None:
+            first = setting
+        elif setting != first:
             sys.exit(f"{path}: another probe set or probe config than {paths[0]}'s (eval.py --probes, --n-images, "
                      f"--test-every, the probe settings)")
         for e in report["encoders"]:

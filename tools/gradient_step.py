@@ -2,19 +2,20 @@
 Where would stage 3 take the encoder if every step saw unlimited data? The mean stage-3 gradient over many
 conversations, at the point where stage 3 starts, and encoders moved one step along it, for eval.py to probe:
 
-    python tools/gradient_step.py --init runs/p1/stage2 --data data/b15/spatial-grad --n 256 --preset small \
-        --point-tokens --out runs/gradstep
-    python eval.py --vision weights/dinov2-s14 --vision runs/gradstep/boost-0.02 --vision runs/gradstep/control-0.02 ...
+    python tools/gradient_step.py --init runs/p1/stage2 --data data/b15/spatial-grad303 --n 256 --preset small \
+        --point-tokens --out runs/gradstep-303
+    python eval.py --vision weights/dinov2-s14 --vision runs/gradstep-303/image-0.02 ...
+    bash experiments/gradient_step.sh       # the README's table: three conversation sets, one eval, boost_report
 
-Three directions, from each conversation's gradient with its own image (g) and with another sample's image (h, the
-pairing of train.py --shuffle-images):
+Four directions, three from each conversation's gradient with its own image (g) and with another sample's image
+(h, the pairing of train.py --shuffle-images):
 - boost   = E[g]: what stage 3 itself follows;
 - control = E[h]: what the shuffled-answer control follows (the format, the answers' distribution);
 - image   = E[g - h]: the part only the true image teaches;
 - random  = a Gaussian direction (from --seed): the null, what any step of that size does to the probes.
 Every Attn+ tensor moves against its direction by --rel of its own norm (as Adam, each tensor moves by a comparable
-relative amount; a 16-step stage 3 at 2e-4 moves each layer's Attn+ by 1-2.5 %; a tensor of norm 0 stays). The gates stay at 0 (σ = ½), so the
-attention output moves by half of Attn+'s change, as at the start of training.
+relative amount; a 16-step stage 3 at 2e-4 moves each layer's Attn+ by 1-2.5 %; a tensor of norm 0 stays). The gates
+stay at 0 (σ = ½), so the attention output moves by half of Attn+'s change, as at the start of training.
 
 tools/gradient_noise.py says how noisy a mean over n samples is (B_img: the image part needs n >> B_img). This tool
 asks the other question: if that mean were known, would it make the probes better? If the image direction does not
@@ -79,7 +80,7 @@ def direction(mean: dict, name: str, which: str, gen: torch.Generator) -> torch.
 
 
 def step(vlm, mean: dict, which: str, rel: float, seed: int = 0) -> None:
-    """In place: every Attn+ tensor W -> W - rel * |W| * D / |D|, D its mean gradient in direction `which`."""
+    """In place: every Attn+ tensor W -> W - rel * |W| * D / |D|, D its part of direction `which`."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for k, p in attn_plus(vlm).items():
@@ -91,14 +92,15 @@ def step(vlm, mean: dict, which: str, rel: float, seed: int = 0) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="encoders one step along the mean stage-3 gradient (boost, control, "
-                                             "image-only), for eval.py")
+                                             "image-only) and a random one, for eval.py")
     ap.add_argument("--init", required=True, help="the finished stage-2 directory stage 3 would start from")
     ap.add_argument("--data", required=True, help="stage-3 data (a data.py spatial directory)")
     ap.add_argument("--out", required=True, help="directory: mean.safetensors and one encoder per direction and rel")
     ap.add_argument("--n", type=int, default=256, help="samples (two forward-backward passes each)")
     ap.add_argument("--rel", default="0.02,0.05", help="relative step per Attn+ tensor, comma-separated")
     ap.add_argument("--directions", default=",".join(DIRECTIONS))
-    ap.add_argument("--seed", type=int, default=0, help="which samples, and the control's image pairing")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="which samples, the control's image pairing, the random direction")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--again", action="store_true", help="reuse OUT/mean.safetensors: no passes")
