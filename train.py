@@ -9,8 +9,9 @@ Train SpatialBoost's three stages.
 
 Stage 1 trains the projector (ViT and LLM frozen), stage 2 the projector and the LLM, stage 3 the encoder's Attn+
 clones, their gates and the projector with the LLM frozen (`--vision-tune` swaps the dual channel for the paper's
-ablations: full fine-tuning, LoRA, or a frozen encoder). Each stage writes runs/<name>/stage<k>/ and starts from the
-previous stage's directory. `python train.py --help` lists every option; presets set defaults, flags override them.
+ablations: full fine-tuning, LoRA, or a frozen encoder; `dual-qk` trains only Attn+'s queries and keys). Each
+stage writes runs/<name>/stage<k>/ and starts from the previous stage's directory. `python train.py --help` lists
+every option; presets set defaults, flags override them.
 """
 
 import argparse
@@ -62,7 +63,8 @@ class Config:
     projector_norm: bool = False  # RMS-normalize image tokens to the text embeddings' scale (model.Projector)
     point_tokens: bool = False  # follow each "(u, v)" in a question with a token of the image's features there
     #                             (model.VLM.embed); the stages of a run must agree (it adds a token to the vocabulary)
-    vision_tune: str = "dual"  # stage 3: dual | full | lora | frozen
+    vision_tune: str = "dual"  # stage 3: dual | dual-qk (Attn+ changes where tokens look, not what they read:
+    #                            its v/o stay Attn's) | full | lora | frozen
     lora_rank: int = 8
     freeze_projector: bool = False  # stage 3: train only the encoder side
     shuffle_images: bool = False  # stage 3 control: each conversation is paired with another sample's image
@@ -114,8 +116,9 @@ PRESETS = {
                  batch_size=16, global_batch=128, max_len=2048, gen_samples=50000, workers=8, grad_ckpt=True),
 }
 TINY_STAGE_LR = {1: 3e-3, 2: 1e-3, 3: 1e-3}  # random tiny models learn at larger rates
-CHOICES = {"vision_tune": ("dual", "full", "lora", "frozen"), "order": ("forward", "reversed", "shuffled"),
-           "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "on", "off")}
+CHOICES = {"vision_tune": ("dual", "dual-qk", "full", "lora", "frozen"),
+           "order": ("forward", "reversed", "shuffled"), "device": ("auto", "cpu", "cuda"),
+           "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "on", "off")}
 
 
 def parse_config(argv=None) -> Config:
@@ -326,8 +329,12 @@ def set_trainable(vlm: VLM, cfg: Config):
     """What each stage trains; everything else is frozen (and the frozen LLM in eval mode)."""
     vlm.requires_grad_(False)
     if cfg.stage == 3:
-        if cfg.vision_tune == "dual":
+        if cfg.vision_tune in ("dual", "dual-qk"):
             add_dual_channel(vlm.vit)  # Attn+ and gates trainable, the rest of the ViT frozen
+        if cfg.vision_tune == "dual-qk":  # the image-driven gradient's depth gain is in q/k, most forgetting in v/o
+            for name, p in vlm.vit.named_parameters():
+                if ".attn_plus.v_proj." in name or ".attn_plus.o_proj." in name:
+                    p.requires_grad_(False)
         elif cfg.vision_tune == "lora":
             add_lora(vlm.vit, cfg.lora_rank)
         elif cfg.vision_tune == "full":

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Where would stage 3 take the encoder if each step saw unlimited data? The README's "image-driven gradient" table,
-# end to end on 2 CPU cores (~25 min per conversation set, ~25 min of probes):
+# Where would stage 3 take the encoder if each step saw unlimited data? The README's "image-driven gradient" tables,
+# end to end on 2 CPU cores (~25 min per conversation set, ~30 min of probes):
 #
 #   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh    # first: runs/p1/stage2
-#   bash experiments/gradient_step.sh
+#   bash experiments/gradient_step.sh                                         # every Attn+ tensor moves
+#   ONLY='[qk]_proj' TAG=qk bash experiments/gradient_step.sh                 # only Attn+'s queries and keys move
 #
 # 1. Three independent sets of N fresh spatial conversations (seeds 303-305, images disjoint from every stage's).
 # 2. Per set, tools/gradient_step.py at the start of stage 3 (INIT): the mean gradient with the own image (boost),
 #    with another sample's image (control) and their difference (image), and an encoder one step of REL along each.
-#    Three random directions of the same size are the null.
+#    Three random directions of the same size are the null. The mean gradients are computed once per set and reused.
 # 3. One eval.py call on the 240-test-view probe set; boost_report.py: mean ± sd over the three sets, paired
 #    bootstrap intervals over test images.
 set -euo pipefail
@@ -18,27 +19,32 @@ INIT=${INIT:-runs/p1/stage2}
 D=data/${DATA:-b15}
 N=${N:-256}
 REL=${REL:-0.02}
-OUT=runs/gs   # one name per encoder for eval.py: <direction>-s<k>
+ONLY=${ONLY:-}                 # a regular expression over Attn+ tensor names; empty: all of them
+TAG=${TAG:-}                   # names this variant's encoders, runs and results
+T=${TAG:+-$TAG}
+OUT=runs/gs$T                  # one name per encoder for eval.py: <direction>-s<k>
 
 mkdir -p "$OUT"
 k=0
 for seed in 303 304 305; do
   k=$((k + 1))
   python data.py spatial --n "$N" --out "$D/spatial-grad$seed" --seed "$seed" --size 224 --workers 2 > /dev/null
-  if [ ! -f "runs/gradstep-$seed/image-$REL/config.json" ]; then
-    python tools/gradient_step.py --init "$INIT" --data "$D/spatial-grad$seed" --n "$N" --rel "$REL" \
-      --directions boost,control,image --preset small --point-tokens --out "runs/gradstep-$seed" \
+  common=(--init "$INIT" --data "$D/spatial-grad$seed" --rel "$REL" --preset small --point-tokens
+          --out "runs/gradstep-$seed" --only "$ONLY" --tag "$TAG")
+  if [ ! -f "runs/gradstep-$seed/mean.safetensors" ]; then
+    python tools/gradient_step.py "${common[@]}" --n "$N" --directions boost,control,image \
       2>&1 | tee "runs/gradstep-$seed.log"
+  else
+    python tools/gradient_step.py "${common[@]}" --again --directions boost,control,image > /dev/null
   fi
-  python tools/gradient_step.py --init "$INIT" --data "$D/spatial-grad$seed" --rel "$REL" --again \
-    --directions random --seed $((k - 1)) --preset small --point-tokens --out "runs/gradstep-$seed" > /dev/null
-  for w in boost control image random; do ln -sfn "../gradstep-$seed/$w-$REL" "$OUT/$w-s$k"; done
+  python tools/gradient_step.py "${common[@]}" --again --directions random --seed $((k - 1)) > /dev/null
+  for w in boost control image random; do ln -sfn "../gradstep-$seed/$w$T-$REL" "$OUT/$w-s$k"; done
 done
 
 encoders="--vision weights/dinov2-s14"
 for w in boost control image random; do for k in 1 2 3; do encoders="$encoders --vision $OUT/$w-s$k"; done; done
 python eval.py $encoders --probes data/probes-240 --n-images 480 --test-every 2 --per-image --threads 2 \
-  --out runs/gs-eval 2>&1 | tee runs/gs-eval.log
+  --out "runs/gs$T-eval" 2>&1 | tee "runs/gs$T-eval.log"
 arm() { echo "$1=$1-s1,$1-s2,$1-s3"; }
-python experiments/boost_report.py runs/gs-eval/report.json --arm baseline=dinov2-s14 --arm "$(arm image)" \
-  --arm "$(arm boost)" --arm "$(arm random)" --arm "$(arm control)" --out results/gradient-step
+python experiments/boost_report.py "runs/gs$T-eval/report.json" --arm baseline=dinov2-s14 --arm "$(arm image)" \
+  --arm "$(arm boost)" --arm "$(arm random)" --arm "$(arm control)" --out "results/gradient-step$T"

@@ -86,9 +86,10 @@ def test_stage3_changes_only_allowed_tensors(three_stages):
         assert torch.equal(export(x), vit(x))
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "frozen"])
+@pytest.mark.parametrize("mode", ["full", "lora", "frozen", "dual-qk"])
 def test_vision_tune_ablations(three_stages, mode):
-    """The paper's ablations of stage 3: each trains what it says, and each export is a plain encoder for eval."""
+    """The paper's ablations of stage 3, and dual-qk: each trains what it says, and each export is an encoder eval.py
+    reads (LoRA merged, plain; dual-qk's Attn+ with v/o still equal to Attn's)."""
     tmp, _ = three_stages
     run = tmp / "runs" / "tiny"
     run_cli(tmp, "--stage", "3", "--max-steps", "2", "--name", f"ab-{mode}", "--init", str(run / "stage2"),
@@ -101,10 +102,20 @@ def test_vision_tune_ablations(three_stages, mode):
         assert any(".mlp." in n for n in vision) and not any(".attn_plus." in n or "lora" in n for n in vision)
     elif mode == "lora":
         assert vision and all(n.endswith((".lora_a", ".lora_b")) for n in vision)
+    elif mode == "dual-qk":
+        assert {n.rsplit(".", 2)[-2] for n in vision if ".attn_plus." in n} == {"q_proj", "k_proj"}
+        assert any(n.endswith(".gate") for n in vision)
     else:
         assert not vision
     export = load_vit(stage / "vision")
-    assert not any("lora" in n or "attn_plus" in n for n, _ in export.named_parameters())  # LoRA merged on export
+    if mode == "dual-qk":
+        sd = export.state_dict()
+        for n in sd:
+            if ".attn_plus." in n:
+                same = torch.equal(sd[n], sd[n.replace(".attn_plus.", ".attn.")])
+                assert same == (".v_proj." in n or ".o_proj." in n), n
+    else:
+        assert not any("lora" in n or "attn_plus" in n for n, _ in export.named_parameters())  # LoRA merged
     x = torch.randn(1, 3, 32, 32)
     base = load_vit(json.loads((stage / "config.json").read_text())["base_vision"])
     with torch.no_grad():
@@ -380,6 +391,44 @@ def test_gradient_step_moves_each_attn_plus_tensor_along_its_mean_gradient(three
     main([*common, "--again", "--directions", "image"])  # from the saved means alone: the same encoder
     again = load_vit(out / "image-0.1").state_dict()
     assert all(torch.equal(v, again[n]) for n, v in first.items())
+
+
+def test_gradient_step_preconditioned_by_input_moments_and_restricted_to_some_tensors(three_stages):
+    """--precondition: the step D solves D (Σ + λI) ∝ G per Linear, [weight, bias] jointly, Σ the second moment of
+    [its input, 1] (checked against block 0's norm1 output computed by hand); --only moves the named tensors alone."""
+    from tools.gradient_noise import stage3_start
+    from tools.gradient_step import attn_plus, input_moments, main
+    from storage.tensors import load_safetensors
+    tmp, _ = three_stages
+    out = tmp / "gradstep-pre"
+    common = ["--init", str(tmp / "runs" / "tiny" / "stage2"), "--data", str(tmp / "data" / "tiny" / "spatial"),
+              "--n", "4", "--rel", "0.1", "--out", str(out), "--preset", "tiny", "--runs-dir", str(tmp / "runs"), *TINY]
+    main([*common, "--directions", "image", "--precondition", "0.5", "--moment-samples", "3", "--only", "q_proj",
+          "--tag", "q", "--dtype", "fp32"])
+    mean = load_safetensors(out / "mean.safetensors")
+    vlm, _, _, own, _ = stage3_start(str(tmp / "runs" / "tiny" / "stage2"), str(tmp / "data" / "tiny" / "spatial"), 0,
+                                     "fp32", ("--preset", "tiny", "--runs-dir", str(tmp / "runs"), *TINY))
+    items = [own[i] for i in range(3)]
+    moments = input_moments(vlm, items)
+    with torch.no_grad():  # independently: block 0's attention reads norm1 of the embedded tokens
+        x = torch.cat([vlm.vit.blocks[0].norm1(vlm.vit.embed(it["pixels"])).flatten(0, 1) for it in items]).float()
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)
+    assert torch.allclose(moments["vit.blocks.0.attn.attn_plus.q_proj"], x.T @ x / len(x), atol=1e-5)
+    sd = load_vit(out / "image-pre0.5-q-0.1").state_dict()
+    moved = {k for k in attn_plus(vlm) if not torch.equal(sd[k.removeprefix("vit.")],
+                                                         sd[k.removeprefix("vit.").replace(".attn_plus.", ".attn.")])}
+    assert moved and all(".q_proj." in k for k in moved)
+    lin = "blocks.1.attn.attn_plus.q_proj"
+    w, b = sd[lin + ".weight"], sd[lin + ".bias"]
+    w0, b0 = sd[lin.replace(".attn_plus.", ".attn.") + ".weight"], sd[lin.replace(".attn_plus.", ".attn.") + ".bias"]
+    G = torch.cat([mean[f"own.vit.{lin}.weight"] - mean[f"other.vit.{lin}.weight"],
+                   (mean[f"own.vit.{lin}.bias"] - mean[f"other.vit.{lin}.bias"])[:, None]], 1)  # E[g - h]
+    S = moments["vit." + lin]
+    dw = (w0 - w).float()  # the weight part is rescaled on its own, so compare directions on the weight block
+    want = torch.linalg.solve(S + 0.5 * S.trace() / len(S) * torch.eye(len(S)), G.T).T[:, :-1]
+    assert float(torch.nn.functional.cosine_similarity(dw.flatten(), want.flatten(), 0)) > 0.999
+    assert float(dw.norm() / w0.norm()) == pytest.approx(0.1, rel=1e-4)
+    assert torch.equal(b, b0) or float((b0 - b).norm() / b0.norm()) == pytest.approx(0.1, rel=1e-4)
 
 
 def test_projector_norm_puts_image_tokens_at_the_text_scale(tmp_path):
