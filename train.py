@@ -331,10 +331,10 @@ def set_trainable(vlm: VLM, cfg: Config):
     if cfg.stage == 3:
         if cfg.vision_tune in ("dual", "dual-qk"):
             add_dual_channel(vlm.vit)  # Attn+ and gates trainable, the rest of the ViT frozen
-        if cfg.vision_tune == "dual-qk":  # the image-driven gradient's depth gain is in q/k, most forgetting in v/o
-            for name, p in vlm.vit.named_parameters():
-                if ".attn_plus.v_proj." in name or ".attn_plus.o_proj." in name:
-                    p.requires_grad_(False)
+            if cfg.vision_tune == "dual-qk":  # one-step tests: most of stage 3's forgetting is in Attn+'s v/o
+                for name, p in vlm.vit.named_parameters():
+                    if ".attn_plus.v_proj." in name or ".attn_plus.o_proj." in name:
+                        p.requires_grad_(False)
         elif cfg.vision_tune == "lora":
             add_lora(vlm.vit, cfg.lora_rank)
         elif cfg.vision_tune == "full":

@@ -27,8 +27,8 @@ output on the stage-3 images (input moments, K-FAC's input factor). Every encode
 step changes the projections' outputs (|ΔW x| / |W x|): the gradient directions move them ~5x more than a random
 step of the same weight norm.
 
-Writes OUT/mean.safetensors (the two mean gradients, per Attn+ tensor) and OUT/<direction>-<rel>/ (encoders in
-load_vit's format; <direction>[-pre<damping>][-<tag>]-<rel>). --again reuses mean.safetensors and only writes the encoders.
+Writes OUT/mean.safetensors (the two mean gradients, per Attn+ tensor) and OUT/<direction>[-pre<damping>][-<tag>]-<rel>/
+(encoders in load_vit's format). --again reuses mean.safetensors and only writes the encoders.
 """
 
 import argparse
@@ -127,7 +127,10 @@ def step(vlm, mean: dict, which: str, rel: float, seed: int = 0, moments: dict |
     dirs = {k: direction(mean, k, which, gen) for k in params}  # in parameter order: the random draws stay put
     change = {}
     with torch.no_grad():
-        for lin in sorted({k.rsplit(".", 1)[0] for k in params if re.search(only, k)}):
+        chosen = sorted({k.rsplit(".", 1)[0] for k in params if re.search(only, k)})
+        if not chosen:
+            raise ValueError(f"--only {only!r} matches no Attn+ tensor (names like {next(iter(params))})")
+        for lin in chosen:
             # [weight, bias] as one (out, in + 1) matrix acting on [x, 1]; DINOv3's k_proj has no bias
             ps = [params[lin + ".weight"]] + ([params[lin + ".bias"]] if lin + ".bias" in params else [])
             d = torch.cat([dirs[lin + ".weight"]] + [dirs[lin + ".bias"][:, None]] * (len(ps) == 2), 1)
