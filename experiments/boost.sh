@@ -5,6 +5,8 @@
 #   bash experiments/boost.sh                       # everything; finished stages and runs are skipped on a rerun
 #   SEEDS="1 2 3 4 5" N3=256 bash experiments/boost.sh
 #   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh   # the README's point-token run
+#   PROBE_SEEDS="0 3 4 5" bash experiments/boost.sh   # probed on four probe sets, each difference pooled over them
+#   NAME=p1 DATA=b15 POINTS=1 TUNE=dual-qk bash experiments/boost.sh         # stage 3 moves only Attn+'s q/k
 #
 # 1. Data, each kind from its own seed so that stage 3's images are disjoint from stages 1-2's: captions (stage 1);
 #    instruct, grounding (the coordinate interface) and multiview (stage 2); concise spatial conversations (stage 3);
@@ -12,8 +14,10 @@
 # 2. Stages 1 and 2 once, shared by every arm.
 # 3. Stage 3 per seed: the boost, and the shuffled-answer control (the same conversations, steps and rates, each
 #    conversation paired with another sample's image).
-# 4. One eval.py call probes the baseline and every stage-3 encoder on the same held-out probe set (240 test views),
-#    with per-image results; boost_report.py tables mean ± sd over seeds and paired bootstrap intervals.
+# 4. One eval.py call per probe set probes the baseline and every stage-3 encoder on the same held-out views (240
+#    test views), with per-image results; boost_report.py tables mean ± sd over seeds and paired bootstrap intervals,
+#    and with several probe sets each difference pooled over them (its interval then includes the probe's own
+#    training views, which moved a depth difference ~3x more than the training seed did).
 # 5. Grounding accuracy and the diagnostics (image dependence, localization gap) after stage 2 and after the boost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +29,10 @@ LR3=${LR3:-2e-4}        # Attn+; the gates train at 100x, the projector at 1/10 
 POINTS=${POINTS:-0}     # 1: stages 2-3 with point tokens (train.py --point-tokens)
 MORE_CAPTIONS=${MORE_CAPTIONS:-0}   # > 0: stage 1 also reads this many fresh captions (seed 111)
 D=data/${DATA:-$NAME}    # DATA=b15: another run's data, the same images
+PROBE_SEEDS=${PROBE_SEEDS:-0}  # probe sets: 0 is data/probes-240, k data/probes-240-seedk (made if missing)
+TUNE=${TUNE:-}           # stage 3's train.py --vision-tune (default dual); names the stage-3 runs, evals and results
+T=${TUNE:+-$TUNE}
+R=$NAME$T               # stage-3 runs, evals and results: stages 1-2 are $NAME's, shared by every TUNE
 COMMON="--preset small --batch-size 4 --workers 2 --save-every 20 --no-probe --dtype bf16"
 PT=$([ "$POINTS" = 1 ] && echo --point-tokens || true)
 
@@ -54,26 +62,32 @@ encoders="--vision weights/dinov2-s14" boost="" control=""
 for seed in $SEEDS; do
   for arm in boost control; do
     extra=$([ "$arm" = control ] && echo "--shuffle-images" || true)
-    stage "$NAME-$arm-s$seed" 3 --init "runs/$NAME/stage2" --global-batch 8 --data "$D/spatial" --seed "$seed" \
-      --lr "$LR3" $extra $PT
-    encoders="$encoders --vision runs/$NAME-$arm-s$seed/stage3/vision"
+    stage "$R-$arm-s$seed" 3 --init "runs/$NAME/stage2" --global-batch 8 --data "$D/spatial" --seed "$seed" \
+      --lr "$LR3" $extra $PT ${TUNE:+--vision-tune "$TUNE"}
+    encoders="$encoders --vision runs/$R-$arm-s$seed/stage3/vision"
   done
-  boost="$boost,$NAME-boost-s$seed" control="$control,$NAME-control-s$seed"
+  boost="$boost,$R-boost-s$seed" control="$control,$R-control-s$seed"
 done
 
-python eval.py $encoders --probes data/probes-240 --n-images 480 --test-every 2 --per-image --threads 2 \
-  --out "runs/$NAME-eval" 2>&1 | tee "runs/$NAME-eval.log"
+reports=()
+for p in $PROBE_SEEDS; do
+  suffix=$([ "$p" = 0 ] || echo "-seed$p")
+  python eval.py $encoders --probes "data/probes-240$suffix" --probe-seed "$p" --n-images 480 --test-every 2 \
+    --per-image --threads 2 --out "runs/$R-eval$suffix" 2>&1 | tee "runs/$R-eval$suffix.log"
+  reports+=("runs/$R-eval$suffix/report.json")
+done
 mkdir -p results
-cp "runs/$NAME-eval/report.json" "results/$NAME-eval.json"
-cp "runs/$NAME-eval/report.md" "results/$NAME-eval.md"
-cp "runs/$NAME-eval/report.png" "results/$NAME.png"
-python experiments/boost_report.py "runs/$NAME-eval/report.json" --arm baseline=dinov2-s14 \
-  --arm "boost=${boost#,}" --arm "control=${control#,}" --out "results/$NAME"
+first_eval=$(dirname "${reports[0]}")   # the first probe set's full report goes with the results
+cp "$first_eval/report.json" "results/$R-eval.json"
+cp "$first_eval/report.md" "results/$R-eval.md"
+cp "$first_eval/report.png" "results/$R.png"
+python experiments/boost_report.py "${reports[@]}" --across-probe-sets --arm baseline=dinov2-s14 \
+  --arm "boost=${boost#,}" --arm "control=${control#,}" --out "results/$R"
 first=$(echo $SEEDS | cut -d' ' -f1)
 python eval.py --qa "$D/heldout-grounding" --qa-samples 32 --vlm "runs/$NAME/stage2" --qa-max-new 24 \
-  --out "runs/$NAME-grounding" 2>&1 | tee "runs/$NAME-grounding.log"
-python eval.py --qa "$D/heldout" --qa-samples 12 --vlm "runs/$NAME/stage2" --vlm "runs/$NAME-boost-s$first/stage3" \
-  --diagnose --qa-max-new 48 --out "runs/$NAME-qa" 2>&1 | tee "runs/$NAME-qa.log"
-cp "runs/$NAME-grounding/report.json" "results/$NAME-grounding.json"
-cp "runs/$NAME-qa/report.json" "results/$NAME-qa.json"
-python tools/boosted_encoder.py pack "runs/$NAME-boost-s$first/stage3/vision" "results/$NAME-boost-s$first-encoder.safetensors"
+  --out "runs/$R-grounding" 2>&1 | tee "runs/$R-grounding.log"
+python eval.py --qa "$D/heldout" --qa-samples 12 --vlm "runs/$NAME/stage2" --vlm "runs/$R-boost-s$first/stage3" \
+  --diagnose --qa-max-new 48 --out "runs/$R-qa" 2>&1 | tee "runs/$R-qa.log"
+cp "runs/$R-grounding/report.json" "results/$R-grounding.json"
+cp "runs/$R-qa/report.json" "results/$R-qa.json"
+python tools/boosted_encoder.py pack "runs/$R-boost-s$first/stage3/vision" "results/$R-boost-s$first-encoder.safetensors"

@@ -11,6 +11,13 @@ Writes OUT.md (the table) and OUT.json (every number). Needs reports written wit
 (eval.py --per-image). Several reports may share the work (encoders probed in separate eval.py calls on the same probe
 set): they must agree on the probe set, and an encoder in more than one (the baseline, say) must have exactly the same
 per-image results in each, which also checks that the probes are deterministic.
+
+A bootstrap over the test images of one probe set leaves out the probe's own training views: on this project's
+240-view sets a depth difference moved ~3x more between probe sets than between training seeds. With
+--across-probe-sets the reports may come from several probe sets (each must hold every arm's encoders): OUT.md first
+tables each difference as its mean over (seed, probe set) ± 2 se, se² = sd_seeds²/seeds (each arm's, of its
+per-seed values averaged over probe sets) + sd_sets²/sets (of the per-set differences), with every set's own
+difference beside it; then each probe set's table as above.
 """
 
 import argparse
@@ -58,23 +65,72 @@ def compare(arms: dict, a: str, b: str, key: str, n_images: int, n_boot: int, se
     return {"diff": diff, "ci95": [float(lo), float(hi)]}
 
 
-def load_encoders(paths: list) -> dict:
-    """{encoder name: results} over one or more eval.py reports of the same probe set."""
-    by_name, first, where = {}, None, {}
+def load_encoders(paths: list, across_probe_sets: bool = False) -> list:
+    """[(probe set, {encoder name: results})], one entry per probe set, from one or more eval.py reports. Without
+    across_probe_sets every report must be of the same probe set."""
+    sets, where = {}, {}
     for path in paths:
         report = json.loads(Path(path).read_text())
-        setting = (report.get("probe_set"), report.get("config"))  # the probe images, and how the probes train
-        if first is None:
-            first = setting
-        elif setting != first:
+        probe_set = report.get("probe_set")  # the probe images (path, fingerprint, sizes)
+        if not sets:
+            config, first = report.get("config"), probe_set
+        if report.get("config") != config or (probe_set != first and not across_probe_sets):
             sys.exit(f"{path}: another probe set or probe config than {paths[0]}'s (eval.py --probes, --n-images, "
-                     f"--test-every, the probe settings)")
+                     f"--test-every, the probe settings; --across-probe-sets for reports of several probe sets)")
+        key = json.dumps(probe_set, sort_keys=True)
+        by_name = sets.setdefault(key, (probe_set, {}))[1]
         for e in report["encoders"]:
             name, res = e["name"], e["results"]
             if name in by_name and by_name[name].get("per_image") != res.get("per_image"):
-                sys.exit(f"{path}: encoder {name} has other per-image results than in {where[name]}")
-            by_name[name], where[name] = res, path
-    return by_name
+                sys.exit(f"{path}: encoder {name} has other per-image results than in {where[key, name]}")
+            by_name[name], where[key, name] = res, path
+    return list(sets.values())
+
+
+def gather_arms(by_name: dict, specs: list, where: str) -> dict:
+    """{arm: [per-image results of each member]} from --arm NAME=enc,enc,... specs."""
+    arms = {}
+    for item in specs:
+        name, _, members = item.partition("=")
+        missing = [m for m in members.split(",") if m not in by_name or "per_image" not in by_name[m]]
+        if missing:
+            sys.exit(f"{where}: no per-image results for {missing} (names: {sorted(by_name)}; eval.py --per-image)")
+        arms[name] = [by_name[m]["per_image"] for m in members.split(",")]
+    return arms
+
+
+def probe_set_table(arms: dict, pairs: list, n_boot: int) -> tuple[list, dict]:
+    """One probe set's table rows (markdown) and numbers: per-seed values, differences with bootstrap intervals."""
+    n_images = len(next(iter(arms.values()))[0]["depth_lin1_rmse"])
+    everything, lines, rows = np.arange(n_images), [], {}
+    for label, key, lower in METRICS:
+        per_seed = {n: [score(p, key, everything) for p in arms[n]] for n in arms}
+        cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+                 for v in per_seed.values()]
+        diffs = {f"{a}-{b}": compare(arms, a, b, key, n_images, n_boot) for a, b in pairs}
+        cells += [f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in diffs.values()]
+        lines.append(f"| {label} {'↓' if lower else '↑'} | " + " | ".join(cells) + " |")
+        rows[key] = {"per_seed": per_seed, "differences": diffs, "lower_is_better": lower}
+    return lines, {"test_images": n_images, "metrics": rows}
+
+
+def pooled(per_set: list, pairs: list) -> tuple[list, dict]:
+    """Each difference over probe sets and seeds: mean, se from the seed and probe-set spreads, every set's value."""
+    lines, rows = [], {}
+    for label, key, lower in METRICS:
+        seeds = {n: np.mean([s["metrics"][key]["per_seed"][n] for s in per_set], axis=0)  # (seeds,) over sets
+                 for n in per_set[0]["metrics"][key]["per_seed"]}
+        cells, rows[key] = [], {}
+        for a, b in pairs:
+            d = np.array([s["metrics"][key]["differences"][f"{a}-{b}"]["diff"] for s in per_set])  # (sets,)
+            var = sum(np.var(seeds[n], ddof=1) / len(seeds[n]) for n in (a, b) if len(seeds[n]) > 1)
+            var += np.var(d, ddof=1) / len(d)
+            se = float(np.sqrt(var))
+            rows[key][f"{a}-{b}"] = {"diff": float(d.mean()), "se": se, "per_probe_set": d.tolist(),
+                                     "sd_probe_sets": float(np.std(d, ddof=1))}
+            cells.append(f"{d.mean():+.3f} ± {2 * se:.3f} (" + ", ".join(f"{x:+.3f}" for x in d) + ")")
+        lines.append(f"| {label} {'↓' if lower else '↑'} | " + " | ".join(cells) + " |")
+    return lines, rows
 
 
 def main(argv=None):
@@ -84,41 +140,42 @@ def main(argv=None):
     ap.add_argument("--control", default="control", help="the arm the others are compared with")
     ap.add_argument("--baseline", default="baseline")
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--across-probe-sets", action="store_true", help="reports of several probe sets: pool them, "
+                    "with the spread over probe sets in each difference's interval")
     ap.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
     args = ap.parse_args(argv)
-    by_name = load_encoders(args.report)
-    arms = {}
-    for item in args.arm:
-        name, _, members = item.partition("=")
-        missing = [m for m in members.split(",") if m not in by_name or "per_image" not in by_name[m]]
-        if missing:
-            sys.exit(f"{', '.join(args.report)}: no per-image results for {missing} (names: {sorted(by_name)}; "
-                     "eval.py --per-image)")
-        arms[name] = [by_name[m]["per_image"] for m in members.split(",")]
-    n_images = len(next(iter(arms.values()))[0]["depth_lin1_rmse"])
-    rows, table = {}, []
-    names = list(arms)
-    head = "| metric | " + " | ".join(f"{n} (n={len(arms[n])})" for n in names)
+    sets = load_encoders(args.report, args.across_probe_sets)
+    where = ", ".join(args.report)
+    arms_of_set = [gather_arms(by_name, args.arm, f"{where} (probe set {ps})") for ps, by_name in sets]
+    names = list(arms_of_set[0])
     others = [n for n in names if n not in (args.control, args.baseline)]
-    pairs = [(n, args.control) for n in others if args.control in arms] + \
-            [(n, args.baseline) for n in others + [args.control] if args.baseline in arms and n in arms]
+    pairs = [(n, args.control) for n in others if args.control in names] + \
+            [(n, args.baseline) for n in others + [args.control] if args.baseline in names and n in names]
+    head = "| metric | " + " | ".join(f"{n} (n={len(arms_of_set[0][n])})" for n in names)
     head += "".join(f" | {a} − {b} [95 % CI]" for a, b in pairs) + " |"
-    table += [head, "|" + "---|" * (1 + len(names) + len(pairs))]
-    everything = np.arange(n_images)
-    for label, key, lower in METRICS:
-        per_seed = {n: [score(p, key, everything) for p in arms[n]] for n in names}
-        cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-                 for v in per_seed.values()]
-        diffs = {f"{a}-{b}": compare(arms, a, b, key, n_images, args.n_boot) for a, b in pairs}
-        cells += [f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in diffs.values()]
-        table.append(f"| {label} {'↓' if lower else '↑'} | " + " | ".join(cells) + " |")
-        rows[key] = {"per_seed": per_seed, "differences": diffs, "lower_is_better": lower}
-    text = "\n".join(table)
+    rule = "|" + "---|" * (1 + len(names) + len(pairs))
+    tables, per_set = [], []
+    for (ps, _), arms in zip(sets, arms_of_set):
+        lines, numbers = probe_set_table(arms, pairs, args.n_boot)
+        title = f"Test images: {numbers['test_images']}; bootstrap resamples: {args.n_boot}."
+        if len(sets) > 1:
+            title = f"Probe set {ps.get('path') if isinstance(ps, dict) else ps}. " + title
+        tables.append(f"{title}\n\n" + "\n".join([head, rule] + lines) + "\n")
+        per_set.append({"probe_set": ps, "arms": {n: len(v) for n, v in arms.items()}, **numbers})
+    result = per_set[0]
+    if len(sets) > 1:
+        lines, rows = pooled(per_set, pairs)
+        top = (f"Over {len(sets)} probe sets: each difference's mean over seeds and probe sets ± 2 se (se from the "
+               f"spread over seeds and over probe sets), then each probe set's own value.\n\n| metric | "
+               + " | ".join(f"{a} − {b}" for a, b in pairs) + " |\n|" + "---|" * (1 + len(pairs)) + "\n"
+               + "\n".join(lines) + "\n")
+        tables.insert(0, top)
+        result = {"pooled": rows, "probe_sets": per_set}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(f"Test images: {n_images}; bootstrap resamples: {args.n_boot}.\n\n{text}\n")
-    out.with_suffix(".json").write_text(json.dumps({"test_images": n_images, "arms": {n: len(v) for n, v in
-                                                    arms.items()}, "metrics": rows}, indent=1))
+    text = "\n".join(tables)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     print(text)
 
 

@@ -5,13 +5,15 @@
 #   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh    # first: runs/p1/stage2
 #   bash experiments/gradient_step.sh                                         # every Attn+ tensor moves
 #   ONLY='[qk]_proj' TAG=qk bash experiments/gradient_step.sh                 # only Attn+'s queries and keys move
+#   PROBE_SEEDS="0 3 4 5" bash experiments/gradient_step.sh                   # probed on four probe sets, pooled
 #
 # 1. Three independent sets of N fresh spatial conversations (seeds 303-305, images disjoint from every stage's).
 # 2. Per set, tools/gradient_step.py at the start of stage 3 (INIT): the mean gradient with the own image (boost),
 #    with another sample's image (control) and their difference (image), and an encoder one step of REL along each.
 #    Three random directions of the same size are the null. The mean gradients are computed once per set and reused.
-# 3. One eval.py call on the 240-test-view probe set; boost_report.py: mean ± sd over the three sets, paired
-#    bootstrap intervals over test images.
+# 3. One eval.py call per probe set (240 test views each); boost_report.py: mean ± sd over the three conversation
+#    sets, paired bootstrap intervals over test images, and with several probe sets each difference pooled over them
+#    (a depth difference moves ~3x more between probe sets than between conversation sets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,7 @@ N=${N:-256}
 REL=${REL:-0.02}
 ONLY=${ONLY:-}                 # a regular expression over Attn+ tensor names; empty: all of them
 TAG=${TAG:-}                   # names this variant's encoders, runs and results
+PROBE_SEEDS=${PROBE_SEEDS:-0}  # probe sets: 0 is data/probes-240, k data/probes-240-seedk (made if missing)
 T=${TAG:+-$TAG}
 OUT=runs/gs$T                  # one name per encoder for eval.py: <direction>-s<k>
 
@@ -43,8 +46,13 @@ done
 
 encoders="--vision weights/dinov2-s14"
 for w in boost control image random; do for k in 1 2 3; do encoders="$encoders --vision $OUT/$w-s$k"; done; done
-python eval.py $encoders --probes data/probes-240 --n-images 480 --test-every 2 --per-image --threads 2 \
-  --out "runs/gs$T-eval" 2>&1 | tee "runs/gs$T-eval.log"
+reports=()
+for p in $PROBE_SEEDS; do
+  suffix=$([ "$p" = 0 ] || echo "-seed$p")
+  python eval.py $encoders --probes "data/probes-240$suffix" --probe-seed "$p" --n-images 480 --test-every 2 \
+    --per-image --threads 2 --out "runs/gs$T-eval$suffix" 2>&1 | tee "runs/gs$T-eval$suffix.log"
+  reports+=("runs/gs$T-eval$suffix/report.json")
+done
 arm() { echo "$1=$1-s1,$1-s2,$1-s3"; }
-python experiments/boost_report.py "runs/gs$T-eval/report.json" --arm baseline=dinov2-s14 --arm "$(arm image)" \
+python experiments/boost_report.py "${reports[@]}" --across-probe-sets --arm baseline=dinov2-s14 --arm "$(arm image)" \
   --arm "$(arm boost)" --arm "$(arm random)" --arm "$(arm control)" --out "results/gradient-step$T"

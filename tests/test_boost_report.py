@@ -80,3 +80,35 @@ def test_reports_of_one_probe_set_merge_and_disagreements_are_refused(tmp_path):
     write("d.json", [enc["boost-s2"], enc["control-s2"]], probe_set="another")
     with pytest.raises(SystemExit, match="another probe set"):
         boost_report.main([str(tmp_path / "a.json"), str(tmp_path / "d.json"), *arms, "--out", str(tmp_path / "x")])
+
+
+def test_reports_of_several_probe_sets_pool_with_the_spread_over_sets(tmp_path):
+    """--across-probe-sets: each difference is its mean over probe sets, its se adds the spread over seeds and over
+    probe sets (checked by hand); a probe set lacking an arm's encoder is named in the error."""
+    rng, n, paths = np.random.default_rng(2), 30, []
+    values = {}  # (set, encoder) -> mean depth lin.1 RMSE over test images
+    for p, set_shift in enumerate([-0.02, 0.0, 0.03]):
+        encs = []
+        for name, off in [("base", 0.0), ("boost-s1", -0.06), ("boost-s2", -0.05), ("boost-s3", -0.04)]:
+            res = fake_encoder(rng, n, off + (set_shift if name != "base" else 0.0))
+            values[p, name] = np.mean(res["depth_lin1_rmse"])
+            encs.append({"name": name, "results": {"per_image": res}})
+        paths.append(tmp_path / f"p{p}.json")
+        paths[-1].write_text(json.dumps({"probe_set": {"path": f"p{p}"}, "encoders": encs}))
+    arms = ["--arm", "baseline=base", "--arm", "boost=boost-s1,boost-s2,boost-s3"]
+    with pytest.raises(SystemExit, match="another probe set"):
+        boost_report.main([*map(str, paths), *arms, "--out", str(tmp_path / "x")])
+    boost_report.main([*map(str, paths), *arms, "--across-probe-sets", "--n-boot", "50", "--out", str(tmp_path / "t")])
+    got = json.loads((tmp_path / "t.json").read_text())
+    d = np.array([np.mean([values[p, f"boost-s{s}"] for s in (1, 2, 3)]) - values[p, "base"] for p in range(3)])
+    seeds = [np.mean([values[p, f"boost-s{s}"] for p in range(3)]) for s in (1, 2, 3)]
+    se = np.sqrt(np.var(seeds, ddof=1) / 3 + np.var(d, ddof=1) / 3)
+    row = got["pooled"]["depth_lin1_rmse"]["boost-baseline"]
+    assert row["per_probe_set"] == pytest.approx(d.tolist()) and row["diff"] == pytest.approx(d.mean())
+    assert row["se"] == pytest.approx(se) and len(got["probe_sets"]) == 3
+    assert "Over 3 probe sets" in (tmp_path / "t.md").read_text()
+    short = json.loads(paths[2].read_text())
+    short["encoders"] = short["encoders"][:3]  # boost-s3 missing from set p2
+    paths[2].write_text(json.dumps(short))
+    with pytest.raises(SystemExit, match=r"probe set .*p2.*boost-s3"):
+        boost_report.main([*map(str, paths), *arms, "--across-probe-sets", "--out", str(tmp_path / "y")])

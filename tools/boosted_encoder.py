@@ -6,8 +6,10 @@ and back to a full encoder directory that load_vit reads, given the baseline it 
     python tools/boosted_encoder.py unpack weights/dinov2-s14 results/b15-boost-s1-encoder.safetensors runs/boosted
     python eval.py --vision weights/dinov2-s14 --vision runs/boosted          # re-probe it
 
-bf16 rounds Attn+ by ~0.2 % of each weight, about the size of the change stage 3 makes: re-probing an unpacked
-encoder measures nearly, not exactly, the exported one (eval.py prints both encoders' fingerprints).
+Attn+ is stored as its change from the frozen Attn it was cloned from (keys `...attn_plus_delta...`), not as its
+weights: bf16 rounds each number by up to 0.4 %, which on the weights themselves is about the size of the change
+stage 3 makes (the unpacked encoder would not re-probe as measured), and on the change is 0.4 % of it. Files of the
+older kind (Attn+'s own weights under `...attn_plus...`) still unpack.
 """
 
 import argparse
@@ -23,12 +25,23 @@ from model import load_vit, save_vit  # noqa: E402
 from storage.tensors import load_safetensors, save_tensors  # noqa: E402
 
 
+PLUS, DELTA = ".attn_plus.", ".attn_plus_delta."  # Attn+'s weights (older files), its change from Attn
+
+
 def is_boost(name: str) -> bool:
-    return ".attn_plus." in name or name.endswith(".attn.gate")
+    return PLUS in name or DELTA in name or name.endswith(".attn.gate")
+
+
+def frozen_of(name: str) -> str:
+    """blocks.3.attn.attn_plus.q_proj.weight (or its _delta) -> blocks.3.attn.attn.q_proj.weight"""
+    return name.replace(DELTA if DELTA in name else PLUS, ".attn.")
 
 
 def pack(vision_dir, out) -> Path:
-    state = {k: v.to(torch.bfloat16) for k, v in load_vit(vision_dir).state_dict().items() if is_boost(k)}
+    own = load_vit(vision_dir).state_dict()
+    state = {k: v.to(torch.bfloat16) for k, v in own.items() if k.endswith(".attn.gate")}
+    state.update({k.replace(PLUS, DELTA): (v.float() - own[frozen_of(k)].float()).to(torch.bfloat16)
+                  for k, v in own.items() if PLUS in k})
     if not state:
         raise ValueError(f"{vision_dir}: no dual-channel tensors (not a stage-3 export of --vision-tune dual)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -41,10 +54,12 @@ def unpack(baseline_dir, packed, out) -> Path:
     add_dual_channel(vit)
     own, state = vit.state_dict(), load_safetensors(packed)
     wanted = {k for k in own if is_boost(k)}
-    if set(state) != wanted:
-        raise KeyError(f"{packed} does not fit {baseline_dir}: missing {sorted(wanted - set(state))[:8]}, "
-                       f"unexpected {sorted(set(state) - wanted)[:8]}")
-    vit.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
+    names = {k.replace(DELTA, PLUS): k for k in state}  # Attn+ (or gate) name -> the file's key
+    if set(names) != wanted:
+        raise KeyError(f"{packed} does not fit {baseline_dir}: missing {sorted(wanted - set(names))[:8]}, "
+                       f"unexpected {sorted(set(names) - wanted)[:8]}")
+    new = {k: own[frozen_of(f)].float() + state[f].float() if DELTA in f else state[f].float() for k, f in names.items()}
+    vit.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in new.items()}})
     save_vit(vit, out)
     return Path(out)
 
@@ -52,7 +67,7 @@ def unpack(baseline_dir, packed, out) -> Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pack", help="a stage-3 encoder export -> its Attn+ and gates, bf16 safetensors")
+    p = sub.add_parser("pack", help="a stage-3 encoder export -> its Attn+ (as its change from Attn) and gates, bf16 safetensors")
     p.add_argument("vision")
     p.add_argument("out")
     u = sub.add_parser("unpack", help="baseline encoder + packed file -> an encoder directory load_vit reads")
