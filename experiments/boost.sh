@@ -21,6 +21,7 @@
 # 5. Grounding accuracy and the diagnostics (image dependence, localization gap) after stage 2 and after the boost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/probe_sets.sh
 
 NAME=${NAME:-b15}
 SEEDS=${SEEDS:-"1 2 3"}
@@ -69,19 +70,13 @@ for seed in $SEEDS; do
   boost="$boost,$R-boost-s$seed" control="$control,$R-control-s$seed"
 done
 
-reports=()
-for p in $PROBE_SEEDS; do
-  suffix=$([ "$p" = 0 ] || echo "-seed$p")
-  python eval.py $encoders --probes "data/probes-240$suffix" --probe-seed "$p" --n-images 480 --test-every 2 \
-    --per-image --threads 2 --out "runs/$R-eval$suffix" 2>&1 | tee "runs/$R-eval$suffix.log"
-  reports+=("runs/$R-eval$suffix/report.json")
-done
+probe_sets "runs/$R-eval" $encoders
 mkdir -p results
-first_eval=$(dirname "${reports[0]}")   # the first probe set's full report goes with the results
+first_eval=$(dirname "${REPORTS[0]}")   # the first probe set's full report goes with the results
 cp "$first_eval/report.json" "results/$R-eval.json"
 cp "$first_eval/report.md" "results/$R-eval.md"
 cp "$first_eval/report.png" "results/$R.png"
-python experiments/boost_report.py "${reports[@]}" --across-probe-sets --arm baseline=dinov2-s14 \
+python experiments/boost_report.py "${REPORTS[@]}" --across-probe-sets --arm baseline=dinov2-s14 \
   --arm "boost=${boost#,}" --arm "control=${control#,}" --out "results/$R"
 first=$(echo $SEEDS | cut -d' ' -f1)
 python eval.py --qa "$D/heldout-grounding" --qa-samples 32 --vlm "runs/$NAME/stage2" --qa-max-new 24 \

@@ -16,6 +16,7 @@
 #    (a depth difference moves ~3x more between probe sets than between conversation sets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/probe_sets.sh
 
 INIT=${INIT:-runs/p1/stage2}
 D=data/${DATA:-b15}
@@ -46,13 +47,7 @@ done
 
 encoders="--vision weights/dinov2-s14"
 for w in boost control image random; do for k in 1 2 3; do encoders="$encoders --vision $OUT/$w-s$k"; done; done
-reports=()
-for p in $PROBE_SEEDS; do
-  suffix=$([ "$p" = 0 ] || echo "-seed$p")
-  python eval.py $encoders --probes "data/probes-240$suffix" --probe-seed "$p" --n-images 480 --test-every 2 \
-    --per-image --threads 2 --out "runs/gs$T-eval$suffix" 2>&1 | tee "runs/gs$T-eval$suffix.log"
-  reports+=("runs/gs$T-eval$suffix/report.json")
-done
+probe_sets "runs/gs$T-eval" $encoders
 arm() { echo "$1=$1-s1,$1-s2,$1-s3"; }
-python experiments/boost_report.py "${reports[@]}" --across-probe-sets --arm baseline=dinov2-s14 --arm "$(arm image)" \
+python experiments/boost_report.py "${REPORTS[@]}" --across-probe-sets --arm baseline=dinov2-s14 --arm "$(arm image)" \
   --arm "$(arm boost)" --arm "$(arm random)" --arm "$(arm control)" --out "results/gradient-step$T"

@@ -1,0 +1,14 @@
+# Sourced by boost.sh and gradient_step.sh. probe_sets OUT ENCODER_ARGS...: eval.py on each probe set of PROBE_SEEDS
+# (0: data/probes-240; k: data/probes-240-seedk, made if missing; 480 views, 240 of them test views), with per-image
+# results, one report each at OUT (probe seed 0) or OUT-seedk; their paths end up in REPORTS for boost_report.py.
+probe_sets() {
+  local out=$1 p suffix
+  shift
+  REPORTS=()
+  for p in ${PROBE_SEEDS:-0}; do
+    suffix=$([ "$p" = 0 ] || echo "-seed$p")
+    python eval.py "$@" --probes "data/probes-240$suffix" --probe-seed "$p" --n-images 480 --test-every 2 \
+      --per-image --threads 2 --out "$out$suffix" 2>&1 | tee "$out$suffix.log"
+    REPORTS+=("$out$suffix/report.json")
+  done
+}
