@@ -79,10 +79,12 @@ cp "$first_eval/report.png" "results/$R.png"
 python experiments/boost_report.py "${REPORTS[@]}" --across-probe-sets --arm baseline=dinov2-s14 \
   --arm "boost=${boost#,}" --arm "control=${control#,}" --out "results/$R"
 first=$(echo $SEEDS | cut -d' ' -f1)
-python eval.py --qa "$D/heldout-grounding" --qa-samples 32 --vlm "runs/$NAME/stage2" --qa-max-new 24 \
-  --out "runs/$R-grounding" 2>&1 | tee "runs/$R-grounding.log"
+if [ ! -f "runs/$NAME-grounding/report.json" ]; then  # stage 2's: the same for every TUNE
+  python eval.py --qa "$D/heldout-grounding" --qa-samples 32 --vlm "runs/$NAME/stage2" --qa-max-new 24 \
+    --out "runs/$NAME-grounding" 2>&1 | tee "runs/$NAME-grounding.log"
+fi
 python eval.py --qa "$D/heldout" --qa-samples 12 --vlm "runs/$NAME/stage2" --vlm "runs/$R-boost-s$first/stage3" \
   --diagnose --qa-max-new 48 --out "runs/$R-qa" 2>&1 | tee "runs/$R-qa.log"
-cp "runs/$R-grounding/report.json" "results/$R-grounding.json"
+cp "runs/$NAME-grounding/report.json" "results/$NAME-grounding.json"
 cp "runs/$R-qa/report.json" "results/$R-qa.json"
 python tools/boosted_encoder.py pack "runs/$R-boost-s$first/stage3/vision" "results/$R-boost-s$first-encoder.safetensors"

@@ -58,7 +58,8 @@ def unpack(baseline_dir, packed, out) -> Path:
     if set(names) != wanted:
         raise KeyError(f"{packed} does not fit {baseline_dir}: missing {sorted(wanted - set(names))[:8]}, "
                        f"unexpected {sorted(set(names) - wanted)[:8]}")
-    new = {k: own[frozen_of(f)].float() + state[f].float() if DELTA in f else state[f].float() for k, f in names.items()}
+    new = {k: (own[frozen_of(f)].float() + state[f].float()) if DELTA in f else state[f].float()
+           for k, f in names.items()}
     vit.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in new.items()}})
     save_vit(vit, out)
     return Path(out)
@@ -67,7 +68,8 @@ def unpack(baseline_dir, packed, out) -> Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pack", help="a stage-3 encoder export -> its Attn+ (as its change from Attn) and gates, bf16 safetensors")
+    p = sub.add_parser("pack", help="a stage-3 encoder export -> its gates and Attn+'s change from Attn, bf16 "
+                       "safetensors")
     p.add_argument("vision")
     p.add_argument("out")
     u = sub.add_parser("unpack", help="baseline encoder + packed file -> an encoder directory load_vit reads")
