@@ -32,11 +32,13 @@ import torch.nn as nn
 
 from attention import add_dual_channel, add_lora, merge_lora
 from dataengine.writer import KINDS, write_dataset
+from evaluation.probes import ProbeConfig
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
 from storage.atomic import read_json, repo_path, write_text_atomically
 from training.dataset import ConversationDataset, LoaderReport, collate, dataset_file
+from training.teacher import MODES, DepthData, DepthTeacher, collate_depth
 from training.runs import (claim_stage_dir, gathered, load_stage_weights, metric_rows, nonfinite_stop, resume,
                            save_checkpoint, save_stage, stage_chain)
 
@@ -68,6 +70,8 @@ class Config:
     lora_rank: int = 8
     freeze_projector: bool = False  # stage 3: train only the encoder side
     shuffle_images: bool = False  # stage 3 control: each conversation is paired with another sample's image
+    teacher: str = "llm"  # stage 3: llm (the frozen LLM: the method) | depth-points | depth-dense (a linear depth head
+    #                       at the queried pixels / at every pixel, no LLM loaded: training/teacher.py)
     system_prompt: str = "default"  # "default": the checkpoint's own; "none": no system turn; or the text
     data: str = ""  # dataset dirs or files (.jsonl, LLaVA .json), "dirA,b.json:0.5" (weights >= 0 mix them);
     #                 "" = data/<preset>/<stage kind>, made if absent
@@ -116,7 +120,7 @@ PRESETS = {
                  batch_size=16, global_batch=128, max_len=2048, gen_samples=50000, workers=8, grad_ckpt=True),
 }
 TINY_STAGE_LR = {1: 3e-3, 2: 1e-3, 3: 1e-3}  # random tiny models learn at larger rates
-CHOICES = {"vision_tune": ("dual", "dual-qk", "full", "lora", "frozen"),
+CHOICES = {"vision_tune": ("dual", "dual-qk", "full", "lora", "frozen"), "teacher": ("llm", *MODES),
            "order": ("forward", "reversed", "shuffled"), "device": ("auto", "cpu", "cuda"),
            "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "on", "off")}
 
@@ -177,6 +181,9 @@ def validate(cfg: Config) -> list[str]:
                (0 <= cfg.min_lr_frac <= 1, f"{flag('min_lr_frac')}: must be in [0, 1]"),
                (cfg.weight_decay >= 0, f"{flag('weight_decay')}: must be >= 0"),
                (not cfg.shuffle_images or cfg.stage == 3, "--shuffle-images is the stage-3 control"),
+               (cfg.teacher == "llm" or (cfg.stage == 3 and not cfg.shuffle_images and cfg.vision_tune != "frozen"),
+                f"--teacher {cfg.teacher}: a stage-3 teacher of a trainable encoder, without --shuffle-images (the "
+                "llm teacher's control)"),
                (cfg.vit_patch < 1 or cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision),
                 f"--image-size {cfg.image_size} is not a multiple of --vit-patch {cfg.vit_patch}"),
                (cfg.batch_size < 1 or cfg.global_batch % (cfg.batch_size * world) == 0,
@@ -325,21 +332,26 @@ def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
     return vlm.eval(), tok, cfg
 
 
+def tune_vision(vit: ViT, cfg: Config):
+    """Stage 3's trainable part of a frozen encoder, as --vision-tune says (every teacher trains the same one)."""
+    if cfg.vision_tune in ("dual", "dual-qk"):
+        add_dual_channel(vit)  # Attn+ and gates trainable, the rest of the ViT frozen
+        if cfg.vision_tune == "dual-qk":  # one-step tests: most of stage 3's forgetting is in Attn+'s v/o
+            for name, p in vit.named_parameters():
+                if ".attn_plus.v_proj." in name or ".attn_plus.o_proj." in name:
+                    p.requires_grad_(False)
+    elif cfg.vision_tune == "lora":
+        add_lora(vit, cfg.lora_rank)
+    elif cfg.vision_tune == "full":
+        vit.requires_grad_(True)
+    vit.mask_token.requires_grad_(False) if vit.mask_token is not None else None
+
+
 def set_trainable(vlm: VLM, cfg: Config):
     """What each stage trains; everything else is frozen (and the frozen LLM in eval mode)."""
     vlm.requires_grad_(False)
     if cfg.stage == 3:
-        if cfg.vision_tune in ("dual", "dual-qk"):
-            add_dual_channel(vlm.vit)  # Attn+ and gates trainable, the rest of the ViT frozen
-            if cfg.vision_tune == "dual-qk":  # one-step tests: most of stage 3's forgetting is in Attn+'s v/o
-                for name, p in vlm.vit.named_parameters():
-                    if ".attn_plus.v_proj." in name or ".attn_plus.o_proj." in name:
-                        p.requires_grad_(False)
-        elif cfg.vision_tune == "lora":
-            add_lora(vlm.vit, cfg.lora_rank)
-        elif cfg.vision_tune == "full":
-            vlm.vit.requires_grad_(True)
-        vlm.vit.mask_token.requires_grad_(False) if vlm.vit.mask_token is not None else None
+        tune_vision(vlm.vit, cfg)
     vlm.projector.requires_grad_(not (cfg.stage == 3 and cfg.freeze_projector))
     vlm.lm.requires_grad_(cfg.stage == 2)
     vlm.train()
@@ -357,6 +369,8 @@ def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer
     """-> (vlm, tok, sources, init): the sources plus every earlier stage's tensors (runs/<name>/stage<k-1> and the
     stages it started from, or --init), made trainable as the stage says, on the device."""
     log, run_dir = rt.log, repo_path(cfg.runs_dir) / cfg.name
+    if cfg.teacher != "llm":
+        return teacher_model(cfg, rt, run_dir)
     init = earlier_stage(cfg, run_dir)
     if init is not None and not (init / "config.json").exists():
         if cfg.init:
@@ -395,6 +409,20 @@ def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer
     return vlm, tok, sources, init
 
 
+def teacher_model(cfg: Config, rt: Runtime, run_dir: Path) -> tuple[DepthTeacher, None, dict, None]:
+    """--teacher depth-*: the run's encoder (stages 1-2 never train it) tuned as --vision-tune says, and a depth head
+    (fitted in train() once the data is known); no LLM, no projector, no earlier stage."""
+    sources = base_sources(cfg, run_dir, rt.log, write=rt.master)
+    if rt.world > 1:
+        dist.barrier()  # rank 0 has written the random base models
+    vit = load_vit(repo_path(sources["vision"])).requires_grad_(False)
+    tune_vision(vit, cfg)
+    n_train = sum(p.numel() for p in vit.parameters() if p.requires_grad) / 1e6
+    rt.log(f"stage 3 | teacher {cfg.teacher} (no LLM loaded) | encoder {sources['vision']}: {n_train:.3f}M "
+           f"parameters train ({cfg.vision_tune}) | device {rt.device} x{rt.world}")
+    return DepthTeacher(vit, cfg.teacher, ProbeConfig(seed=cfg.seed)).to(rt.device).train(), None, sources, None
+
+
 STAGE_DATA = {1: ["captions"], 2: ["instruct", "grounding", "multiview"], 3: ["spatial", "spatial-multiview"]}
 
 
@@ -403,7 +431,8 @@ def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer) -> tuple[Conv
     for each of the stage's kinds (mixed 1:1), generated on first use, each kind from its own seed so that no two
     stages train on the same images."""
     out = data_sources(cfg.data)
-    for kind in [] if cfg.data else STAGE_DATA[cfg.stage]:
+    kinds = STAGE_DATA[cfg.stage] if cfg.teacher == "llm" else ["spatial"]  # a depth teacher reads single views
+    for kind in [] if cfg.data else kinds:
         ordered = kind.startswith("spatial") and cfg.order != "forward"
         path = repo_path(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
         if not (path / "data.jsonl").exists():
@@ -412,11 +441,16 @@ def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer) -> tuple[Conv
                           size=cfg.image_size, order=cfg.order,
                           workers=max(cfg.workers, min(4, os.cpu_count() or 1)))
         out.append((path, 1.0))
-    n_img_tokens = vlm.n_image_tokens(cfg.image_size)
-    ds = ConversationDataset(out, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
-                             max_len=cfg.max_len, limit=cfg.data_size or None,
-                             shuffle_images=cfg.seed if cfg.shuffle_images else None,
-                             outside_images=cfg.images_outside_data)
+    if cfg.teacher != "llm":
+        n_img_tokens = math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
+        ds = DepthData(out, vlm.vit, cfg.image_size, cfg.teacher, vlm.cfg, limit=cfg.data_size or None,
+                       outside_images=cfg.images_outside_data)
+    else:
+        n_img_tokens = vlm.n_image_tokens(cfg.image_size)
+        ds = ConversationDataset(out, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
+                                 max_len=cfg.max_len, limit=cfg.data_size or None,
+                                 shuffle_images=cfg.seed if cfg.shuffle_images else None,
+                                 outside_images=cfg.images_outside_data)
     accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), rt.world, rt.rank, 0, 0)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     rt.log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in out)} | {n_img_tokens} tokens per image "
@@ -457,7 +491,8 @@ def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Modul
     if rt.world > 1 and not cfg.fsdp:
         model = nn.parallel.DistributedDataParallel(
             vlm, device_ids=[torch.cuda.current_device()] if rt.device == "cuda" else None)
-    for block in list(vlm.vit.blocks) + list(vlm.lm.model.layers) if rt.compile else []:
+    llm_blocks = list(vlm.lm.model.layers) if isinstance(vlm, VLM) else []
+    for block in list(vlm.vit.blocks) + llm_blocks if rt.compile else []:
         block.compile()  # block by block: shapes vary with sequence length, and eval/saving keep the plain module
     return model, opt, step
 
@@ -467,7 +502,7 @@ def param_groups(vlm: VLM, cfg: Config) -> list[dict]:
     projector and the rest (Attn+) each get their own rate, as `lr_scale` x the scheduled --lr."""
     scale = {"gate": cfg.gate_lr / cfg.lr, "projector": cfg.projector_lr / cfg.lr, "other": 1.0}
     kind = lambda n: "other" if cfg.stage != 3 else "gate" if n.endswith(".gate") else \
-        "projector" if n.startswith("projector.") else "other"
+        "projector" if n.startswith(("projector.", "head.")) else "other"  # a depth teacher's head: the projector's rate
     groups = {}
     for n, p in trainable_state(vlm).items():
         key = (kind(n), p.dim() >= 2)
@@ -569,7 +604,8 @@ def forward_backward(model: nn.Module, vlm: VLM, batches: list[dict], rt: Runtim
         b = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         with model.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
             with torch.autocast(rt.device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                loss = model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"), b.get("points"))
+                loss = model(b["pixels"], b["target"], b["uv"], b["depth"]) if "target" in b else \
+                    model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"), b.get("points"))
             if backward and not loss.requires_grad:
                 skipped += 1
                 loss = loss + sum(p.sum() for p in trainable_state(vlm).values()) * 0.0
@@ -586,11 +622,14 @@ def train(cfg: Config) -> Path | None:
     claim_stage_dir(cfg, rt, out_dir)
     vlm, tok, sources, init = stage_model(cfg, rt, out_dir)
     ds, accum, steps_per_epoch, total = stage_data(cfg, rt, vlm, tok)
+    if isinstance(vlm, DepthTeacher):  # before the optimizer sees the head; a resume then overwrites it
+        vlm.warm_start(ds, cfg.seed, log)
     model, opt, step = prepare(vlm, cfg, rt, out_dir)
     end = cfg.bench + 2 if cfg.bench else total  # a benchmark times `bench` steps after two warm-up steps
     loader = iter(torch.utils.data.DataLoader(
         ds, batch_sampler=batch_plan(cfg, len(ds), rt.world, rt.rank, step, end)[2], num_workers=cfg.workers,
-        pin_memory=device == "cuda", collate_fn=functools.partial(collate, pad_id=tok.pad_id, pack=cfg.pack)))
+        pin_memory=device == "cuda", collate_fn=collate_depth if isinstance(vlm, DepthTeacher) else
+        functools.partial(collate, pad_id=tok.pad_id, pack=cfg.pack)))
     peak, patches = peak_flops(device), math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
     metrics, report = metrics_writer(cfg, rt, out_dir, step), LoaderReport()  # report: said at each epoch's end
     timings, t_start, skipped, batches = [], time.time(), 0, []
@@ -623,7 +662,7 @@ def train(cfg: Config) -> Path | None:
             continue
         if step % cfg.log_every == 0 or step == total:
             eta = (time.time() - t_start) / len(timings) * (total - step)
-            flops = step_flops(vlm, n_tok, n_imgs, patches) if peak else 0.0
+            flops = step_flops(vlm, n_tok, n_imgs, patches) if peak and isinstance(vlm, VLM) else 0.0
             mfu = f" | mfu {100 * flops / dt / (peak * rt.world):.1f}%" if peak else ""
             log(f"s{cfg.stage} {step:>5}/{total} [{'#' * int(20 * step / total):<20}] | loss {loss_value:.4f} | "
                 f"lr {lr:.2e} | dt {dt * 1000:.0f}ms | {cfg.global_batch / dt:.1f} samples/s | {n_tok / dt:.0f} "

@@ -391,8 +391,8 @@ def _lr(step, steps, base):
     return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
-def _train(head, lr, steps, wd, gen, n, batch, loss_of):
-    """The shared loop: AdamW, warm-up + cosine, minibatches drawn from a seeded generator. loss_of(indices) -> loss."""
+def train_head(head, lr, steps, wd, gen, n, batch, loss_of):
+    """The shared loop (also training/teacher.py's warm start): AdamW, warm-up + cosine, minibatches drawn from a seeded generator. loss_of(indices) -> loss."""
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
     order, pos = torch.randperm(n, generator=gen), 0
     for step in range(steps):
@@ -434,7 +434,7 @@ def fit_depth(patches, cls, depth, cfg: ProbeConfig) -> LinearProbe:
         gt = target[idx[:, None], rows]
         return sig_loss(pred, gt, (gt > cfg.min_depth) & (gt < cfg.max_depth))
 
-    return _train(head, cfg.depth_lr, cfg.depth_steps, cfg.weight_decay, gen, N, batch, loss_of)
+    return train_head(head, cfg.depth_lr, cfg.depth_steps, cfg.weight_decay, gen, N, batch, loss_of)
 
 
 @torch.no_grad()
@@ -463,7 +463,7 @@ def fit_segmentation(patches, labels, n_classes: int, cfg: ProbeConfig, ignore_i
         target = labels[idx[:, None], rows].long()
         return F.cross_entropy(logits.flatten(0, 2), target.flatten(), ignore_index=ignore_index)
 
-    return _train(head, cfg.seg_lr, cfg.seg_steps, cfg.weight_decay, gen, N, batch, loss_of)
+    return train_head(head, cfg.seg_lr, cfg.seg_steps, cfg.weight_decay, gen, N, batch, loss_of)
 
 
 @torch.no_grad()
@@ -480,5 +480,5 @@ def fit_classifier(x, y, n_classes: int, cfg: ProbeConfig) -> LinearProbe:
     gen = _start(cfg)
     head = LinearProbe(feature_stats(x), n_classes)
     x = x.float()
-    return _train(head, cfg.cls_lr, cfg.cls_steps, cfg.cls_wd, gen, len(x), len(x),
+    return train_head(head, cfg.cls_lr, cfg.cls_steps, cfg.cls_wd, gen, len(x), len(x),
                   lambda idx: F.cross_entropy(head(x[idx]), y[idx]))

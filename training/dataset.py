@@ -162,12 +162,19 @@ class ConversationDataset(torch.utils.data.Dataset):
                  outside_images: bool = False):
         if tok.image_id is None:
             raise ValueError("the tokenizer has no image token: call tok.add_image_token() before building the dataset")
-        if not sources:
-            raise ValueError("no data sources")
         self.tok, self.vit_cfg, self.image_size = tok, vit_cfg, image_size
         self.n_image_tokens, self.max_len, self.strict = n_image_tokens, max_len, strict
         self.outside_images = outside_images
         self.start_id = tok.specials["<|start_header_id|>" if tok.chat_style == "llama3" else "<|im_start|>"]
+        self.mix(sources, limit)
+        self.image_from = None if shuffle_images is None else [derangement(len(r), shuffle_images + s)
+                                                                for s, r in enumerate(self.records)]
+
+    def mix(self, sources, limit: int | None):
+        """self.records, counts and index: which record of which source each sample is (training/teacher.py's
+        depth data mixes the same way, so that a teacher sees the same samples in the same order)."""
+        if not sources:
+            raise ValueError("no data sources")
         self.records, self.counts, parts, keys = [], [], [], []
         for s, (path, weight) in enumerate(sources):
             weight = float(weight)
@@ -182,8 +189,6 @@ class ConversationDataset(torch.utils.data.Dataset):
             self.counts.append(count)
             parts.append(np.stack([np.full(count, s), idx], 1))
             keys.append((np.arange(count) + 0.5) / max(count, 1))
-        self.image_from = None if shuffle_images is None else [derangement(len(r), shuffle_images + s)
-                                                                for s, r in enumerate(self.records)]
         index, keys = np.concatenate(parts), np.concatenate(keys)
         self.index = index[np.lexsort((index[:, 0], keys))][:limit]          # by position in the mix, then source
         if len(self.index) == 0:
