@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The controlled stage-3 experiment of the README's Results, end to end on 2 CPU cores (bf16): does the boost make
+# The controlled stage-3 experiment of docs/log (b15, p1), end to end on 2 CPU cores (bf16): does the boost make
 # the pretrained DINOv2-S/14 better, against a shuffled-answer control, over training seeds?
 #
 #   bash experiments/boost.sh                       # everything; finished stages and runs are skipped on a rerun
 #   SEEDS="1 2 3 4 5" N3=256 bash experiments/boost.sh
-#   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh   # the README's point-token run
+#   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh   # the point-token run (p1)
 #   PROBE_SEEDS="0 3 4 5" bash experiments/boost.sh   # probed on four probe sets, each difference pooled over them
 #   NAME=p1 DATA=b15 POINTS=1 TUNE=dual-qk bash experiments/boost.sh         # stage 3 moves only Attn+'s q/k
 #

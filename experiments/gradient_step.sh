@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where would stage 3 take the encoder if each step saw unlimited data? The README's "image-driven gradient" tables,
+# Where would stage 3 take the encoder if each step saw unlimited data? docs/log's gradient-step entries' tables,
 # end to end on 2 CPU cores (~25 min per conversation set, ~30 min of probes):
 #
 #   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh    # first: runs/p1/stage2
