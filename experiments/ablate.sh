@@ -31,5 +31,6 @@ done
 python eval.py $encoders --threads 2 --out "runs/mini-ablations-$SIZE/eval" 2>&1 | tee "runs/mini-ablations-$SIZE-eval.log"
 mkdir -p results/mini-ablations
 for f in report.json report.md report.png; do
-  cp "runs/mini-ablations-$SIZE/eval/$f" "results/mini-ablations/mini-ablations-$SIZE.${f#report.}"
+  cp "runs/mini-ablations-$SIZE/eval/$f" \
+    "results/mini-ablations/mini-ablations-$SIZE.${f#report.}"
 done
