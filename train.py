@@ -38,6 +38,7 @@ from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
 from storage.atomic import read_json, repo_path, write_text_atomically
 from training.dataset import ConversationDataset, LoaderReport, collate, dataset_file
+from training.flag_help import flag_help
 from training.teacher import MODES, DepthData, DepthTeacher, collate_depth
 from training.runs import (claim_stage_dir, gathered, load_stage_weights, metric_rows, nonfinite_stop, resume,
                            save_checkpoint, save_stage, stage_chain)
@@ -48,42 +49,41 @@ class Config:
     stage: int = 3  # 1: projector | 2: projector + LLM | 3: the boost (Attn+, gates, projector)
     preset: str = "tiny"  # tiny | small | base: defaults for everything below; flags override them
     name: str = ""  # run name: runs/<name>/stage<k>/ (default: the preset's name)
-    runs_dir: str = "runs"
+    runs_dir: str = "runs"  # where runs are written: <runs_dir>/<name>/stage<k>/
     init: str = ""  # the stage dir this stage starts from (default: runs/<name>/stage<k-1> when it exists)
     vision: str = ""  # encoder: HF-layout dir or our export; "" = a random ViT of the vit_* shape below
     llm: str = ""  # LLM: HF-layout dir or .gguf; "" = a random LLM of the llm_* shape with the byte-level tokenizer
-    vit_dim: int = 64
-    vit_depth: int = 4
-    vit_heads: int = 4
-    vit_patch: int = 8
-    llm_dim: int = 128
-    llm_layers: int = 4
-    llm_heads: int = 4
+    vit_dim: int = 64  # random ViT (no --vision): width
+    vit_depth: int = 4  # random ViT: blocks
+    vit_heads: int = 4  # random ViT: attention heads
+    vit_patch: int = 8  # random ViT: patch size in pixels
+    llm_dim: int = 128  # random LLM (no --llm): width
+    llm_layers: int = 4  # random LLM: layers
+    llm_heads: int = 4  # random LLM: attention heads
     image_size: int = 64  # images are resized (not cropped) to this square: normalized coordinates stay valid
     merge: int = 2  # projector merges merge x merge patches into one LLM token
     feature_layer: int = -1  # which ViT block the projector reads: 0 .. depth-1, or -depth .. -1 from the end
     projector_norm: bool = False  # RMS-normalize image tokens to the text embeddings' scale (model.Projector)
     point_tokens: bool = False  # follow each "(u, v)" in a question with a token of the image's features there
     #                             (model.VLM.embed); the stages of a run must agree (it adds a token to the vocabulary)
-    vision_tune: str = "dual"  # stage 3: dual | dual-qk (Attn+ changes where tokens look, not what they read:
-    #                            its v/o stay Attn's) | full | lora | frozen
-    lora_rank: int = 8
+    vision_tune: str = "dual"  # stage 3's encoder training; dual-qk: only Attn+'s q/k (where tokens look, not what)
+    lora_rank: int = 8  # rank of --vision-tune lora
     freeze_projector: bool = False  # stage 3: train only the encoder side
     shuffle_images: bool = False  # stage 3 control: each conversation is paired with another sample's image
-    teacher: str = "llm"  # stage 3: llm (the frozen LLM: the method) | depth-points | depth-dense (a linear depth head
-    #                       at the queried pixels / at every pixel, no LLM loaded: training/teacher.py)
+    teacher: str = "llm"  # stage 3's teacher: the frozen LLM (the method), or a linear depth head at the queried pixels
+    #                       (depth-points) or at every pixel (depth-dense), no LLM loaded (training/teacher.py)
     system_prompt: str = "default"  # "default": the checkpoint's own; "none": no system turn; or the text
     data: str = ""  # dataset dirs or files (.jsonl, LLaVA .json), "dirA,b.json:0.5" (weights >= 0 mix them);
     #                 "" = data/<preset>/<stage kind>, made if absent
     images_outside_data: bool = False  # let --data records name images outside their file's folder (absolute, ../)
     data_size: int = 0  # use only the first N >= 0 samples (0: all): the dataset-size ablation
-    order: str = "forward"  # turn order of generated spatial data: forward | reversed | shuffled
+    order: str = "forward"  # turn order of generated spatial data (pixel -> object -> scene, or not)
     data_root: str = "data"  # where default data is generated: <data_root>/<preset>/<kind>
     gen_samples: int = 400  # samples to generate when the default data is absent
     max_len: int = 1024  # tokens per sample; whole trailing turns are dropped beyond it (and counted)
     pack: bool = False  # pack several samples per row (block-diagonal causal mask)
     workers: int = 0  # data-loader worker processes
-    lr: float = 0.0  # > 0, or 0: the stage's default (see STAGE_LR); stage 3: Attn+ (or the encoder, LoRA)
+    lr: float = 0.0  # 0: the stage's (1e-3, 2e-5, 1e-4; tiny random 3e-3, 1e-3, 1e-3); stage 3: Attn+ (or encoder/LoRA)
     gate_lr: float = 0.0  # stage 3: the gates' rate (0: 100 x lr): the gate's gradient is 0 at init, and Adam moves
     #                       it at most ~lr per step, so at the encoder's rate σ(a) stays at 1/2 in a short run
     projector_lr: float = 0.0  # stage 3: the projector's rate (0: lr / 10): format learning stays out of the encoder
@@ -93,18 +93,18 @@ class Config:
     grad_clip: float = 1.0  # > 0: the largest gradient norm (no clipping: a large value such as 1e6)
     batch_size: int = 4  # per micro-step and process
     global_batch: int = 8  # per optimizer step, over micro-steps and processes
-    epochs: float = 1.0  # > 0
+    epochs: float = 1.0  # passes over the data, > 0
     max_steps: int = 0  # > 0 overrides epochs; 0: epochs decide
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1337  # training seed: initialisation, data order, the control's image pairing
+    device: str = "auto"  # where to train; auto: CUDA when there is one
     dtype: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16, AMX), else fp32
-    compile: str = "auto"  # auto (on CUDA) | on | off
+    compile: str = "auto"  # torch.compile; auto: on CUDA only; off: the fallback when compiling fails
     grad_ckpt: bool = False  # recompute activations of the ViT and the LLM in backward
     fsdp: bool = False  # shard the LLM with FSDP2 (with torchrun)
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     keep_last: int = 2  # >= 1 resumable checkpoints kept
     resume: bool = False  # continue from the stage's latest checkpoint
-    log_every: int = 1  # >= 1
+    log_every: int = 1  # steps between log lines, >= 1
     wandb: bool = False  # log to Weights & Biases when installed
     bench: int = 0  # >0: time this many steps and print throughput; nothing is written
     probe: bool = True  # stage 3: end with a quick depth-probe summary, baseline vs boosted
@@ -128,13 +128,14 @@ CHOICES = {"vision_tune": ("dual", "dual-qk", "full", "lora", "frozen"), "teache
 def parse_config(argv=None) -> Config:
     """Defaults < preset < command line. Every field is a typed flag; booleans are --x / --no-x."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = flag_help(Config, CHOICES, PRESETS)  # from the comments beside Config's fields
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, h = "--" + f.name.replace("_", "-"), helps[f.name]
         if f.type is bool or f.type == "bool":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            ap.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+            ap.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=h)
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", Config.preset)
     if preset not in PRESETS:

@@ -6,7 +6,7 @@ Scenes: the built-in synthetic 3D world and its renderer, and the reader of real
     view = render(scene, camera, 448, 448)          # rgb, depth, instance, semantic, K, cam_to_world
     frame = load_rgbd("my_frames/0001")             # the same from a real RGB-D folder (+ labels, captions, pose)
 
-Conventions (views.py and data.py build on them; the README states them to users):
+Conventions (views.py and data.py build on them; docs/data.md states them to users):
 - world: right-handed, Z up (against gravity), meters, the floor is z = 0, the room is [0, Lx] x [0, Ly] x [0, Lz];
 - camera frame as in OpenCV: x right, y down, z forward; `cam_to_world` (4, 4) maps camera to world points;
 - pixel (col, row) has its centre at (col + 0.5, row + 0.5); depth is z-depth (camera z) in meters, 0 = unknown.

@@ -7,11 +7,12 @@
 #   bash experiments/ablate.sh                              # dual and full on 128 samples (8 steps), ~45 min on 2 CPU cores
 #   VARIANTS=lora bash experiments/ablate.sh               # one more variant; the table keeps the earlier ones
 #   SIZE=256 VARIANTS="dual full lora" bash experiments/ablate.sh
+source "$(dirname "$0")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZE=${SIZE:-128}            # stage-3 samples, of the mini run's 512
-VARIANTS=${VARIANTS:-"dual full"}
+VARIANTS=${VARIANTS:-"dual full"}  # --vision-tune values to train: dual, full, lora
 COMMON="--preset small --stage 3 --init runs/mini/stage2 --batch-size 4 --global-batch 16 --workers 2 --save-every 10
         --no-probe --data-root data/mini --gen-samples 256 --data-size $SIZE"
 
@@ -28,7 +29,8 @@ for v in dual full lora; do  # every variant trained at this size so far, this c
   fi
 done
 python eval.py $encoders --threads 2 --out "runs/mini-ablations-$SIZE/eval" 2>&1 | tee "runs/mini-ablations-$SIZE-eval.log"
-mkdir -p results
+mkdir -p results/mini-ablations
 for f in report.json report.md report.png; do
-  cp "runs/mini-ablations-$SIZE/eval/$f" "results/mini-ablations-$SIZE.${f#report.}"
+  cp "runs/mini-ablations-$SIZE/eval/$f" \
+    "results/mini-ablations/mini-ablations-$SIZE.${f#report.}"
 done

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The controlled stage-3 experiment of the README's Results, end to end on 2 CPU cores (bf16): does the boost make
+# The controlled stage-3 experiment of docs/log (b15, p1), end to end on 2 CPU cores (bf16): does the boost make
 # the pretrained DINOv2-S/14 better, against a shuffled-answer control, over training seeds?
 #
 #   bash experiments/boost.sh                       # everything; finished stages and runs are skipped on a rerun
 #   SEEDS="1 2 3 4 5" N3=256 bash experiments/boost.sh
-#   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh   # the README's point-token run
+#   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh   # the point-token run (p1)
 #   PROBE_SEEDS="0 3 4 5" bash experiments/boost.sh   # probed on four probe sets, each difference pooled over them
 #   NAME=p1 DATA=b15 POINTS=1 TUNE=dual-qk bash experiments/boost.sh         # stage 3 moves only Attn+'s q/k
 #
@@ -19,12 +19,13 @@
 #    and with several probe sets each difference pooled over them (its interval then includes the probe's own
 #    training views, which moved a depth difference ~3x more than the training seed did).
 # 5. Grounding accuracy and the diagnostics (image dependence, localization gap) after stage 2 and after the boost.
+source "$(dirname "$0")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/probe_sets.sh
 
-NAME=${NAME:-b15}
-SEEDS=${SEEDS:-"1 2 3"}
+NAME=${NAME:-b15}       # run name: stages 1-2 in runs/$NAME, data in data/$NAME, results in results/$NAME
+SEEDS=${SEEDS:-"1 2 3"} # stage-3 training seeds, one boost and one control run each
 N3=${N3:-128}           # stage-3 samples per run: 16 steps of 8
 LR3=${LR3:-2e-4}        # Attn+; the gates train at 100x, the projector at 1/10 (train.py's stage-3 defaults)
 POINTS=${POINTS:-0}     # 1: stages 2-3 with point tokens (train.py --point-tokens)
@@ -71,13 +72,13 @@ for seed in $SEEDS; do
 done
 
 probe_sets "runs/$R-eval" $encoders
-mkdir -p results
+mkdir -p "results/$R" "results/$NAME"
 first_eval=$(dirname "${REPORTS[0]}")   # the first probe set's full report goes with the results
-cp "$first_eval/report.json" "results/$R-eval.json"
-cp "$first_eval/report.md" "results/$R-eval.md"
-cp "$first_eval/report.png" "results/$R.png"
+cp "$first_eval/report.json" "results/$R/$R-eval.json"
+cp "$first_eval/report.md" "results/$R/$R-eval.md"
+cp "$first_eval/report.png" "results/$R/$R.png"
 python experiments/boost_report.py "${REPORTS[@]}" --across-probe-sets --arm baseline=dinov2-s14 \
-  --arm "boost=${boost#,}" --arm "control=${control#,}" --out "results/$R"
+  --arm "boost=${boost#,}" --arm "control=${control#,}" --out "results/$R/$R"
 first=$(echo $SEEDS | cut -d' ' -f1)
 if [ ! -f "runs/$NAME-grounding/report.json" ]; then  # stage 2's: the same for every TUNE
   python eval.py --qa "$D/heldout-grounding" --qa-samples 32 --vlm "runs/$NAME/stage2" --qa-max-new 24 \
@@ -85,6 +86,7 @@ if [ ! -f "runs/$NAME-grounding/report.json" ]; then  # stage 2's: the same for 
 fi
 python eval.py --qa "$D/heldout" --qa-samples 12 --vlm "runs/$NAME/stage2" --vlm "runs/$R-boost-s$first/stage3" \
   --diagnose --qa-max-new 48 --out "runs/$R-qa" 2>&1 | tee "runs/$R-qa.log"
-cp "runs/$NAME-grounding/report.json" "results/$NAME-grounding.json"
-cp "runs/$R-qa/report.json" "results/$R-qa.json"
-python tools/boosted_encoder.py pack "runs/$R-boost-s$first/stage3/vision" "results/$R-boost-s$first-encoder.safetensors"
+cp "runs/$NAME-grounding/report.json" "results/$NAME/$NAME-grounding.json"
+cp "runs/$R-qa/report.json" "results/$R/$R-qa.json"
+python tools/boosted_encoder.py pack "runs/$R-boost-s$first/stage3/vision" \
+  "results/$R/$R-boost-s$first-encoder.safetensors"

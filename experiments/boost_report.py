@@ -5,7 +5,7 @@ shuffled-answer control and against the baseline with a paired bootstrap 95 % in
 encoder is scored on the same resampled images; an arm's value is its mean over seeds).
 
     python experiments/boost_report.py runs/b15-eval/report.json --arm baseline=baseline \\
-        --arm boost=b15-boost-s1,b15-boost-s2,b15-boost-s3 --arm control=b15-control-s1,... --out results/boost
+        --arm boost=b15-boost-s1,b15-boost-s2,b15-boost-s3 --arm control=b15-control-s1,... --out results/b15/b15
 
 Writes OUT.md (the table) and OUT.json (every number). Needs reports written with per-image results
 (eval.py --per-image). Several reports may share the work (encoders probed in separate eval.py calls on the same probe

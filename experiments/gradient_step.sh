@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where would stage 3 take the encoder if each step saw unlimited data? The README's "image-driven gradient" tables,
+# Where would stage 3 take the encoder if each step saw unlimited data? docs/log's gradient-step entries' tables,
 # end to end on 2 CPU cores (~25 min per conversation set, ~30 min of probes):
 #
 #   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh    # first: runs/p1/stage2
@@ -14,14 +14,15 @@
 # 3. One eval.py call per probe set (240 test views each); boost_report.py: mean ± sd over the three conversation
 #    sets, paired bootstrap intervals over test images, and with several probe sets each difference pooled over them
 #    (a depth difference moves ~3x more between probe sets than between conversation sets).
+source "$(dirname "$0")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/probe_sets.sh
 
-INIT=${INIT:-runs/p1/stage2}
-D=data/${DATA:-b15}
-N=${N:-256}
-REL=${REL:-0.02}
+INIT=${INIT:-runs/p1/stage2}  # the stage-2 run whose stage 3 the step starts
+D=data/${DATA:-b15}            # where the conversation sets are written
+N=${N:-256}                    # conversations per set (the mean gradient is over them)
+REL=${REL:-0.02}               # each Attn+ tensor moves by this fraction of its norm
 ONLY=${ONLY:-}                 # a regular expression over Attn+ tensor names; empty: all of them
 TAG=${TAG:-}                   # names this variant's encoders, runs and results
 PROBE_SEEDS=${PROBE_SEEDS:-0}  # probe sets: 0 is data/probes-240, k data/probes-240-seedk (made if missing)
@@ -50,4 +51,4 @@ for w in boost control image random; do for k in 1 2 3; do encoders="$encoders -
 probe_sets "runs/gs$T-eval" $encoders
 arm() { echo "$1=$1-s1,$1-s2,$1-s3"; }
 python experiments/boost_report.py "${REPORTS[@]}" --across-probe-sets --arm baseline=dinov2-s14 --arm "$(arm image)" \
-  --arm "$(arm boost)" --arm "$(arm random)" --arm "$(arm control)" --out "results/gradient-step$T"
+  --arm "$(arm boost)" --arm "$(arm random)" --arm "$(arm control)" --out "results/gradient-step/gradient-step$T"

@@ -132,15 +132,18 @@ def test_gpu_check_records_errors_and_skips_instead_of_stopping(tmp_path, monkey
 
 
 def test_documented_train_commands_parse(capsys):
-    """Every `python train.py ...` line in README.md, BENCHMARKS.md and train.py's docstring is a valid command (a
-    stale flag such as --compile default once sat in BENCHMARKS.md). A --data path that is not on this machine is
-    the one refusal allowed: the command names data the reader makes first."""
+    """Every `python train.py ...` line in README.md, BENCHMARKS.md, docs/**/*.md and train.py's docstring is a valid
+    command (a stale flag such as --compile default once sat in BENCHMARKS.md). A --data path that is not on this
+    machine is the one refusal allowed: the command names data the reader makes first. The other scripts' commands:
+    tests/test_docs.py."""
     import re
     import shlex
 
     commands = []
-    for doc in ("README.md", "BENCHMARKS.md", "train.py"):
-        for m in re.finditer(r"(?<![\w/])train\.py((?: +--?[\w-]+(?: +[\w./:,-]+)?)*)", (ROOT / doc).read_text()):
+    docs = ["README.md", "BENCHMARKS.md", "train.py", *(p.relative_to(ROOT) for p in sorted(ROOT.glob("docs/**/*.md")))]
+    for doc in docs:
+        text = (ROOT / doc).read_text().replace("\\\n", " ")  # a command continued with `\` on the next line
+        for m in re.finditer(r"(?<![\w/])train\.py((?: +--?[\w-]+(?: +(?!--)[\w./:,-]+)?)*)", text):
             if "--help" not in m.group(1):
                 commands.append((doc, m.group(1)))
     assert len(commands) >= 8, commands

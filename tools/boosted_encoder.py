@@ -2,8 +2,8 @@
 A boosted encoder as a small file: only what stage 3 trained in the encoder (every layer's Attn+ and gate, bf16),
 and back to a full encoder directory that load_vit reads, given the baseline it was trained from.
 
-    python tools/boosted_encoder.py pack runs/b15-boost-s1/stage3/vision results/b15-boost-s1-encoder.safetensors
-    python tools/boosted_encoder.py unpack weights/dinov2-s14 results/b15-boost-s1-encoder.safetensors runs/boosted
+    python tools/boosted_encoder.py pack runs/b15-boost-s1/stage3/vision results/b15/b15-boost-s1-encoder.safetensors
+    python tools/boosted_encoder.py unpack weights/dinov2-s14 results/b15/b15-boost-s1-encoder.safetensors runs/boosted
     python eval.py --vision weights/dinov2-s14 --vision runs/boosted          # re-probe it
 
 Attn+ is stored as its change from the frozen Attn it was cloned from (keys `...attn_plus_delta...`), not as its

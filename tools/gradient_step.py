@@ -5,7 +5,7 @@ conversations, at the point where stage 3 starts, and encoders moved one step al
     python tools/gradient_step.py --init runs/p1/stage2 --data data/b15/spatial-grad303 --n 256 --preset small \
         --point-tokens --out runs/gradstep-303
     python eval.py --vision weights/dinov2-s14 --vision runs/gradstep-303/image-0.02 ...
-    bash experiments/gradient_step.sh       # the README's table: three conversation sets, one eval, boost_report
+    bash experiments/gradient_step.sh       # docs/log's table: three conversation sets, one eval, boost_report
 
 Four directions, three from each conversation's gradient with its own image (g) and with another sample's image
 (h, the pairing of train.py --shuffle-images):
