@@ -102,6 +102,10 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--n-images", type=int, default=480, help="views in a newly made probe set (2 per scene)")
     add("--probe-seed", type=int, default=0, help="seed of a newly made probe set")
     add("--test-every", type=int, default=4, help="in a newly made probe set, every k-th scene is a test scene")
+    add("--object-views", type=int, default=None, help="in a newly made probe set, only the first N views give "
+        "object crops (default: all; issue 27's protocol: 480 of 1920)")
+    add("--depth-heads", type=int, default=1, help="average the depth maps of this many lin.1 / lin.4 heads (seeds "
+        "--seed + 1000 k; issue 27's protocol: 3)")
     add("--per-image", action="store_true", help="keep each test image's results in report.json (for bootstrap "
         "intervals: experiments/boost_report.py)")
     add("--make-probes", action="store_true", help="only write the probe set (replacing it) and exit")
@@ -191,7 +195,7 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
         print(f"no probe set at {args.probes}: making the default one ({args.n_images} held-out views, "
               f"seed {args.probe_seed}); later runs reuse it")
         probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, test_every=args.test_every,
-                               overwrite=True)
+                               overwrite=True, object_views=args.object_views)
     ps = probes.load_probe_set(args.probes, args.crop_size)
     try:  # a bad frame is bad input, not a bug: its message names the folder and the file
         rgbd = probes.load_rgbd_set(args.rgbd, args.image_size, depth_scale=args.depth_scale) if args.rgbd else None
@@ -241,7 +245,7 @@ def main(argv=None):
     t_start = time.time()
     if args.make_probes:
         print(probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, test_every=args.test_every,
-                                     overwrite=True))
+                                     overwrite=True, object_views=args.object_views))
         return
     encoders = [(encoder_name(Path(v)), Path(v)) for v in args.vision]
     if args.run:
@@ -250,7 +254,9 @@ def main(argv=None):
         ap.error("nothing to evaluate: give --vision, --run or --qa")
     if (args.vlm or args.diagnose) and not args.qa:
         ap.error("--vlm and --diagnose need --qa: the held-out data they answer or are diagnosed on")
-    cfg = ProbeConfig(seed=args.seed)
+    if args.depth_heads < 1:
+        ap.error(f"--depth-heads {args.depth_heads}: must be >= 1")
+    cfg = ProbeConfig(seed=args.seed, depth_heads=args.depth_heads)
     if args.quick:
         cfg = cfg.shortened(0.1)
     runs = repo_path(args.runs_dir)

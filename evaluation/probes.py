@@ -63,8 +63,11 @@ DENSE = ("rgb", "depth", "semantic", "instance")  # one file per view each
 @dataclass
 class ProbeConfig:
     """The budget of every probe; the defaults were chosen on DINOv2-S/14 features of the default probe set, where
-    doubling depth_steps or depth_rows moves lin.1 RMSE by < 0.01 m (about the spread over probe seeds, 0.003 m)."""
+    doubling depth_steps or depth_rows moves lin.1 RMSE by < 0.01 m. depth_heads > 1 averages the depth maps of that
+    many heads (seeds seed, seed + 1000, ...): the head's own seed moves a difference between two encoders by ~0.005 m
+    (experiments/probe_noise.py; docs/log/2026-12-06-probe-protocol.md)."""
     seed: int = 0
+    depth_heads: int = 1
     batch: int = 8  # images per step of the dense probes
     depth_bins: int = 256
     min_depth: float = 1e-3
@@ -104,10 +107,13 @@ def _object_boxes(instance, min_pixels):
 
 
 def make_probe_sets(out_dir, n_images: int = 480, seed: int = 0, size: int = 224, views: int = 2,
-                    min_pixels: int = 150, test_every: int = 4, overwrite: bool = False, log=print) -> Path:
+                    min_pixels: int = 150, test_every: int = 4, overwrite: bool = False, log=print,
+                    object_views: int | None = None) -> Path:
     """Render held-out scenes (`views` cameras each, n_images views in all) into a probe set directory, atomically
     (format in the module docstring): images with depth and semantic ground truth for the dense probes, and every
-    object covering >= min_pixels of a view as a box with its category and its identity across the scene's views."""
+    object covering >= min_pixels of a view as a box with its category and its identity across the scene's views.
+    object_views: only the first that many views give objects (the dense probes need many more views than the object
+    probes, and each object crop costs an encoder pass)."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
@@ -127,7 +133,8 @@ def make_probe_sets(out_dir, n_images: int = 480, seed: int = 0, size: int = 224
                 np.save(tmp / files["depth"], view["depth"].astype(np.float32))
                 for k, dtype in (("rgb", np.uint8), ("semantic", np.uint8), ("instance", np.uint16)):
                     Image.fromarray(view[k].astype(dtype)).save(tmp / files[k])
-                for k, box, n in _object_boxes(view["instance"], min_pixels):
+                boxes = _object_boxes(view["instance"], min_pixels) if len(images) < (object_views or n_images) else []
+                for k, box, n in boxes:
                     category = scene.objects[k - 1].category
                     objects.append({"image": len(images), "instance": k, "category": category,
                                     "label": scenes.OBJECT_CATEGORIES.index(category), "box": box, "pixels": n,
@@ -435,6 +442,15 @@ def fit_depth(patches, cls, depth, cfg: ProbeConfig) -> LinearProbe:
         return sig_loss(pred, gt, (gt > cfg.min_depth) & (gt < cfg.max_depth))
 
     return train_head(head, cfg.depth_lr, cfg.depth_steps, cfg.weight_decay, gen, N, batch, loss_of)
+
+
+def fit_predict_depth(p_tr, c_tr, d_tr, p_te, c_te, cfg: ProbeConfig, out_size) -> torch.Tensor:
+    """Train cfg.depth_heads depth heads (seeds cfg.seed + 1000 k) and average their predictions -> (N, H, W) m."""
+    pred = 0.0
+    for k in range(cfg.depth_heads):
+        one = dataclasses.replace(cfg, seed=cfg.seed + 1000 * k)
+        pred = pred + predict_depth(fit_depth(p_tr, c_tr, d_tr, one), p_te, c_te, one, out_size) / cfg.depth_heads
+    return pred
 
 
 @torch.no_grad()

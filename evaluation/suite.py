@@ -113,8 +113,8 @@ def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int 
     results, examples, each = {}, {"rgb": ps.images[first], "depth": ps.depth[first]}, {}
     for name, last in (("depth_lin1", slice(-D, None)), ("depth_lin4", slice(None))):
         t = time.time()
-        head = probes.fit_depth(p_tr[..., last], c_tr[:, last], depth[train], cfg)
-        pred = probes.predict_depth(head, p_te[..., last], c_te[:, last], cfg, out_size)
+        pred = probes.fit_predict_depth(p_tr[..., last], c_tr[:, last], depth[train], p_te[..., last], c_te[:, last],
+                                        cfg, out_size)
         gt = depth[test]
         valid = (gt > cfg.min_depth) & (gt < cfg.max_depth)
         results[name] = probes.depth_metrics(pred, gt, valid)

@@ -126,9 +126,14 @@ def pooled(per_set: list, pairs: list) -> tuple[list, dict]:
             var = sum(np.var(seeds[n], ddof=1) / len(seeds[n]) for n in (a, b) if len(seeds[n]) > 1)
             var += np.var(d, ddof=1) / len(d)
             se = float(np.sqrt(var))
+            # the two spreads side by side: one seed of each arm vs one probe set (the larger one decides how many
+            # of each a comparison needs)
+            sd_seeds = float(np.sqrt(sum(np.var(seeds[n], ddof=1) for n in (a, b) if len(seeds[n]) > 1)))
+            sd_sets = float(np.std(d, ddof=1))
             rows[key][f"{a}-{b}"] = {"diff": float(d.mean()), "se": se, "per_probe_set": d.tolist(),
-                                     "sd_probe_sets": float(np.std(d, ddof=1))}
-            cells.append(f"{d.mean():+.3f} ± {2 * se:.3f} (" + ", ".join(f"{x:+.3f}" for x in d) + ")")
+                                     "sd_probe_sets": sd_sets, "sd_seeds": sd_seeds}
+            cells.append(f"{d.mean():+.3f} ± {2 * se:.3f} [sd sets {sd_sets:.3f}, seeds {sd_seeds:.3f}] ("
+                         + ", ".join(f"{x:+.3f}" for x in d) + ")")
         lines.append(f"| {label} {'↓' if lower else '↑'} | " + " | ".join(cells) + " |")
     return lines, rows
 
@@ -166,7 +171,8 @@ def main(argv=None):
     if len(sets) > 1:
         lines, rows = pooled(per_set, pairs)
         top = (f"Over {len(sets)} probe sets: each difference's mean over seeds and probe sets ± 2 se (se from the "
-               f"spread over seeds and over probe sets), then each probe set's own value.\n\n| metric | "
+               f"spread over seeds and over probe sets), the two spreads (sd of the difference over probe sets, and "
+               f"over seeds), then each probe set's own value.\n\n| metric | "
                + " | ".join(f"{a} − {b}" for a, b in pairs) + " |\n|" + "---|" * (1 + len(pairs)) + "\n"
                + "\n".join(lines) + "\n")
         tables.insert(0, top)

@@ -54,6 +54,12 @@ def lin1_inputs(feats: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return feats["patches"][..., -dim:], feats["cls"][:, -dim:]  # the last block: lin.1
 
 
+def features(vit, ps) -> tuple[torch.Tensor, torch.Tensor]:
+    """lin.1 inputs of a probe set (or of a composite's parts, each cached on its own)."""
+    parts = [lin1_inputs(cached_features(vit, p, 224, 112, log=None), vit.cfg.dim) for p in ps.parts]
+    return torch.cat([p for p, _ in parts]), torch.cat([c for _, c in parts])
+
+
 def fit_and_predict(p_tr, c_tr, d_tr, tests: list, cfg: ProbeConfig, heads: int) -> list:
     """Train `heads` lin.1 heads (seeds cfg.seed + 1000 k) and average their depth maps on each test split.
     tests: [(patches, cls, out_size)] -> [(N, H, W) depth]."""
@@ -65,14 +71,25 @@ def fit_and_predict(p_tr, c_tr, d_tr, tests: list, cfg: ProbeConfig, heads: int)
     return preds
 
 
+def composite(paths: list) -> probes.ProbeSet:
+    """Several probe sets as one (their training views together, their test views together); dense part only."""
+    parts = [dataclasses.replace(probes.load_probe_set(p), crops=None) for p in paths]
+    cat = lambda k: np.concatenate([getattr(ps, k) for ps in parts])
+    whole = dataclasses.replace(parts[0], images=cat("images"), depth=cat("depth"), labels=cat("labels"),
+                                train=cat("train"))
+    whole.parts = parts  # features are cached per part
+    return whole
+
+
 def measure(args) -> list:
-    sets = [probes.load_probe_set(p) for p in args.probes]
+    groups = [args.probes[i:i + args.group] for i in range(0, len(args.probes) - args.group + 1, args.group)]
+    sets = [composite(g) for g in groups]
     variants = [parse_variant(v) for v in args.variant]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for path in args.vision:
         vit = load_vit(path)
-        feats = [lin1_inputs(cached_features(vit, ps, 224, 112, log=None), vit.cfg.dim) for ps in sets]
+        feats = [features(vit, ps) for ps in sets]
         del vit
         tests = [(f[0][~ps.train], f[1][~ps.train], ps.depth.shape[-2:]) for f, ps in zip(feats, sets)]
         for (ti, ps), (name, cfg, heads), seed in product(enumerate(sets), variants, seeds):
@@ -93,6 +110,19 @@ def measure(args) -> list:
     return rows
 
 
+def components(m: np.ndarray) -> tuple[float, float, float]:
+    """A (train set, test set) table of differences as diff_ij = mu + a_i + b_j + e_ij (two-way random effects, one
+    value per cell): the sd of a (training views), of b (test views) and of e (the rest: head x views), from the mean
+    squares. A probe set of T training halves and U test halves then spreads by about
+    sqrt(sd_a^2 / T + sd_b^2 / U + sd_e^2 / U)."""
+    n = len(m)
+    r, c, g = m.mean(1), m.mean(0), m.mean()
+    ms_rows, ms_cols = n * np.sum((r - g) ** 2) / (n - 1), n * np.sum((c - g) ** 2) / (n - 1)
+    ms_rest = np.sum((m - r[:, None] - c[None] + g) ** 2) / (n - 1) ** 2
+    sd = lambda v: float(np.sqrt(max(v, 0.0)))
+    return sd((ms_rows - ms_rest) / n), sd((ms_cols - ms_rest) / n), sd(ms_rest)
+
+
 def summarize(rows: list, sets: list) -> dict:
     """Per variant, the difference (second encoder - first) and its spread: over head seeds (same views), over
     probe sets (train and test from the same set, as eval.py does), and the split of the cross-set table into a
@@ -108,12 +138,11 @@ def summarize(rows: list, sets: list) -> dict:
                          for s in seeds])  # (seeds, train set, test set)
         own = np.array([[diff[k, i, i] for i in range(n)] for k in range(len(seeds))])  # (seeds, sets)
         m = diff.mean(0)  # (train, test), seeds averaged
-        train_part = m.mean(1).std(ddof=1) if n > 1 else float("nan")
-        test_part = m.mean(0).std(ddof=1) if n > 1 else float("nan")
+        train_part, test_part, rest = components(m) if n > 1 else (float("nan"),) * 3
         out[v] = {"mean_diff": float(own.mean()), "sd_over_seeds": float(own.std(0, ddof=1).mean()) if len(seeds) > 1
                   else float("nan"), "sd_over_sets": float(own.mean(0).std(ddof=1)) if n > 1 else float("nan"),
                   "sd_over_sets_one_seed": float(own.std(1, ddof=1).mean()) if n > 1 else float("nan"),
-                  "sd_train_views": float(train_part), "sd_test_views": float(test_part),
+                  "sd_train_views": float(train_part), "sd_test_views": float(test_part), "sd_rest": float(rest),
                   "per_set": own.mean(0).round(4).tolist(), "baseline_rmse":
                   float(np.mean([val[(a, s, i, i)] for s in seeds for i in range(n)]))}
     return {"first": a, "second": b, "variants": out}
@@ -122,11 +151,11 @@ def summarize(rows: list, sets: list) -> dict:
 def print_summary(s: dict):
     print(f"\nlin.1 RMSE difference, {s['second']} - {s['first']} (m)")
     print(f"{'variant':<16} {'baseline':>8} {'mean':>8} {'sd seeds':>9} {'sd sets':>8} {'sd sets,1 seed':>14} "
-          f"{'sd train':>9} {'sd test':>8}  per set")
+          f"{'sd train':>9} {'sd test':>8} {'sd rest':>8}  per set")
     for v, r in s["variants"].items():
         print(f"{v:<16} {r['baseline_rmse']:8.4f} {r['mean_diff']:+8.4f} {r['sd_over_seeds']:9.4f} "
               f"{r['sd_over_sets']:8.4f} {r['sd_over_sets_one_seed']:14.4f} {r['sd_train_views']:9.4f} "
-              f"{r['sd_test_views']:8.4f}  {r['per_set']}")
+              f"{r['sd_test_views']:8.4f} {r.get('sd_rest', float('nan')):8.4f}  {r['per_set']}")
 
 
 def main(argv=None):
@@ -138,6 +167,8 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,... (ProbeConfig fields, "
                     "heads=K); repeatable")
     ap.add_argument("--seeds", default="0,1,2", help="head seeds, comma-separated")
+    ap.add_argument("--group", type=int, default=1, help="consecutive --probes taken together as one probe set (K x "
+                    "its views: a larger protocol from independent smaller sets)")
     ap.add_argument("--out", help="write every per-image result and the summary here (JSON)")
     ap.add_argument("--report", help="print the summary of an earlier --out file and exit")
     ap.add_argument("--threads", type=int, default=None)
@@ -150,7 +181,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     args.variant = args.variant or ["default:"]
     rows = measure(args)
-    summary = summarize(rows, args.probes)
+    summary = summarize(rows, range(len(args.probes) // args.group))
     print_summary(summary)
     if args.out:
         text = json.dumps({"argv": sys.argv[1:], "summary": summary, "rows": rows})

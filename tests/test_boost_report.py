@@ -106,6 +106,8 @@ def test_reports_of_several_probe_sets_pool_with_the_spread_over_sets(tmp_path):
     row = got["pooled"]["depth_lin1_rmse"]["boost-baseline"]
     assert row["per_probe_set"] == pytest.approx(d.tolist()) and row["diff"] == pytest.approx(d.mean())
     assert row["se"] == pytest.approx(se) and len(got["probe_sets"]) == 3
+    assert row["sd_probe_sets"] == pytest.approx(np.std(d, ddof=1))
+    assert row["sd_seeds"] == pytest.approx(np.std(seeds, ddof=1))  # the baseline arm has one seed: no spread
     assert "Over 3 probe sets" in (tmp_path / "t.md").read_text()
     short = json.loads(paths[2].read_text())
     short["encoders"] = short["encoders"][:3]  # boost-s3 missing from set p2

@@ -3,6 +3,7 @@ probe-set writer and reader."""
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -158,6 +159,29 @@ def test_classifier_fits_separable_data():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Probe sets.
+
+
+def test_depth_heads_average_the_maps_of_heads_seeded_apart():
+    n, h, w, size = 24, 4, 4, (16, 16)
+    patch_depth, gt = _planar_depth(n, h, w, size, seed=2)
+    feats = torch.stack([patch_depth / 10, torch.randn(n, h, w)], -1)
+    cfg = ProbeConfig(depth_steps=40, batch=8, depth_rows=4, seed=5)
+    one = lambda seed: probes.predict_depth(probes.fit_depth(feats[:16], None, gt[:16], replace(cfg, seed=seed)),
+                                            feats[16:], None, cfg, size)
+    assert torch.equal(probes.fit_predict_depth(feats[:16], None, gt[:16], feats[16:], None, cfg, size), one(5))
+    both = probes.fit_predict_depth(feats[:16], None, gt[:16], feats[16:], None, replace(cfg, depth_heads=2), size)
+    assert torch.allclose(both, (one(5) + one(1005)) / 2, atol=1e-6) and not torch.allclose(one(5), one(1005))
+
+
+def test_object_views_limit_which_views_give_objects(tmp_path):
+    ps = probes.make_probe_sets(tmp_path / "p", n_images=12, seed=3, size=64, min_pixels=12, object_views=4,
+                                log=None)
+    index = json.loads((ps / "index.json").read_text())
+    assert len(index["images"]) == 12 and index["objects"]
+    assert {o["image"] for o in index["objects"]} <= {0, 1, 2, 3}
+    full = json.loads((probes.make_probe_sets(tmp_path / "q", n_images=12, seed=3, size=64, min_pixels=12,
+                                              log=None) / "index.json").read_text())
+    assert index["objects"] == [o for o in full["objects"] if o["image"] < 4]  # the same views, the same objects
 
 
 @pytest.fixture(scope="module")
