@@ -7,25 +7,45 @@ no numpy): the data engine uses it too.
     write_dir_atomically(out, lambda tmp: save_file(state, tmp / "model.safetensors"))
     repo_path("weights/dinov2-s14")                                     # as given if it exists, else under the repo
     remove_stale_temporaries(out.parent)                                # what a killed writer left there
+    with hold_lock(out / ".lock", "data.py spatial"): ...                # one writer at a time; death releases it
 """
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def named(path, e: Exception) -> Exception:
+    """An error of writing `path` (a full disk, a read-only folder) as an OSError that names it: the OSError a write
+    raises often names only a temporary, and safetensors' says "No space left on device" with no file at all."""
+    if isinstance(e, OSError):
+        return OSError(e.errno, f"writing {path}: {e.strerror or e}")
+    return OSError(f"writing {path}: {type(e).__name__}: {e}")
+
+
+def _writing(e: Exception) -> bool:
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
 def write_file_atomically(path, write) -> Path:
     """write(tmp_path), then rename over `path`. The temporary name is hidden and carries the pid, so concurrent
-    writers never share one."""
+    writers never share one. A failed write is an OSError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        if not _writing(e):
+            raise
+        raise named(path, e) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -45,8 +65,10 @@ def write_dir_atomically(out, write) -> Path:
     tmp.mkdir()
     try:
         write(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _writing(e):
+            raise named(out, e) from e
         raise
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -56,6 +78,44 @@ def write_dir_atomically(out, write) -> Path:
     else:
         os.replace(tmp, out)
     return out
+
+
+def writable_dir(path) -> Path:
+    """`path` as a directory this process can write into (made if missing), or an OSError naming it: checked before
+    work whose results would go there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(path / ".write-test", "")
+        (path / ".write-test").unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: not a directory this process can write ({e.strerror or e})") from e
+    return path
+
+
+class Busy(RuntimeError):
+    """Another live process holds the lock."""
+
+
+def hold_lock(path, what: str, wait: bool = False):
+    """An exclusive lock on the file `path` (created; it says who holds it) -> an open file: closing it, or the
+    holder's death (kill -9 included), releases the lock, so a killed process never leaves it stuck. Held already:
+    wait for it, or raise Busy naming the holder."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        if not wait:
+            f.close()
+            raise Busy(f"{Path(path).parent} is in use by {holder}") from None
+        print(f"{Path(path).parent} is in use by {holder}: waiting for it", file=sys.stderr, flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    return f
 
 
 def remove_stale_temporaries(folder) -> list:

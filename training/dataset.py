@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dataengine.images import read_rgb
 from language.tokenizer import query_points
 from llm import block_causal
 from model import preprocess
@@ -76,9 +77,16 @@ class Records:
         self.file, self.root = path, path.parent
         self.blob, self._fd, self._pid = None, None, None
         if path.suffix == ".json":
-            items = json.loads(path.read_bytes())
+            try:
+                items = json.loads(path.read_bytes())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); a .json source holds one "
+                                 "JSON array of samples (else use .jsonl)") from e
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not a JSON file (byte {e.start} is not UTF-8 text)") from e
             if not isinstance(items, list):
-                raise ValueError(f"{path}: a .json source must hold one JSON array of samples (else use .jsonl)")
+                raise ValueError(f"{path}: a .json source must hold one JSON array of samples, not a "
+                                 f"{type(items).__name__} (else use .jsonl)")
             parts = [json.dumps(r, ensure_ascii=False).encode() for r in items]
             self.blob = b"".join(parts)
             self.ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
@@ -150,6 +158,46 @@ def derangement(n: int, seed: int) -> np.ndarray:
     return p
 
 
+MAX_SAMPLES = 10**8        # per epoch: the mix's index takes 24 bytes a sample (2.4 GB here)
+
+
+class Mix:
+    """The sources read and mixed (see "Mixing" above): records, counts per source, index (sample -> (source,
+    record)). Every source must give samples: an empty file, or a weight that rounds its count to 0, is a ValueError
+    naming it, as is a mix of more than MAX_SAMPLES. Built before any model, so that bad data stops a run early."""
+
+    def __init__(self, sources, limit: int | None = None):
+        if not sources:
+            raise ValueError("no data sources")
+        self.records, self.counts, parts, keys = [], [], [], []
+        for s, (path, weight) in enumerate(sources):
+            weight = float(weight)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"source {path}: weight {weight} must be a finite number >= 0")
+            rec = Records(path)
+            n = len(rec)
+            count = round(weight * n)
+            if n == 0:
+                raise ValueError(f"source {rec.file}: no samples (the file is empty)")
+            if count == 0:
+                raise ValueError(f"source {path}: weight {weight:g} x {n} records gives it no samples (an empty "
+                                 f"share of the mix): drop it, or give a weight >= {0.5 / n:.2g}")
+            if sum(self.counts) + count > MAX_SAMPLES:
+                raise ValueError(f"source {path}: weight {weight:g} x {n} records asks for {count:,} samples; the mix "
+                                 f"holds at most {MAX_SAMPLES:,} per epoch (repeat data with --epochs instead)")
+            whole, rest = divmod(count, n)
+            idx = np.concatenate([np.tile(np.arange(n), whole), np.arange(rest) * n // max(rest, 1)]).astype(np.int64)
+            self.records.append(rec)
+            self.counts.append(count)
+            parts.append(np.stack([np.full(count, s), idx], 1))
+            keys.append((np.arange(count) + 0.5) / count)
+        index, keys = np.concatenate(parts), np.concatenate(keys)
+        self.index = index[np.lexsort((index[:, 0], keys))][:limit]          # by position in the mix, then source
+
+    def __len__(self):
+        return len(self.index)
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """sources: [(dataset dir or file, weight)]. ds[i] -> dict(ids (T,) long, weights (T,) uint8 (render's mask),
     pixels (k, 3, S, S) float, dropped_turns int, problem None | str, max_len int). shuffle_images (a seed): the
@@ -168,27 +216,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.n_image_tokens, self.max_len, self.strict = n_image_tokens, max_len, strict
         self.outside_images = outside_images
         self.start_id = tok.specials["<|start_header_id|>" if tok.chat_style == "llama3" else "<|im_start|>"]
-        self.records, self.counts, parts, keys = [], [], [], []
-        for s, (path, weight) in enumerate(sources):
-            weight = float(weight)
-            if not (math.isfinite(weight) and weight >= 0):
-                raise ValueError(f"source {path}: weight {weight} must be a finite number >= 0")
-            rec = Records(path)
-            n = len(rec)
-            count = round(weight * n)
-            whole, rest = divmod(count, n) if n else (0, 0)
-            idx = np.concatenate([np.tile(np.arange(n), whole), np.arange(rest) * n // max(rest, 1)]).astype(np.int64)
-            self.records.append(rec)
-            self.counts.append(count)
-            parts.append(np.stack([np.full(count, s), idx], 1))
-            keys.append((np.arange(count) + 0.5) / max(count, 1))
+        mixed = sources if isinstance(sources, Mix) else Mix(sources, limit)
+        self.records, self.counts, self.index = mixed.records, mixed.counts, mixed.index
         self.image_from = None if shuffle_images is None else [derangement(len(r), shuffle_images + s)
                                                                 for s, r in enumerate(self.records)]
-        index, keys = np.concatenate(parts), np.concatenate(keys)
-        self.index = index[np.lexsort((index[:, 0], keys))][:limit]          # by position in the mix, then source
-        if len(self.index) == 0:
-            raise ValueError(f"the data mix is empty: sources {[str(p) for p, _ in sources]} give {self.counts} "
-                             "samples")
 
     def __len__(self):
         return len(self.index)
@@ -243,12 +274,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             f = root / p
             if not f.exists() and (root / "images" / p).exists():       # LLaVA-Pretrain keeps them in images/
                 f = root / "images" / p
-            try:
-                with Image.open(f) as im:
-                    im.draft("RGB", (S, S))       # JPEG: decode at the smallest scale still >= S (much faster)
-                    arrays.append(np.asarray(im.convert("RGB")))
-            except PROBLEMS as e:                 # name the image: PIL's messages often do not
-                raise ValueError(f"image {f}: {type(e).__name__}: {e}") from e
+            arrays.append(read_rgb(f, draft=S))   # the reader data.py check uses: it flags what this skips
         return preprocess(arrays, self.vit_cfg, size=S) if arrays else torch.zeros(0, 3, S, S)    # (k, 3, S, S)
 
 
