@@ -376,7 +376,7 @@ def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer, mixed=None) -
                                                                                          int, int]:
     """-> (dataset, micro-steps per step, steps per epoch, total steps) over `mixed` (sources, Mix) from
     training/preflight.stage_mix: --data, or data/<preset>/<kind> for each of the stage's kinds."""
-    out, mix = mixed or stage_mix(cfg, rt.log, rt.world)
+    out, mix = mixed or stage_mix(cfg, rt.log)
     n_img_tokens = vlm.n_image_tokens(cfg.image_size)
     ds = ConversationDataset(mix, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
                              max_len=cfg.max_len,
@@ -548,7 +548,7 @@ def train(cfg: Config) -> Path | None:
     rt = setup_runtime(cfg)
     log, device = rt.log, rt.device
     out_dir = repo_path(cfg.runs_dir) / cfg.name / f"stage{cfg.stage}"
-    mixed = stage_mix(cfg, rt.log, rt.world)  # bad data, --init or run dir stop the run before any model is built
+    mixed = stage_mix(cfg, rt.log)  # bad data, --init or run dir stop the run before any model is built
     check_init(cfg, earlier_stage(cfg, out_dir.parent))
     claim_stage_dir(cfg, rt, out_dir, fingerprints(mixed[0]))
     vlm, tok, sources, init = stage_model(cfg, rt, out_dir)

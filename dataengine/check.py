@@ -6,7 +6,8 @@ The data checker: recompute every number and every yes/no of a dataset from its 
 
 Every problem names its line; a line that is not a sample at all (not JSON, NaN or Infinity in it, missing or mistyped
 fields, roles out of order, an image missing or outside the dataset folder, ground truth that does not fit) is one
-problem, never a crash, and an empty file is one too.
+problem, never a crash, and an empty file is one too. Images are decoded by images.read_rgb, as training decodes them:
+what training would skip (a truncated, float or oversized image) is a problem here too.
 
 It reads only the files and `meta` (depth, masks, K, the camera->answer rotation, poses, points, cubes) and
 recomputes the facts with its own arithmetic, not the generator's (the inverse of K, the instance mask rather than
@@ -652,7 +653,7 @@ def _shape(rec, out: Path) -> list:
 def check_line(line: bytes, out: Path, stats: dict) -> list:
     """One line of data.jsonl -> its problems ["<id>: what is wrong"]."""
     try:
-        rec = json.loads(line.decode(), parse_float=_finite, parse_constant=_no_constant)
+        rec = json.loads(line, parse_float=_finite, parse_constant=_no_constant)  # bytes, as the loader reads them
     except ValueError as e:                    # UnicodeDecodeError too
         return [f"not valid JSON ({e})"]
     bad = _shape(rec, out)

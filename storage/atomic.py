@@ -1,6 +1,7 @@
 """
 Atomic writes and repo-relative paths: the one place that knows how to put a file or a directory on disk so that a
-reader, or a crash, never sees it half-written; and `read_json`, whose errors name the file. Plain Python (no torch,
+reader, or a crash, never sees it half-written (a failed write, a full disk included, is an OSError naming the file);
+locks that a killed holder never leaves stuck; and `read_json`, whose errors name the file. Plain Python (no torch,
 no numpy): the data engine uses it too.
 
     write_file_atomically(path, lambda tmp: tmp.write_text(text))      # tmp is a sibling; renamed over path
@@ -22,16 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def named(path, e: Exception) -> Exception:
-    """An error of writing `path` (a full disk, a read-only folder) as an OSError that names it: the OSError a write
-    raises often names only a temporary, and safetensors' says "No space left on device" with no file at all."""
+def named(path, e: Exception) -> Exception | None:
+    """A failed write of `path` (a full disk, a read-only folder) as an OSError that names it: the OSError often
+    names only a temporary, and safetensors' says "No space left on device" with no file at all. None: not a write's."""
     if isinstance(e, OSError):
         return OSError(e.errno, f"writing {path}: {e.strerror or e}")
-    return OSError(f"writing {path}: {type(e).__name__}: {e}")
-
-
-def _writing(e: Exception) -> bool:
-    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+    return OSError(f"writing {path}: SafetensorError: {e}") if type(e).__name__ == "SafetensorError" else None
 
 
 def write_file_atomically(path, write) -> Path:
@@ -43,7 +40,7 @@ def write_file_atomically(path, write) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except Exception as e:
-        if not _writing(e):
+        if named(path, e) is None:
             raise
         raise named(path, e) from e
     finally:
@@ -67,7 +64,7 @@ def write_dir_atomically(out, write) -> Path:
         write(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _writing(e):
+        if isinstance(e, Exception) and named(out, e) is not None:
             raise named(out, e) from e
         raise
     if out.exists():
@@ -86,8 +83,8 @@ def writable_dir(path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(path / ".write-test", "")
-        (path / ".write-test").unlink()
+        (path / f".write-test-{os.getpid()}").touch()
+        (path / f".write-test-{os.getpid()}").unlink()
     except OSError as e:
         raise OSError(e.errno, f"{path}: not a directory this process can write ({e.strerror or e})") from e
     return path
@@ -116,6 +113,20 @@ def hold_lock(path, what: str, wait: bool = False):
     f.write(f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
     f.flush()
     return f
+
+
+def lock_holder(path) -> str | None:
+    """Who holds the lock at `path` (hold_lock), or None when no live process does."""
+    try:
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                holder = f.read().strip() or "another process"
+                return None if holder.startswith(f"pid {os.getpid()} ") else holder    # this process: not busy
+    except OSError:             # no such file (or folder): nobody holds it
+        return None
 
 
 def remove_stale_temporaries(folder) -> list:

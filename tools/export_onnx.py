@@ -180,7 +180,7 @@ def main(argv=None):
                     "config)")
     ap.add_argument("--static", action="store_true", help="fix (batch, 3, size, size) instead of dynamic shapes")
     ap.add_argument("--batch", type=at_least(1), default=1, help="batch of a --static graph, and of the check")
-    ap.add_argument("--opset", type=int, default=OPSET)
+    ap.add_argument("--opset", type=at_least(1), default=OPSET)
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime comparison")
     args = ap.parse_args(argv)
     out = Path(args.out)

@@ -21,11 +21,14 @@ own handle); a JSON array is parsed once, kept as one compact blob.
 Mixing. Source s with n_s records and weight w_s contributes round(w_s * n_s) samples: whole copies of itself for the
 integer part of the weight, then an evenly spaced subset for the rest. The sources are interleaved in proportion
 (sample k of source s sits at (k + 0.5) / count_s) so that every prefix of the mix holds them in the mixing ratio;
-`limit` keeps such a prefix (a smaller limit is a subset of a larger one).
+`limit` keeps such a prefix (a smaller limit is a subset of a larger one). `Mix` does this before any model is built:
+a source that gives no samples (an empty file, a weight that rounds to none) or a mix of more than MAX_SAMPLES is a
+ValueError naming it.
 
-Samples. ds[i] renders the conversation with Tokenizer.render and preprocesses its images (model.preprocess: squashed to
-image_size, not cropped, so normalized coordinates stay valid). Beyond max_len tokens, whole trailing turns (a human
-message and everything up to the next one) are dropped and counted, never part of an answer. With a point token
+Samples. ds[i] renders the conversation with Tokenizer.render and preprocesses its images (read by
+dataengine/images.read_rgb, as `data.py check` reads them; model.preprocess: squashed to image_size, not cropped, so
+normalized coordinates stay valid). Beyond max_len tokens, whole trailing turns (a human message and everything up to
+the next one) are dropped and counted, never part of an answer. With a point token
 (train.py --point-tokens) an item also has `points` (P, 2), the (u, v) of each point token it kept; collate gathers
 them as (P, 3) rows (image index in the batch's pixels, u, v) for VLM.embed. A malformed line, roles out
 of order, a missing or unreadable image or one outside the folder, a first turn alone over max_len: the item carries
@@ -76,6 +79,8 @@ class Records:
         path = dataset_file(path)
         self.file, self.root = path, path.parent
         self.blob, self._fd, self._pid = None, None, None
+        st = path.stat()
+        self.stat = (st.st_ino, st.st_size, st.st_mtime_ns)       # the file the offsets below index
         if path.suffix == ".json":
             try:
                 items = json.loads(path.read_bytes())
@@ -113,6 +118,10 @@ class Records:
             return self.blob[a:b], f"{self.file}:{self.unit} {self.lines[k]}"
         if self._pid != os.getpid():                              # a worker process opens its own handle
             self._fd, self._pid = os.open(self.file, os.O_RDONLY), os.getpid()
+            st = os.fstat(self._fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.stat:  # offsets into another file: wrong samples
+                raise ValueError(f"{self.file} changed since it was indexed (replaced or edited while training): "
+                                 "restore it, or start again")
         return os.pread(self._fd, b - a, a), f"{self.file}:{self.unit} {self.lines[k]}"
 
     def __getstate__(self):

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from dataengine.writer import KINDS, dataset_spec, write_dataset, written_n
-from storage.atomic import read_json, repo_path
+from storage.atomic import lock_holder, read_json, repo_path
 from training.dataset import Mix, dataset_file
 from training.runs import stage_chain
 
@@ -73,31 +73,35 @@ def default_sources(cfg, log) -> list[tuple[Path, float]]:
                     f"--image-size {made.get('size')} ({manifest}), not this run's --seed {cfg.seed} --image-size "
                     f"{cfg.image_size}: pass --data {path} to train on it anyway, or --data-root DIR to make data "
                     f"with these flags there (or delete {path})")
-        spec = dataset_spec(kind, seed, cfg.image_size, cfg.order, None, 256, None, None)
-        have = written_n(path, spec) if path.is_dir() else 0
+        have = written_n(path, dataset_spec(kind, seed, cfg.image_size, cfg.order, None, 256, None, None)) \
+            if path.is_dir() else 0
         if have != cfg.gen_samples:
-            log(f"{kind} data at {path}: {have} samples, --gen-samples {cfg.gen_samples}: generating "
-                f"({cfg.image_size}px) ...")
+            log(f"{kind} data at {path}: {have} samples, --gen-samples {cfg.gen_samples}: generating ...")
         write_dataset(kind, path, n=cfg.gen_samples, seed=seed, size=cfg.image_size, order=cfg.order,
                       workers=max(cfg.workers, min(4, os.cpu_count() or 1)), progress=have != cfg.gen_samples)
         out.append((path, 1.0))
     return out
 
 
-def stage_mix(cfg, log, world: int = 1) -> tuple[list, Mix]:
+def stage_mix(cfg, log) -> tuple[list, Mix]:
     """-> (sources, their mix): read, mixed and checked against one global batch, before any model is built."""
     sources = data_sources(cfg.data) if cfg.data else default_sources(cfg, log)
     mix = Mix(sources, limit=cfg.data_size or None)
     if len(mix) < cfg.global_batch:
-        raise ValueError(f"the data has {len(mix)} samples ({', '.join(f'{p}: {c}' for (p, _), c in zip(sources, mix.counts))}"
-                         f"{f', --data-size {cfg.data_size}' if cfg.data_size else ''}), fewer than one global batch "
-                         f"of {cfg.global_batch} (--global-batch): add data or lower --global-batch")
+        counts = ", ".join(f"{p}: {c}" for (p, _), c in zip(sources, mix.counts))
+        raise ValueError(f"the data has {len(mix)} samples ({counts}{', --data-size' if cfg.data_size else ''}), "
+                         f"fewer than one global batch of {cfg.global_batch} (--global-batch): add data or lower it")
     return sources, mix
 
 
 def check_init(cfg, init: Path | None) -> None:
-    """The stage this one starts from must be a finished train.py stage (its chain of config.json files with
-    'stage', 'config' and 'sources'); stage 3 with a dual channel or LoRA cannot start from a stage 3, which has one."""
+    """The stage this one starts from must be a finished train.py stage, not one still training (its lock held),
+    and its chain of config.json files must have 'stage', 'config' and 'sources'; stage 3 with a dual channel or LoRA
+    cannot start from a stage 3, which has one."""
+    holder = lock_holder(init / ".lock") if init is not None else None
+    if holder:
+        raise ValueError(f"{init}, the stage this one starts from, is still being trained (by {holder}): wait for it "
+                         "to finish")
     if init is None or not (init / "config.json").is_file():
         return                                  # stage_model says what is missing
     chain = stage_chain(init)

@@ -226,17 +226,15 @@ def load_checkpoint(path: Path, vlm, opt, cfg, may_change=()) -> tuple[int, dict
     return state["step"], changed
 
 
-_LOCKS = {}  # stage dir -> the open lock file this process holds on it
+_LOCKS = {}  # stage dir -> the lock file this process holds (a second claim by the same process takes it over)
 
 
 def lock_stage_dir(out_dir: Path) -> None:
-    """Hold out_dir/.lock exclusively until release_stage_dir or this process's end (a killed run's lock goes with
-    it): a second run into the same stage dir is refused, naming the first. A second claim by the same process (a
-    test, a notebook) takes over its own lock."""
-    key = str(Path(out_dir).resolve())
+    """Hold out_dir/.lock until release_stage_dir or this process's end (kill -9 included): a second run into the
+    same stage dir is refused, naming the first."""
     release_stage_dir(out_dir)
     try:
-        _LOCKS[key] = hold_lock(Path(out_dir) / ".lock", "train.py")
+        _LOCKS[str(Path(out_dir).resolve())] = hold_lock(Path(out_dir) / ".lock", "train.py")
     except Busy as e:
         raise Busy(f"{e}: two runs in one stage dir would mix their metrics, checkpoints and weights. Wait for it to "
                    "finish, or choose another --name") from None
@@ -244,50 +242,28 @@ def lock_stage_dir(out_dir: Path) -> None:
 
 def release_stage_dir(out_dir: Path) -> None:
     lock = _LOCKS.pop(str(Path(out_dir).resolve()), None)
-    if lock is not None:
-        lock.close()
-
-
-INTACT = ("state.json", "model.safetensors", "optimizer.safetensors")
-
-
-def resumable(out_dir: Path, log=lambda *a: None) -> Path | None:
-    """The latest checkpoint that holds every file a resume reads; later ones missing a file are passed over (said
-    through log)."""
-    for _, ckpt in reversed(checkpoints(out_dir)):
-        missing = [n for n in INTACT if not (ckpt / n).is_file()]
-        if not missing:
-            return ckpt
-        log(f"  WARNING: --resume: {ckpt} has no {', '.join(missing)}: falling back to the checkpoint before it")
-    return None
+    lock.close() if lock is not None else None
 
 
 def resume_point(out_dir: Path, log=lambda *a: None) -> Path | None:
-    """--resume: the checkpoint to continue from, or None for an unfinished stage without one (killed before its
-    first, or no good one before a non-finite stop: it starts over). Nothing to resume is a FileNotFoundError."""
-    ckpt = resumable(out_dir, log)
-    if ckpt is None and ((out_dir / "config.json").exists() or
-                         not ((out_dir / "metrics.jsonl").exists() or stopped(out_dir))):
+    """--resume: the latest checkpoint holding every file a resume reads (later ones missing one are passed over,
+    said through log), or None for an unfinished stage without one (killed before its first, or none good before a
+    non-finite stop: it starts over). Nothing to resume is a FileNotFoundError."""
+    for _, ckpt in reversed(checkpoints(out_dir)):
+        missing = [n for n in ("state.json", "model.safetensors", "optimizer.safetensors") if not (ckpt / n).is_file()]
+        if not missing:
+            return ckpt
+        log(f"  WARNING: --resume: {ckpt} has no {', '.join(missing)}: falling back to the checkpoint before it")
+    if (out_dir / "config.json").exists() or not ((out_dir / "metrics.jsonl").exists() or stopped(out_dir)):
         done = " (a finished stage saved without --save-every)" if (out_dir / "config.json").exists() else ""
         raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}{done}: nothing to resume")
-    return ckpt
-
-
-def changed_sources(recorded: list, now: list) -> list[str]:
-    """The data sources that differ from what a run recorded in data.json, each named with what changed."""
-    old = {r["file"]: r for r in recorded}
-    said = [f"{n['file']} (" + ("not a source of the run" if n["file"] not in old else
-                                f"changed since the run began: {old[n['file']]['size']} -> {n['size']} bytes, "
-                                "another sha256") + ")"
-            for n in now if n["file"] not in old or old[n["file"]]["sha256"] != n["sha256"]]
-    return said + [f"{f} (a source of the run, not of this one)" for f in old.keys() - {n["file"] for n in now}]
+    return None
 
 
 def claim_stage_dir(cfg, rt, out_dir: Path, prints: list | None = None) -> None:
     """Before the model is built: the stage dir locked (rank 0), what killed writers left there removed, a new run
     refused where another run is (it would silently mix with it or overwrite it), --resume refused when there is
-    nothing to resume or the data (`prints`, preflight.fingerprints) changed since the run began; data.json
-    records the data of a new run."""
+    nothing to resume or the data (`prints`, preflight.fingerprints) is not what data.json says the run began on."""
     if cfg.bench:
         return
 
@@ -309,20 +285,20 @@ def claim_stage_dir(cfg, rt, out_dir: Path, prints: list | None = None) -> None:
         for folder in (out_dir, out_dir / "checkpoints"):
             for p in remove_stale_temporaries(folder):
                 rt.log(f"  removed {p}: left by a killed write")
-    ckpt = refuse(rt.log)
+    resuming, record = refuse(rt.log) is not None, out_dir / "data.json"
     if prints is None:
         return
-    if ckpt is not None and (out_dir / "data.json").exists():
-        changed = changed_sources(read_json(out_dir / "data.json")["sources"], prints)
+    if resuming and record.exists():
+        old, new = ({p["file"]: p["sha256"] for p in ps} for ps in (read_json(record)["sources"], prints))
+        changed = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
         if changed:
-            raise ValueError(f"--resume: the data differs from what {out_dir} was trained on "
-                             f"({out_dir / 'data.json'}): {'; '.join(changed)}. Resuming would not continue the "
-                             "run: restore the data, or start a new run under another --name.")
-    elif ckpt is not None:
-        rt.log(f"  WARNING: --resume: {out_dir} records no data fingerprint (a run from before data.json): the data "
-               "cannot be checked")
-    if rt.master and (ckpt is None or not (out_dir / "data.json").exists()):
-        write_text_atomically(out_dir / "data.json", json.dumps({"sources": prints}, indent=1))
+            raise ValueError(f"--resume: the data is not what {out_dir} was trained on ({record}): {', '.join(changed)}"
+                             " changed, came or went since the run began. Resuming would not continue the run: "
+                             "restore the data, or start a new run under another --name.")
+    elif resuming:
+        rt.log(f"  WARNING: --resume: no {record} (a run from before it): the data cannot be checked")
+    if rt.master and not (resuming and record.exists()):
+        write_text_atomically(record, json.dumps({"sources": prints}, indent=1))
 
 
 def resume(vlm, opt, cfg, rt, out_dir: Path) -> int:
