@@ -36,7 +36,8 @@ from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
 from storage.atomic import read_json, repo_path, write_text_atomically
 from training.dataset import ConversationDataset, LoaderReport, collate
-from training.preflight import STAGE_DATA, check_init, data_sources, fingerprints, stage_mix  # noqa: F401 (STAGE_DATA)
+from training.preflight import (STAGE_DATA, check_init, data_sources, fingerprints, refusals,  # noqa: F401
+                                stage_mix)
 from training.runs import (claim_stage_dir, gathered, load_stage_weights, metric_rows, nonfinite_stop,
                            release_stage_dir, resume, save_checkpoint, save_stage, stage_chain)
 
@@ -548,9 +549,10 @@ def train(cfg: Config) -> Path | None:
     rt = setup_runtime(cfg)
     log, device = rt.log, rt.device
     out_dir = repo_path(cfg.runs_dir) / cfg.name / f"stage{cfg.stage}"
-    mixed = stage_mix(cfg, rt.log)  # bad data, --init or run dir stop the run before any model is built
-    check_init(cfg, earlier_stage(cfg, out_dir.parent))
-    claim_stage_dir(cfg, rt, out_dir, fingerprints(mixed[0]))
+    with refusals():  # bad data, --init or run dir stop the run before any model is built
+        mixed = stage_mix(cfg, rt.log)
+        check_init(cfg, earlier_stage(cfg, out_dir.parent))
+        claim_stage_dir(cfg, rt, out_dir, fingerprints(mixed[0]))
     vlm, tok, sources, init = stage_model(cfg, rt, out_dir)
     ds, accum, steps_per_epoch, total = stage_data(cfg, rt, vlm, tok, mixed)
     model, opt, step = prepare(vlm, cfg, rt, out_dir)
@@ -656,7 +658,12 @@ def report_bench(cfg, timings, vlm, device, patches, peak, log) -> None:
 
 def main(argv=None):
     cfg = parse_config(argv)
-    out = train(cfg)
+    try:
+        out = train(cfg)
+    except Exception as e:
+        if getattr(e, "refusal", False):
+            raise SystemExit(f"train.py: {e}") from None
+        raise
     if dist.is_initialized():  # after train() has returned, so that no DDP / FSDP module still holds the group
         dist.destroy_process_group()
     if out is not None and cfg.stage == 3 and cfg.probe and int(os.environ.get("RANK", "0")) == 0:

@@ -65,6 +65,8 @@ def test_bad_data_stops_the_run_before_anything_is_written(tmp_path, spatial):
         with pytest.raises(ValueError, match=message):
             run(tmp_path, "--data", spec)
         assert not (tmp_path / "runs").exists(), spec  # no runs/NAME/base, no stage dir
+    with pytest.raises(SystemExit, match="^train.py: source .*empty.jsonl: no samples"):   # one line, no traceback
+        train.main(["--runs-dir", str(tmp_path / "runs"), *FAST, "--data", str(tmp_path / "empty.jsonl")])
 
 
 def test_resume_with_nothing_to_resume_writes_nothing(tmp_path, spatial):

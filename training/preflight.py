@@ -12,6 +12,7 @@ resume must match (training/runs.claim_stage_dir).
 import hashlib
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from dataengine.writer import KINDS, dataset_spec, write_dataset, written_n
@@ -128,3 +129,14 @@ def fingerprints(sources) -> list[dict]:
         out.append({"path": str(path), "weight": weight, "file": str(f), "size": f.stat().st_size,
                     "sha256": h.hexdigest()})
     return out
+
+
+@contextmanager
+def refusals():
+    """What goes wrong inside is bad input found before any work (data, --init, the run dir): marked, so that
+    train.py's main says it in one line instead of a traceback; train() callers still get the exception itself."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as e:      # FileNotFoundError, FileExistsError and Busy among them
+        e.refusal = True
+        raise
