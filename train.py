@@ -34,7 +34,7 @@ from attention import add_dual_channel, add_lora, merge_lora
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
-from storage.atomic import read_json, repo_path, write_text_atomically
+from storage.atomic import named, read_json, repo_path, write_text_atomically
 from training.dataset import ConversationDataset, LoaderReport, collate
 from training.preflight import (STAGE_DATA, check_init, data_sources, fingerprints, refusals,  # noqa: F401
                                 stage_mix)
@@ -492,8 +492,11 @@ def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
             rt.log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
 
     def write(row: dict):
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: name the file
+            raise named(path, e) from e
         if wandb:
             wandb.log(row, step=row["step"])
     return write

@@ -142,7 +142,7 @@ def check_out(out: Path, spec: DatasetSpec) -> None:
         old = {**asdict(DatasetSpec()), **json.loads(manifest.read_text())["config"]}   # fields added since: defaults
         if old != asdict(spec):
             raise SystemExit(f"{out} was written with {old}, not {asdict(spec)}: use the same options or a new --out")
-    elif out.is_dir() and any(p.is_file() and p.name != LOCK for p in out.rglob("*")):
+    elif out.is_dir() and any(p.is_file() and not p.name.startswith(".") for p in out.rglob("*")):  # .lock, .DS_Store
         raise ValueError(f"--out {out}: a folder data.py did not write (no {manifest.name} manifest): it is left as "
                          "it is; choose a new or empty --out")
 
