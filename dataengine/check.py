@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataengine.images import image_size, read_rgb
+from dataengine.images import read_rgb
 from dataengine.scenes import CATEGORIES
 from dataengine.text import (CLOSER_WORDS, DIRECTIONS, LEVEL_COUNTS, NUMBER_WORDS, PIXEL_KINDS, RELATIONS, TIE_CENTRE,
                              TIE_DEPTH, coord, cube_distance, place, relation)
@@ -70,7 +70,7 @@ def check_spatial(rec: dict, out: Path, stats: dict) -> list:
         bad.append("the first human turn must start with '<image>\\n' and no other turn may hold <image>")
     if {k: levels.count(k) for k in LEVEL_COUNTS} != LEVEL_COUNTS or len(meta["turns"]) != 12:
         bad.append(f"levels {levels} do not hold 5 pixel, 4 object, 1 scene, 2 caption turns")
-    W, H = image_size(out / rec["image"])
+    H, W = read_rgb(out / rec["image"]).shape[:2]
     depth, inst = _depth(out / meta["depth"]), _mask(out / meta["instance"])
     if depth.shape != (H, W) or inst.shape != (H, W) or meta["size"] != [H, W]:
         return bad + [f"image {(H, W)}, depth {depth.shape}, instance {inst.shape}, meta size {meta['size']} disagree"]
@@ -238,7 +238,7 @@ def check_single(rec: dict, out: Path, stats: dict) -> list:
     if _images(conv) != 1 or not (first.startswith("<image>\n") or first.endswith("\n<image>")):
         return ["the first human turn must start (or end) with the one <image>"]
     inst = _mask(out / meta["instance"])
-    if list(inst.shape) != meta["size"] or image_size(out / rec["image"]) != tuple(meta["size"][::-1]):
+    if list(inst.shape) != meta["size"] or read_rgb(out / rec["image"]).shape[:2] != tuple(meta["size"]):
         return [f"image, instance {inst.shape} and meta size {meta['size']} disagree"]
     f, bad = _single_facts(meta, inst), []
     for t, turn in enumerate(meta["turns"]):
@@ -393,7 +393,7 @@ def check_pair(rec: dict, out: Path, stats: dict) -> list:
         return ["two images, both named in the first human turn ('<image>\\n<image>\\n')"]
     depth, inst = [_depth(out / v["depth"]) for v in V], [_mask(out / v["instance"]) for v in V]
     for v, d, i in zip(V, depth, inst):
-        rgb = image_size(out / v["image"])[::-1]
+        rgb = read_rgb(out / v["image"]).shape[:2]
         if list(d.shape) != v["size"] or list(i.shape) != v["size"] or list(rgb) != v["size"]:
             return [f"a view's image, depth {d.shape}, instance {i.shape} and size {v['size']} disagree"]
     bad, posed = [], all(v["cam_to_world"] is not None for v in V)

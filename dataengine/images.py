@@ -38,13 +38,6 @@ def _check_header(im, path) -> None:
                          "8-bit RGB by: save it as an 8- or 16-bit image")
 
 
-def image_size(path) -> tuple:
-    """(W, H) as read_rgb returns it (EXIF orientation applied), from the header alone."""
-    with _open(path) as im:
-        w, h = im.size
-        return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
-
-
 def read_rgb(path, draft: int | None = None) -> np.ndarray:
     """The image at `path` as (H, W, 3) uint8, or a ValueError naming it and what is wrong (see the module
     docstring). draft: a JPEG may decode at the smallest scale still >= draft x draft (much faster)."""

@@ -1,8 +1,6 @@
 """
-What a run checks before it builds a model or writes a file in runs/: its data read and mixed (training/dataset.Mix:
-an empty source, a weight that gives no samples or billions, too few samples for one global batch), the default data
-made with the flags this run has, --init a stage directory it can start from, and each source's fingerprint, which a
-resume must match (training/runs.claim_stage_dir).
+What a run checks before it builds a model or writes in runs/: its data read and mixed (training/dataset.Mix), the
+default data made with this run's flags, --init, and each source's fingerprint (training/runs.claim_stage_dir).
 
     sources, mix = stage_mix(cfg, log)        # --data, else data/<preset>/<kind> (made with cfg's flags if absent)
     check_init(cfg, init)                     # a vision export, or stage 3 on a stage-3 dir: refused, named
