@@ -102,6 +102,7 @@ def hold_lock(path, what: str, wait: bool = False):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        time.sleep(0.2)                     # the holder may not have written its name yet
         f.seek(0)
         holder = f.read().strip() or "another process"
         if not wait:
