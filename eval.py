@@ -238,9 +238,13 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
     return names, results, examples
 
 
-def check_paths(encoders: list, vlms: list, out: Path) -> None:
-    """Every encoder, VLM and the report directory checked before any probe runs: a bad one stops eval naming it,
-    not after the work before it."""
+def check_inputs(args, encoders: list, out: Path) -> None:
+    """The optional packages asked for, every encoder, VLM and the report directory checked before any probe runs: a
+    bad one stops eval naming it, not after the work before it."""
+    try:
+        mujoco_sim.require() if args.robot or args.mujoco else None
+    except ImportError as e:
+        raise SystemExit(f"eval.py --robot/--mujoco: {e}") from e
     try:
         writable_dir(out)
     except OSError as e:
@@ -250,7 +254,7 @@ def check_paths(encoders: list, vlms: list, out: Path) -> None:
             load_vit(path)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"eval.py --vision {path}: {e}") from e
-    for stage_dir in map(Path, vlms):
+    for stage_dir in map(Path, args.vlm):
         meta = stage_dir / ("state.json" if (stage_dir / "state.json").is_file() else "config.json")
         try:
             if "config" not in read_json(meta):
@@ -282,7 +286,7 @@ def main(argv=None):
     runs = repo_path(args.runs_dir)
     out = Path(args.out or (runs / args.run / "eval" if args.run else runs / "eval"))
     report = {"config": asdict(cfg), "encoders": [], "argv": sys.argv[1:]}
-    check_paths(encoders, args.vlm, out)
+    check_inputs(args, encoders, out)
     qa = None
     if args.qa:  # the held-out data and answer files read first: a bad one stops eval before the probes
         if not args.answers and not args.vlm and not args.run:
