@@ -23,7 +23,7 @@ import argparse
 import sys
 
 from dataengine.check import check
-from dataengine.writer import KINDS, ORDERED, ORDERS, write_dataset
+from dataengine.writer import KINDS, ORDERED, ORDERS, SIZES, write_dataset
 
 __all__ = ["KINDS", "check", "generate", "main"]
 
@@ -66,22 +66,35 @@ HELP = {"spatial": "single-view spatial conversations, 12 turns pixel -> object 
                              "distances across views, pixel -> object -> scene (stage 3)"}
 
 
+def at_least(least: int, most: int | None = None):
+    """An argparse type: a whole number in [least, most], else a usage error (before anything is written)."""
+    def parse(text: str) -> int:
+        try:
+            x = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if x < least or (most is not None and x > most):
+            raise argparse.ArgumentTypeError(f"{x}: expected {least} .. {most}" if most else f"{x}: must be >= {least}")
+        return x
+    return parse
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="SpatialBoost data. Kinds: " + "; ".join(f"{k}: {v}" for k, v in
                                  HELP.items()) + "; check: recompute every answer of a dataset from its ground truth.")
     sub = ap.add_subparsers(dest="kind", required=True)
     for kind, text in HELP.items():
         sp = sub.add_parser(kind, help=text, description=text)
-        sp.add_argument("--n", type=int, required=True, help="number of samples")
+        sp.add_argument("--n", type=at_least(1), required=True, help="number of samples")
         sp.add_argument("--out", required=True, help="dataset directory (re-running continues an interrupted run)")
         sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--workers", type=int, default=1, help="processes (results do not depend on it)")
+        sp.add_argument("--workers", type=at_least(1), default=1, help="processes (results do not depend on it)")
         sp.add_argument("--rgbd", default=None, help="a folder of RGB-D frame folders (format: scenes.load_rgbd)"
                             + ("; for pairs, a folder of scene folders of frames (pose.txt gives the co-visibility "
                                "band, else --encoder)" if "multiview" in kind else ""))
         sp.add_argument("--depth-scale", type=float, default=1.0, help="--rgbd: stored depth x this = meters "
                         "(0.001 for a depth.npy in millimetres; depth.png is read as millimetres already)")
-        sp.add_argument("--size", type=int, default=448, help="synthetic image size (square), pixels")
+        sp.add_argument("--size", type=at_least(*SIZES), default=448, help="synthetic image size (square), pixels")
         if kind in ORDERED:
             sp.add_argument("--order", choices=ORDERS, default="forward", help="turn order: pixel->object->scene"
                             "(->caption), its reverse, or shuffled (the paper's ablation)")
@@ -95,10 +108,11 @@ def main(argv=None):
                                  "(default 0.35,0.65); with --encoder, the feature-distance band (default 0.74,0.94)")
             sp.add_argument("--encoder", default=None, help="RGB-D frames without pose.txt: pair them by this "
                             "encoder's feature distance (a directory load_vit reads)")
-        sp.add_argument("--shard-size", type=int, default=256, help="samples per atomically written shard")
+        sp.add_argument("--shard-size", type=at_least(1), default=256, help="samples per atomically written shard")
     ck = sub.add_parser("check", help="recompute every numeric and yes/no answer of a dataset from its ground truth")
     ck.add_argument("dir")
-    ck.add_argument("--limit", type=int, default=None, help="check only the first N samples")
+    ck.add_argument("--limit", type=at_least(1), default=None, help="check only the first N >= 1 samples "
+                    "(default: all)")
     args = ap.parse_args(argv)
     if args.kind == "check":
         problems, stats = check(args.dir, args.limit)
@@ -116,7 +130,7 @@ def main(argv=None):
         print(generate(args.kind, args.out, args.n, args.seed, args.size, getattr(args, "order", "forward"),
                        args.workers, args.rgbd, args.shard_size, band=band, encoder=getattr(args, "encoder", None),
                        depth_scale=args.depth_scale, points_per_turn=getattr(args, "points_per_turn", 1)))
-    except ValueError as e:     # bad input (an RGB-D frame, an option): its message names it; rerun to continue
+    except (ValueError, OSError) as e:  # bad input (an RGB-D frame, an option, --out): its message names it
         raise SystemExit(f"data.py {args.kind}: {e}") from e
 
 

@@ -34,8 +34,9 @@ from evaluation.qa import evaluate_qa, load_conversations, read_answers, score_q
 from evaluation.report import write_report
 from evaluation.stereo import stereo_probe
 from evaluation.suite import dual_channel_stats, fingerprint, run_probes
+from data import at_least
 from model import load_vit
-from storage.atomic import repo_path, write_text_atomically
+from storage.atomic import read_json, repo_path, writable_dir, write_text_atomically
 from train import load_stage
 
 DEFAULT_PROBES = "data/probes"
@@ -99,12 +100,12 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--run", help="runs/RUN/stage3: compare its base_vision (baseline) with its boosted export")
     add("--runs-dir", default="runs", help="where train.py's runs are (train.py --runs-dir)")
     add("--probes", default=DEFAULT_PROBES, help=f"probe set directory (default {DEFAULT_PROBES}; made if missing)")
-    add("--n-images", type=int, default=480, help="views in a newly made probe set (2 per scene)")
+    add("--n-images", type=at_least(1), default=480, help="views in a newly made probe set (2 per scene)")
     add("--probe-seed", type=int, default=0, help="seed of a newly made probe set")
-    add("--test-every", type=int, default=4, help="in a newly made probe set, every k-th scene is a test scene")
-    add("--object-views", type=int, default=None, help="in a newly made probe set, only the first N views give "
+    add("--test-every", type=at_least(1), default=4, help="in a newly made probe set, every k-th scene is a test scene")
+    add("--object-views", type=at_least(1), default=None, help="in a newly made probe set, only the first N views give "
         "object crops (default: all; issue 27's protocol: 480 of 1920)")
-    add("--depth-heads", type=int, default=1, help="average the depth maps of this many lin.1 / lin.4 heads (seeds "
+    add("--depth-heads", type=at_least(1), default=1, help="average the depth maps of this many lin.1 / lin.4 heads (seeds "
         "--seed + 1000 k; issue 27's protocol: 3)")
     add("--per-image", action="store_true", help="keep each test image's results in report.json (for bootstrap "
         "intervals: experiments/boost_report.py)")
@@ -121,13 +122,13 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         "checkpoints (runs/NAME/stageK/checkpoints/step_N, while it trains), repeatable: its VLM answers --qa, and with --diagnose its image dependence and localization gap are measured on --qa's data")
     add("--diagnose", action="store_true", help="with --vlm: the loss on answer digits with the true vs another "
         "image, and with the true vs swapped query point (evaluation/diagnostics.py)")
-    add("--qa-samples", type=int, default=24, help="held-out conversations the VLMs answer")
+    add("--qa-samples", type=at_least(1), default=24, help="held-out conversations the VLMs answer")
     add("--qa-context", default="none", choices=["none", "gold"], help="ask each question alone (none) or after the "
         "conversation's own earlier turns (gold, as in training; slower)")
-    add("--qa-max-new", type=int, default=160, help="tokens generated per answer at most")
+    add("--qa-max-new", type=at_least(1), default=160, help="tokens generated per answer at most")
     add("--out", help="report directory (default runs/RUN/eval with --run, else runs/eval)")
-    add("--image-size", type=int, default=224, help="dense-probe input side (rounded to the patch size)")
-    add("--crop-size", type=int, default=112, help="object-crop input side (rounded to the patch size)")
+    add("--image-size", type=at_least(1), default=224, help="dense-probe input side (rounded to the patch size)")
+    add("--crop-size", type=at_least(1), default=112, help="object-crop input side (rounded to the patch size)")
     add("--seed", type=int, default=0, help="seed of every probe head and batch order")
     add("--quick", action="store_true", help="a tenth of the training steps: a smoke test, not a result")
     add("--no-cache", action="store_true", help="do not read or write cached features")
@@ -136,8 +137,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--robot", action="store_true", help="also robot control per encoder: CortexBench-style behaviour cloning on "
         "MetaWorld, success rate of an MLP policy on the frozen embedding (4-7 min per encoder on 2 shared CPU cores)")
     add("--robot-tasks", default=",".join(mujoco_sim.TASKS), help="comma-separated MetaWorld tasks for --robot")
-    add("--robot-seeds", type=int, default=3, help="policy seeds per task (the spread is over them)")
-    add("--robot-episodes", type=int, default=4, help="evaluation rollouts per task and policy seed")
+    add("--robot-seeds", type=at_least(1), default=3, help="policy seeds per task (the spread is over them)")
+    add("--robot-episodes", type=at_least(1), default=4, help="evaluation rollouts per task and policy seed")
     add("--robot-quick", action="store_true", help="one task, 2 demos, short rollouts (also with --quick): a smoke "
         "test")
     add("--robot-cache", default="data/robot-cache", help="where demos and their embeddings are cached")
@@ -196,7 +197,10 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
               f"seed {args.probe_seed}); later runs reuse it")
         probes.make_probe_sets(args.probes, args.n_images, args.probe_seed, test_every=args.test_every,
                                overwrite=True, object_views=args.object_views)
-    ps = probes.load_probe_set(args.probes, args.crop_size)
+    try:
+        ps = probes.load_probe_set(args.probes, args.crop_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"eval.py --probes: {e}") from e
     try:  # a bad frame is bad input, not a bug: its message names the folder and the file
         rgbd = probes.load_rgbd_set(args.rgbd, args.image_size, depth_scale=args.depth_scale) if args.rgbd else None
     except (ValueError, FileNotFoundError) as e:
@@ -238,6 +242,32 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
     return names, results, examples
 
 
+def check_inputs(args, encoders: list, out: Path) -> None:
+    """The optional packages asked for, every encoder, VLM and the report directory checked before any probe runs: a
+    bad one stops eval naming it, not after the work before it."""
+    try:
+        mujoco_sim.require() if args.robot or args.mujoco else None
+    except ImportError as e:
+        raise SystemExit(f"eval.py --robot/--mujoco: {e}") from e
+    try:
+        writable_dir(out)
+    except OSError as e:
+        raise SystemExit(f"eval.py --out: {e}") from e
+    for name, path in encoders:
+        try:
+            load_vit(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"eval.py --vision {path}: {e}") from e
+    for stage_dir in map(Path, args.vlm):
+        meta = stage_dir / ("state.json" if (stage_dir / "state.json").is_file() else "config.json")
+        try:
+            if "config" not in read_json(meta):
+                raise ValueError(f"{meta} has no 'config': not a train.py stage directory or checkpoint (an LLM or "
+                                 "encoder folder?)")
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"eval.py --vlm {stage_dir}: {e}") from e
+
+
 def main(argv=None):
     ap, args = parse_args(argv)
     if args.threads:
@@ -254,26 +284,28 @@ def main(argv=None):
         ap.error("nothing to evaluate: give --vision, --run or --qa")
     if (args.vlm or args.diagnose) and not args.qa:
         ap.error("--vlm and --diagnose need --qa: the held-out data they answer or are diagnosed on")
-    if args.depth_heads < 1:
-        ap.error(f"--depth-heads {args.depth_heads}: must be >= 1")
     cfg = ProbeConfig(seed=args.seed, depth_heads=args.depth_heads)
     if args.quick:
         cfg = cfg.shortened(0.1)
     runs = repo_path(args.runs_dir)
     out = Path(args.out or (runs / args.run / "eval" if args.run else runs / "eval"))
     report = {"config": asdict(cfg), "encoders": [], "argv": sys.argv[1:]}
-    names, results, examples = probe_encoders(encoders, args, cfg, report) if encoders else ([], [], [])
+    check_inputs(args, encoders, out)
     qa = None
+    if args.qa:  # the held-out data and answer files read first: a bad one stops eval before the probes
+        if not args.answers and not args.vlm and not args.run:
+            ap.error("--qa needs --answers NAME=FILE, --vlm STAGE_DIR, or --run NAME whose stage-2 and stage-3 VLMs "
+                     "answer")
+        try:
+            samples = load_conversations(args.qa, limit=args.qa_samples)
+            answers = {name or Path(file).stem: read_answers(file, samples)
+                       for name, _, file in (item.rpartition("=") for item in args.answers)}
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"eval.py --qa/--answers: {e}") from e
+    names, results, examples = probe_encoders(encoders, args, cfg, report) if encoders else ([], [], [])
     if args.qa:
-        samples = load_conversations(args.qa, limit=args.qa_samples)
-        qa = {}
-        for item in args.answers:
-            name, _, file = item.rpartition("=")
-            qa[name or Path(file).stem] = score_qa(samples, read_answers(file, samples))
+        qa = {name: score_qa(samples, a) for name, a in answers.items()}
         if not args.answers and not args.vlm:
-            if not args.run:
-                ap.error("--qa needs --answers NAME=FILE, --vlm STAGE_DIR, or --run NAME whose stage-2 and stage-3 "
-                         "VLMs answer")
             qa.update(run_qa(args.run, samples, args))
         for stage_dir in args.vlm:
             qa[stage_dir], _, diagnosed = ask_vlm(Path(stage_dir), samples, args, diagnosing=args.diagnose)

@@ -31,17 +31,18 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from attention import add_dual_channel, add_lora, merge_lora
-from dataengine.writer import KINDS, write_dataset
 from evaluation.probes import ProbeConfig
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
-from storage.atomic import read_json, repo_path, write_text_atomically
-from training.dataset import ConversationDataset, LoaderReport, collate, dataset_file
+from storage.atomic import named, read_json, repo_path, write_text_atomically
+from training.dataset import ConversationDataset, LoaderReport, collate
 from training.flag_help import flag_help
+from training.preflight import (STAGE_DATA, check_init, data_sources, fingerprints, refusals,  # noqa: F401
+                                stage_mix)
 from training.teacher import MODES, DepthData, DepthTeacher, collate_depth
-from training.runs import (claim_stage_dir, gathered, load_stage_weights, metric_rows, nonfinite_stop, resume,
-                           save_checkpoint, save_stage, stage_chain)
+from training.runs import (claim_stage_dir, gathered, load_stage_weights, metric_rows, nonfinite_stop,
+                           release_stage_dir, resume, save_checkpoint, save_stage, stage_chain)
 
 
 @dataclass
@@ -201,29 +202,6 @@ def validate(cfg: Config) -> list[str]:
     except (ValueError, FileNotFoundError) as e:
         checks.append((False, str(e)))
     return [msg for ok, msg in checks if not ok]
-
-
-def data_sources(spec: str) -> list[tuple[Path, float]]:
-    """--data "dirA,b.json:0.5" -> [(path, weight)]: each a dataset dir or file (training/dataset.py reads both),
-    weight 1 unless given after the last ':'. A ValueError or FileNotFoundError names the entry that is wrong."""
-    out = []
-    for item in spec.split(",") if spec else []:
-        path, sep, weight = item.rpartition(":")
-        path, weight = (path, weight) if sep else (item, "")
-        try:
-            w = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"--data {item!r}: the weight after ':' must be a number, e.g. {path}:0.5") from None
-        if not (math.isfinite(w) and w >= 0):
-            raise ValueError(f"--data {item!r}: the weight must be a finite number >= 0")
-        if not path:
-            raise ValueError(f"--data {spec!r}: an empty entry; expected a dataset dir or file, comma-separated")
-        try:
-            dataset_file(repo_path(path))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"--data {item!r}: {e}") from None
-        out.append((repo_path(path), w))
-    return out
 
 
 @dataclass
@@ -424,33 +402,18 @@ def teacher_model(cfg: Config, rt: Runtime, run_dir: Path) -> tuple[DepthTeacher
     return DepthTeacher(vit, cfg.teacher, ProbeConfig(seed=cfg.seed)).to(rt.device).train(), None, sources, None
 
 
-STAGE_DATA = {1: ["captions"], 2: ["instruct", "grounding", "multiview"], 3: ["spatial", "spatial-multiview"]}
-
-
-def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer) -> tuple[ConversationDataset, int, int, int]:
-    """-> (dataset, micro-steps per step, steps per epoch, total steps). The data: --data, or data/<preset>/<kind>
-    for each of the stage's kinds (mixed 1:1), generated on first use, each kind from its own seed so that no two
-    stages train on the same images."""
-    out = data_sources(cfg.data)
-    kinds = STAGE_DATA[cfg.stage] if cfg.teacher == "llm" else ["spatial"]  # a depth teacher reads single views
-    for kind in [] if cfg.data else kinds:
-        ordered = kind.startswith("spatial") and cfg.order != "forward"
-        path = repo_path(cfg.data_root) / cfg.preset / (kind + (f"-{cfg.order}" if ordered else ""))
-        if not (path / "data.jsonl").exists():
-            rt.log(f"no {kind} data at {path}: generating {cfg.gen_samples} samples ({cfg.image_size}px) ...")
-            write_dataset(kind, path, n=cfg.gen_samples, seed=cfg.seed + 1000 * (KINDS.index(kind) + 1),
-                          size=cfg.image_size, order=cfg.order,
-                          workers=max(cfg.workers, min(4, os.cpu_count() or 1)))
-        out.append((path, 1.0))
+def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer, mixed=None) -> tuple[ConversationDataset, int,
+                                                                                         int, int]:
+    """-> (dataset, micro-steps per step, steps per epoch, total steps) over `mixed` (sources, Mix) from
+    training/preflight.stage_mix: --data, or data/<preset>/<kind> for each of the stage's kinds."""
+    out, mix = mixed or stage_mix(cfg, rt.log)
     if cfg.teacher != "llm":
         n_img_tokens = math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
-        ds = DepthData(out, vlm.vit, cfg.image_size, cfg.teacher, vlm.cfg, limit=cfg.data_size or None,
-                       outside_images=cfg.images_outside_data)
+        ds = DepthData(mix, vlm.vit, cfg.image_size, cfg.teacher, vlm.cfg, outside_images=cfg.images_outside_data)
     else:
         n_img_tokens = vlm.n_image_tokens(cfg.image_size)
-        ds = ConversationDataset(out, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
-                                 max_len=cfg.max_len, limit=cfg.data_size or None,
-                                 shuffle_images=cfg.seed if cfg.shuffle_images else None,
+        ds = ConversationDataset(mix, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
+                                 max_len=cfg.max_len, shuffle_images=cfg.seed if cfg.shuffle_images else None,
                                  outside_images=cfg.images_outside_data)
     accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), rt.world, rt.rank, 0, 0)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
@@ -562,8 +525,11 @@ def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
             rt.log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
 
     def write(row: dict):
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: name the file
+            raise named(path, e) from e
         if wandb:
             wandb.log(row, step=row["step"])
     return write
@@ -620,9 +586,12 @@ def train(cfg: Config) -> Path | None:
     rt = setup_runtime(cfg)
     log, device = rt.log, rt.device
     out_dir = repo_path(cfg.runs_dir) / cfg.name / f"stage{cfg.stage}"
-    claim_stage_dir(cfg, rt, out_dir)
+    with refusals():  # bad data, --init or run dir stop the run before any model is built
+        mixed = stage_mix(cfg, rt.log)
+        check_init(cfg, earlier_stage(cfg, out_dir.parent))
+        claim_stage_dir(cfg, rt, out_dir, fingerprints(mixed[0]))
     vlm, tok, sources, init = stage_model(cfg, rt, out_dir)
-    ds, accum, steps_per_epoch, total = stage_data(cfg, rt, vlm, tok)
+    ds, accum, steps_per_epoch, total = stage_data(cfg, rt, vlm, tok, mixed)
     if isinstance(vlm, DepthTeacher):  # before the optimizer sees the head; a resume then overwrites it
         vlm.warm_start(ds, cfg.seed, log)
     model, opt, step = prepare(vlm, cfg, rt, out_dir)
@@ -707,6 +676,7 @@ def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dic
         save_vit(vlm.vit, stage_dir / "vision")
         rt.log(f"boosted encoder saved to {stage_dir / 'vision'} (load_vit reads it; baseline: {sources['vision']})")
     save_stage(out_dir, vlm, cfg, sources, init, master=rt.master, export=export if cfg.stage == 3 else None)
+    release_stage_dir(out_dir)
     rt.log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")
     if rt.world > 1:
         dist.barrier()
@@ -728,7 +698,12 @@ def report_bench(cfg, timings, vlm, device, patches, peak, log) -> None:
 
 def main(argv=None):
     cfg = parse_config(argv)
-    out = train(cfg)
+    try:
+        out = train(cfg)
+    except Exception as e:
+        if getattr(e, "refusal", False):
+            raise SystemExit(f"train.py: {e}") from None
+        raise
     if dist.is_initialized():  # after train() has returned, so that no DDP / FSDP module still holds the group
         dist.destroy_process_group()
     if out is not None and cfg.stage == 3 and cfg.probe and int(os.environ.get("RANK", "0")) == 0:

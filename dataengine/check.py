@@ -6,7 +6,8 @@ The data checker: recompute every number and every yes/no of a dataset from its 
 
 Every problem names its line; a line that is not a sample at all (not JSON, NaN or Infinity in it, missing or mistyped
 fields, roles out of order, an image missing or outside the dataset folder, ground truth that does not fit) is one
-problem, never a crash, and an empty file is one too.
+problem, never a crash, and an empty file is one too. Images are decoded by images.read_rgb, as training decodes them:
+what training would skip (a truncated, float or oversized image) is a problem here too.
 
 It reads only the files and `meta` (depth, masks, K, the camera->answer rotation, poses, points, cubes) and
 recomputes the facts with its own arithmetic, not the generator's (the inverse of K, the instance mask rather than
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dataengine.images import read_rgb
 from dataengine.scenes import CATEGORIES
 from dataengine.text import (CLOSER_WORDS, DIRECTIONS, LEVEL_COUNTS, NUMBER_WORDS, PIXEL_KINDS, RELATIONS, TIE_CENTRE,
                              TIE_DEPTH, coord, cube_distance, place, relation)
@@ -68,7 +70,7 @@ def check_spatial(rec: dict, out: Path, stats: dict) -> list:
         bad.append("the first human turn must start with '<image>\\n' and no other turn may hold <image>")
     if {k: levels.count(k) for k in LEVEL_COUNTS} != LEVEL_COUNTS or len(meta["turns"]) != 12:
         bad.append(f"levels {levels} do not hold 5 pixel, 4 object, 1 scene, 2 caption turns")
-    W, H = Image.open(out / rec["image"]).size
+    H, W = read_rgb(out / rec["image"]).shape[:2]
     depth, inst = _depth(out / meta["depth"]), _mask(out / meta["instance"])
     if depth.shape != (H, W) or inst.shape != (H, W) or meta["size"] != [H, W]:
         return bad + [f"image {(H, W)}, depth {depth.shape}, instance {inst.shape}, meta size {meta['size']} disagree"]
@@ -236,7 +238,7 @@ def check_single(rec: dict, out: Path, stats: dict) -> list:
     if _images(conv) != 1 or not (first.startswith("<image>\n") or first.endswith("\n<image>")):
         return ["the first human turn must start (or end) with the one <image>"]
     inst = _mask(out / meta["instance"])
-    if list(inst.shape) != meta["size"] or Image.open(out / rec["image"]).size != tuple(meta["size"][::-1]):
+    if list(inst.shape) != meta["size"] or read_rgb(out / rec["image"]).shape[:2] != tuple(meta["size"]):
         return [f"image, instance {inst.shape} and meta size {meta['size']} disagree"]
     f, bad = _single_facts(meta, inst), []
     for t, turn in enumerate(meta["turns"]):
@@ -391,7 +393,7 @@ def check_pair(rec: dict, out: Path, stats: dict) -> list:
         return ["two images, both named in the first human turn ('<image>\\n<image>\\n')"]
     depth, inst = [_depth(out / v["depth"]) for v in V], [_mask(out / v["instance"]) for v in V]
     for v, d, i in zip(V, depth, inst):
-        rgb = Image.open(out / v["image"]).size[::-1]
+        rgb = read_rgb(out / v["image"]).shape[:2]
         if list(d.shape) != v["size"] or list(i.shape) != v["size"] or list(rgb) != v["size"]:
             return [f"a view's image, depth {d.shape}, instance {i.shape} and size {v['size']} disagree"]
     bad, posed = [], all(v["cam_to_world"] is not None for v in V)
@@ -638,13 +640,20 @@ def _shape(rec, out: Path) -> list:
     if outside:
         return [f"files {outside[:3]} lie outside the dataset folder {out}"]
     missing = [p for p in files if not (out / p).is_file()]
-    return [f"files {missing[:3]} not found under {out}"] if missing else []
+    if missing:
+        return [f"files {missing[:3]} not found under {out}"]
+    for p in images:           # decoded as training decodes them: what it would skip or misread is a problem here
+        try:
+            read_rgb(out / p)
+        except ValueError as e:
+            return [str(e)]
+    return []
 
 
 def check_line(line: bytes, out: Path, stats: dict) -> list:
     """One line of data.jsonl -> its problems ["<id>: what is wrong"]."""
     try:
-        rec = json.loads(line.decode(), parse_float=_finite, parse_constant=_no_constant)
+        rec = json.loads(line, parse_float=_finite, parse_constant=_no_constant)  # bytes, as the loader reads them
     except ValueError as e:                    # UnicodeDecodeError too
         return [f"not valid JSON ({e})"]
     bad = _shape(rec, out)

@@ -7,7 +7,10 @@ make_sample(spec, index, out, source) -> one JSON line.
 
     write_dataset("spatial", "data/spatial", n=1000, seed=0, size=448, workers=2)     # -> data/spatial/data.jsonl
 
-A directory holds one kind: <kind>.json records the DatasetSpec, and a resumed run must match it.
+A directory holds one kind: <kind>.json records the DatasetSpec, and a resumed run must match it. The writer writes only
+into a new or empty folder or one with its manifest, never over a data.jsonl its shards do not account for (edited by
+hand: kept, refused), and nothing at all when the dataset is complete; a second writer in the same folder waits for
+the first (.lock).
 """
 
 import json
@@ -18,13 +21,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dataengine import grounding, instruct, multiview, scenes, spatial
-from storage.atomic import write_file_atomically, write_text_atomically
+from storage.atomic import hold_lock, write_file_atomically, write_text_atomically
 
 BUILDERS = {"spatial": spatial, "captions": instruct, "instruct": instruct, "grounding": grounding,
             "multiview": multiview, "spatial-multiview": multiview}      # kind -> the module that builds its samples
 KINDS = tuple(BUILDERS)
 ORDERED = ("spatial", "spatial-multiview")      # kinds whose turns go pixel -> object -> scene: --order applies
 ORDERS = ("forward", "reversed", "shuffled")
+SIZES = (32, 4096)      # synthetic image side: below 32 px rooms show too few objects to ask about
+LOCK = ".lock"          # held while a writer works in a directory: a second one waits for it
 
 
 @dataclass
@@ -84,6 +89,10 @@ def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth
     if points_per_turn != 1 and kind != "spatial":
         raise ValueError(f"points_per_turn {points_per_turn!r}: applies to the depth / 3D-position turns of spatial "
                          f"data, not to {kind!r}")
+    if not (isinstance(size, int) and SIZES[0] <= size <= SIZES[1]):
+        raise ValueError(f"size {size!r}: expected a whole number of pixels from {SIZES[0]} to {SIZES[1]}")
+    if not (isinstance(shard_size, int) and shard_size >= 1):
+        raise ValueError(f"shard_size {shard_size!r}: expected a whole number of samples >= 1")
     if points_per_turn not in range(1, 5):
         raise ValueError(f"points_per_turn {points_per_turn!r}: expected a whole number of points from 1 to 4")
     if multi:
@@ -95,10 +104,36 @@ def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth
                        int(points_per_turn))
 
 
-def open_dataset(out: Path, spec: DatasetSpec):
-    """Create out (or reopen it for the same spec): refuses another kind's directory or other options."""
-    for sub in ("images", "gt", "shards"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+def plan_of(n: int, shard_size: int) -> list:
+    return [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
+
+
+def shard_path(out: Path, a: int, b: int) -> Path:
+    return out / "shards" / f"{a:06d}-{b:06d}.jsonl"
+
+
+def written_n(out: Path, spec: DatasetSpec) -> int:
+    """How many samples out/data.jsonl holds, when it is exactly what this writer assembled from its shards (0: no
+    data.jsonl). A file the shards do not account for (edited by hand, or not ours) is refused, never rebuilt away."""
+    data = out / "data.jsonl"
+    if not data.exists():
+        return 0
+    with open(data, "rb") as f:
+        n = sum(1 for _ in f)
+    shards = [shard_path(out, a, b) for a, b in plan_of(n, spec.shard_size)]
+    if all(p.is_file() for p in shards) and data.stat().st_size == sum(p.stat().st_size for p in shards):
+        with open(data, "rb") as f:
+            if all(f.read(p.stat().st_size) == p.read_bytes() for p in shards):
+                return n
+    raise ValueError(f"{data} is not the file data.py assembled from {out / 'shards'} (edited by hand?): it is kept; "
+                     "move it away to rebuild it, or write to another --out")
+
+
+def check_out(out: Path, spec: DatasetSpec) -> None:
+    """Refuse an --out that data.py may not write into: a file, another kind's directory, one written with other
+    options, or a folder it did not write (no <kind>.json manifest, yet files in it). Writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: not a directory")
     others = [k for k in KINDS if k != spec.kind and (out / f"{k}.json").exists()]
     if others:
         raise SystemExit(f"{out} holds {others[0]} data ({others[0]}.json): write {spec.kind} data to another --out")
@@ -107,10 +142,21 @@ def open_dataset(out: Path, spec: DatasetSpec):
         old = {**asdict(DatasetSpec()), **json.loads(manifest.read_text())["config"]}   # fields added since: defaults
         if old != asdict(spec):
             raise SystemExit(f"{out} was written with {old}, not {asdict(spec)}: use the same options or a new --out")
-    else:
+    elif out.is_dir() and any(p.is_file() and not p.name.startswith(".") for p in out.rglob("*")):  # .lock, .DS_Store
+        raise ValueError(f"--out {out}: a folder data.py did not write (no {manifest.name} manifest): it is left as "
+                         "it is; choose a new or empty --out")
+
+
+def open_dataset(out: Path, spec: DatasetSpec):
+    """Create out for spec (check_out has passed): the manifest first, so that a folder never holds our files
+    without it."""
+    manifest = out / f"{spec.kind}.json"
+    if not manifest.exists():
         info = dict(kind=spec.kind, config=asdict(spec), categories=list(scenes.CATEGORIES),
                     frame="answers: X right, Y up (gravity), Z forward (horizontal), meters; pixels (u/W, v/H)")
         write_text_atomically(manifest, json.dumps(info, indent=1))
+    for sub in ("images", "gt", "shards"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
 
 
 def write_dataset(kind: str, out, n: int, seed: int = 0, size: int = 448, order: str = "forward", workers: int = 1,
@@ -121,12 +167,30 @@ def write_dataset(kind: str, out, n: int, seed: int = 0, size: int = 448, order:
     co-visibility band, or the feature band when `encoder` (its path) pairs frames without poses; embed computes those
     features. points_per_turn: points each depth / 3D-position turn of spatial data asks about."""
     spec = dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth_scale, points_per_turn)
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n {n!r}: expected a whole number of samples >= 1")
     out = Path(out)
+    check_out(out, spec)
+    if out.is_dir() and written_n(out, spec) == n:
+        return out / "data.jsonl"          # complete: nothing to write (a read-only dataset stays as it is)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = hold_lock(out / LOCK, f"data.py {kind}", wait=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+    with lock:
+        check_out(out, spec)               # again, now that no other writer is busy here
+        if written_n(out, spec) == n:
+            return out / "data.jsonl"
+        return _write(kind, out, n, spec, workers, progress, embed)
+
+
+def _write(kind: str, out: Path, n: int, spec: DatasetSpec, workers: int, progress: bool, embed) -> Path:
     open_dataset(out, spec)
     source = BUILDERS[kind].prepare(spec, embed)
     fast_malloc()
-    plan = [(a, min(a + spec.shard_size, n)) for a in range(0, n, spec.shard_size)]
-    shard = lambda a, b: out / "shards" / f"{a:06d}-{b:06d}.jsonl"
+    plan = plan_of(n, spec.shard_size)
+    shard = lambda a, b: shard_path(out, a, b)
     todo = [(a, b) for a, b in plan if not shard(a, b).exists()]
     indices = [i for a, b in todo for i in range(a, b)]
     lines, t0, shown, pool = {}, time.time(), 0.0, None

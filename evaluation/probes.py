@@ -115,6 +115,8 @@ def make_probe_sets(out_dir, n_images: int = 480, seed: int = 0, size: int = 224
     object_views: only the first that many views give objects (the dense probes need many more views than the object
     probes, and each object crop costs an encoder pass)."""
     out = Path(out_dir)
+    if n_images < 1 or test_every < 1 or views < 1:
+        raise ValueError(f"n_images {n_images}, test_every {test_every}, views {views}: each must be >= 1")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
 
@@ -206,6 +208,8 @@ def load_probe_set(root, crop_size: int = 112) -> ProbeSet:
     index = json.loads(raw)
     if index.get("format") != FORMAT:
         raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
+    if not index.get("images"):
+        raise ValueError(f"{path}: a probe set without images: make it again (eval.py --make-probes --n-images N)")
     read = lambda kind: np.stack([_read(root, im[kind], kind) for im in index["images"]])
     images, depth, labels = read("rgb"), read("depth").astype(np.float32), read("semantic").astype(np.int64) - 1
     if images.ndim != 4 or depth.shape != images.shape[:3] or labels.shape != depth.shape:

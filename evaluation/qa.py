@@ -306,8 +306,16 @@ def load_conversations(data_dir, limit: int | None = None) -> list:
 
 def read_answers(path, samples: list) -> list:
     """answers[i][t] for samples from a JSONL of {"id", "answers": [...]}; every sample must be answered."""
-    with open(path) as f:
-        by_id = {rec["id"]: rec["answers"] for rec in (json.loads(line) for line in f if line.strip())}
+    by_id = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line) if line.strip() else None
+                if rec is not None:
+                    by_id[rec["id"]] = rec["answers"]
+            except (ValueError, KeyError, TypeError) as e:      # JSONDecodeError, UnicodeDecodeError are ValueErrors
+                raise ValueError(f"{path}:{n}: expected a JSON object {{'id': ..., 'answers': [str per turn]}} "
+                                 f"({type(e).__name__}: {e})") from e
     missing = [s["id"] for s in samples if s["id"] not in by_id]
     if missing:
         raise KeyError(f"{path}: no answers for {len(missing)} samples, e.g. {missing[:3]}")

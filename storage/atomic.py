@@ -1,31 +1,48 @@
 """
 Atomic writes and repo-relative paths: the one place that knows how to put a file or a directory on disk so that a
-reader, or a crash, never sees it half-written; and `read_json`, whose errors name the file. Plain Python (no torch,
+reader, or a crash, never sees it half-written (a failed write, a full disk included, is an OSError naming the file);
+locks that a killed holder never leaves stuck; and `read_json`, whose errors name the file. Plain Python (no torch,
 no numpy): the data engine uses it too.
 
     write_file_atomically(path, lambda tmp: tmp.write_text(text))      # tmp is a sibling; renamed over path
     write_dir_atomically(out, lambda tmp: save_file(state, tmp / "model.safetensors"))
     repo_path("weights/dinov2-s14")                                     # as given if it exists, else under the repo
     remove_stale_temporaries(out.parent)                                # what a killed writer left there
+    with hold_lock(out / ".lock", "data.py spatial"): ...                # one writer at a time; death releases it
 """
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def named(path, e: Exception) -> Exception | None:
+    """A failed write of `path` (a full disk, a read-only folder) as an OSError that names it: the OSError often
+    names only a temporary, and safetensors' says "No space left on device" with no file at all. None: not a write's."""
+    if isinstance(e, OSError):
+        return OSError(e.errno, f"writing {path}: {e.strerror or e}")
+    return OSError(f"writing {path}: SafetensorError: {e}") if type(e).__name__ == "SafetensorError" else None
+
+
 def write_file_atomically(path, write) -> Path:
     """write(tmp_path), then rename over `path`. The temporary name is hidden and carries the pid, so concurrent
-    writers never share one."""
+    writers never share one. A failed write is an OSError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        if named(path, e) is None:
+            raise
+        raise named(path, e) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -45,8 +62,10 @@ def write_dir_atomically(out, write) -> Path:
     tmp.mkdir()
     try:
         write(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and named(out, e) is not None:
+            raise named(out, e) from e
         raise
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -56,6 +75,59 @@ def write_dir_atomically(out, write) -> Path:
     else:
         os.replace(tmp, out)
     return out
+
+
+def writable_dir(path) -> Path:
+    """`path` as a directory this process can write into (made if missing), or an OSError naming it: checked before
+    work whose results would go there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f".write-test-{os.getpid()}").touch()
+        (path / f".write-test-{os.getpid()}").unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: not a directory this process can write ({e.strerror or e})") from e
+    return path
+
+
+class Busy(RuntimeError):
+    """Another live process holds the lock."""
+
+
+def hold_lock(path, what: str, wait: bool = False):
+    """An exclusive lock on the file `path` (created; it says who holds it) -> an open file: closing it, or the
+    holder's death (kill -9 included), releases the lock, so a killed process never leaves it stuck. Held already:
+    wait for it, or raise Busy naming the holder."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        time.sleep(0.2)                     # the holder may not have written its name yet
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        if not wait:
+            f.close()
+            raise Busy(f"{Path(path).parent} is in use by {holder}") from None
+        print(f"{Path(path).parent} is in use by {holder}: waiting for it", file=sys.stderr, flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    return f
+
+
+def lock_holder(path) -> str | None:
+    """Who holds the lock at `path` (hold_lock), or None when no live process does."""
+    try:
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                holder = f.read().strip() or "another process"
+                return None if holder.startswith(f"pid {os.getpid()} ") else holder    # this process: not busy
+    except OSError:             # no such file (or folder): nobody holds it
+        return None
 
 
 def remove_stale_temporaries(folder) -> list:

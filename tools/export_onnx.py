@@ -34,6 +34,7 @@ deprecated. The check compares the ONNX graph in onnxruntime with the PyTorch mo
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -46,6 +47,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attention import DualChannelAttention  # noqa: E402
+from data import at_least  # noqa: E402
 from model import ViT, load_vit, preprocess  # noqa: E402
 from storage.atomic import write_file_atomically  # noqa: E402
 
@@ -174,22 +176,39 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="export an encoder (any dir load_vit reads) to ONNX and check it")
     ap.add_argument("encoder", help="encoder directory: HF DINOv2/DINOv3/SigLIP(2) or a save_vit / stage-3 export")
     ap.add_argument("out", help="output .onnx file")
-    ap.add_argument("--size", type=int, default=None, help="image side to trace and check at (default: config)")
+    ap.add_argument("--size", type=at_least(1), default=None, help="image side to trace and check at (default: "
+                    "config)")
     ap.add_argument("--static", action="store_true", help="fix (batch, 3, size, size) instead of dynamic shapes")
-    ap.add_argument("--batch", type=int, default=1, help="batch of a --static graph, and of the check")
-    ap.add_argument("--opset", type=int, default=OPSET)
+    ap.add_argument("--batch", type=at_least(1), default=1, help="batch of a --static graph, and of the check")
+    ap.add_argument("--opset", type=at_least(1), default=OPSET)
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime comparison")
     args = ap.parse_args(argv)
-    vit = load_vit(args.encoder, dtype=torch.float32)
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir() and out.parent.exists():
+        ap.error(f"out {out}: {'a directory' if out.is_dir() else f'{out.parent} is not a directory'}; expected "
+                 "a .onnx file path")
+    try:
+        vit = load_vit(args.encoder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"export_onnx: encoder {args.encoder}: {e}") from e
     size = args.size or vit.cfg.image_size
     t0 = time.perf_counter()
-    out = export(vit, args.out, size, args.static, args.batch, args.opset)
-    mb = sum(f.stat().st_size for f in out.parent.glob(out.name + "*")) / 2**20
-    shape = f"static {(args.batch, 3, size, size)}" if args.static else "dynamic batch, H, W"
-    print(f"{args.encoder} -> {out}: {mb:.1f} MiB in {time.perf_counter() - t0:.1f} s ({shape}, opset {args.opset})")
-    if args.check:
-        worst = check(vit, out, size, args.batch, args.static)
-        print(f"parity: max abs diff {worst:.2e} <= {TOL:.0e}")
+    # exported and checked beside `out`, moved over it only once it passed: a failure leaves the old file as it was
+    big = sum(p.numel() * p.element_size() for p in vit.parameters()) > 1.5e9  # its weights' file is named after it
+    tmp = out if big else out.with_name(f".{out.name}.export-{os.getpid()}")
+    try:
+        export(vit, tmp, size, args.static, args.batch, args.opset)
+        mb = sum(f.stat().st_size for f in tmp.parent.glob(tmp.name + "*")) / 2**20
+        shape = f"static {(args.batch, 3, size, size)}" if args.static else "dynamic batch, H, W"
+        print(f"{args.encoder} -> {out}: {mb:.1f} MiB in {time.perf_counter() - t0:.1f} s ({shape}, opset "
+              f"{args.opset})")
+        if args.check:
+            worst = check(vit, tmp, size, args.batch, args.static)
+            print(f"parity: max abs diff {worst:.2e} <= {TOL:.0e}")
+        os.replace(tmp, out)
+    finally:
+        if tmp != out:
+            tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

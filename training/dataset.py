@@ -21,11 +21,14 @@ own handle); a JSON array is parsed once, kept as one compact blob.
 Mixing. Source s with n_s records and weight w_s contributes round(w_s * n_s) samples: whole copies of itself for the
 integer part of the weight, then an evenly spaced subset for the rest. The sources are interleaved in proportion
 (sample k of source s sits at (k + 0.5) / count_s) so that every prefix of the mix holds them in the mixing ratio;
-`limit` keeps such a prefix (a smaller limit is a subset of a larger one).
+`limit` keeps such a prefix (a smaller limit is a subset of a larger one). `Mix` does this before any model is built:
+a source that gives no samples (an empty file, a weight that rounds to none) or a mix of more than MAX_SAMPLES is a
+ValueError naming it.
 
-Samples. ds[i] renders the conversation with Tokenizer.render and preprocesses its images (model.preprocess: squashed to
-image_size, not cropped, so normalized coordinates stay valid). Beyond max_len tokens, whole trailing turns (a human
-message and everything up to the next one) are dropped and counted, never part of an answer. With a point token
+Samples. ds[i] renders the conversation with Tokenizer.render and preprocesses its images (read by
+dataengine/images.read_rgb, as `data.py check` reads them; model.preprocess: squashed to image_size, not cropped, so
+normalized coordinates stay valid). Beyond max_len tokens, whole trailing turns (a human message and everything up to
+the next one) are dropped and counted, never part of an answer. With a point token
 (train.py --point-tokens) an item also has `points` (P, 2), the (u, v) of each point token it kept; collate gathers
 them as (P, 3) rows (image index in the batch's pixels, u, v) for VLM.embed. A malformed line, roles out
 of order, a missing or unreadable image or one outside the folder, a first turn alone over max_len: the item carries
@@ -43,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dataengine.images import read_rgb
 from language.tokenizer import query_points
 from llm import block_causal
 from model import preprocess
@@ -75,10 +79,19 @@ class Records:
         path = dataset_file(path)
         self.file, self.root = path, path.parent
         self.blob, self._fd, self._pid = None, None, None
+        st = path.stat()
+        self.stat = (st.st_ino, st.st_size, st.st_mtime_ns)       # the file the offsets below index
         if path.suffix == ".json":
-            items = json.loads(path.read_bytes())
+            try:
+                items = json.loads(path.read_bytes())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); a .json source holds one "
+                                 "JSON array of samples (else use .jsonl)") from e
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not a JSON file (byte {e.start} is not UTF-8 text)") from e
             if not isinstance(items, list):
-                raise ValueError(f"{path}: a .json source must hold one JSON array of samples (else use .jsonl)")
+                raise ValueError(f"{path}: a .json source must hold one JSON array of samples, not a "
+                                 f"{type(items).__name__} (else use .jsonl)")
             parts = [json.dumps(r, ensure_ascii=False).encode() for r in items]
             self.blob = b"".join(parts)
             self.ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
@@ -105,6 +118,10 @@ class Records:
             return self.blob[a:b], f"{self.file}:{self.unit} {self.lines[k]}"
         if self._pid != os.getpid():                              # a worker process opens its own handle
             self._fd, self._pid = os.open(self.file, os.O_RDONLY), os.getpid()
+            st = os.fstat(self._fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.stat:  # offsets into another file: wrong samples
+                raise ValueError(f"{self.file} changed since it was indexed (replaced or edited while training): "
+                                 "restore it, or start again")
         return os.pread(self._fd, b - a, a), f"{self.file}:{self.unit} {self.lines[k]}"
 
     def __getstate__(self):
@@ -150,6 +167,46 @@ def derangement(n: int, seed: int) -> np.ndarray:
     return p
 
 
+MAX_SAMPLES = 10**8        # per epoch: the mix's index takes 24 bytes a sample (2.4 GB here)
+
+
+class Mix:
+    """The sources read and mixed (see "Mixing" above): records, counts per source, index (sample -> (source,
+    record)). Every source must give samples: an empty file, or a weight that rounds its count to 0, is a ValueError
+    naming it, as is a mix of more than MAX_SAMPLES. Built before any model, so that bad data stops a run early."""
+
+    def __init__(self, sources, limit: int | None = None):
+        if not sources:
+            raise ValueError("no data sources")
+        self.records, self.counts, parts, keys = [], [], [], []
+        for s, (path, weight) in enumerate(sources):
+            weight = float(weight)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"source {path}: weight {weight} must be a finite number >= 0")
+            rec = Records(path)
+            n = len(rec)
+            count = round(weight * n)
+            if n == 0:
+                raise ValueError(f"source {rec.file}: no samples (the file is empty)")
+            if count == 0:
+                raise ValueError(f"source {path}: weight {weight:g} x {n} records gives it no samples (an empty "
+                                 f"share of the mix): drop it, or give a weight >= {0.5 / n:.2g}")
+            if sum(self.counts) + count > MAX_SAMPLES:
+                raise ValueError(f"source {path}: weight {weight:g} x {n} records asks for {count:,} samples; the mix "
+                                 f"holds at most {MAX_SAMPLES:,} per epoch (repeat data with --epochs instead)")
+            whole, rest = divmod(count, n)
+            idx = np.concatenate([np.tile(np.arange(n), whole), np.arange(rest) * n // max(rest, 1)]).astype(np.int64)
+            self.records.append(rec)
+            self.counts.append(count)
+            parts.append(np.stack([np.full(count, s), idx], 1))
+            keys.append((np.arange(count) + 0.5) / count)
+        index, keys = np.concatenate(parts), np.concatenate(keys)
+        self.index = index[np.lexsort((index[:, 0], keys))][:limit]          # by position in the mix, then source
+
+    def __len__(self):
+        return len(self.index)
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """sources: [(dataset dir or file, weight)]. ds[i] -> dict(ids (T,) long, weights (T,) uint8 (render's mask),
     pixels (k, 3, S, S) float, dropped_turns int, problem None | str, max_len int). shuffle_images (a seed): the
@@ -166,34 +223,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.n_image_tokens, self.max_len, self.strict = n_image_tokens, max_len, strict
         self.outside_images = outside_images
         self.start_id = tok.specials["<|start_header_id|>" if tok.chat_style == "llama3" else "<|im_start|>"]
-        self.mix(sources, limit)
+        mixed = sources if isinstance(sources, Mix) else Mix(sources, limit)
+        self.records, self.counts, self.index = mixed.records, mixed.counts, mixed.index
         self.image_from = None if shuffle_images is None else [derangement(len(r), shuffle_images + s)
                                                                 for s, r in enumerate(self.records)]
-
-    def mix(self, sources, limit: int | None):
-        """self.records, counts and index: which record of which source each sample is (training/teacher.py's
-        depth data mixes the same way, so that a teacher sees the same samples in the same order)."""
-        if not sources:
-            raise ValueError("no data sources")
-        self.records, self.counts, parts, keys = [], [], [], []
-        for s, (path, weight) in enumerate(sources):
-            weight = float(weight)
-            if not (math.isfinite(weight) and weight >= 0):
-                raise ValueError(f"source {path}: weight {weight} must be a finite number >= 0")
-            rec = Records(path)
-            n = len(rec)
-            count = round(weight * n)
-            whole, rest = divmod(count, n) if n else (0, 0)
-            idx = np.concatenate([np.tile(np.arange(n), whole), np.arange(rest) * n // max(rest, 1)]).astype(np.int64)
-            self.records.append(rec)
-            self.counts.append(count)
-            parts.append(np.stack([np.full(count, s), idx], 1))
-            keys.append((np.arange(count) + 0.5) / max(count, 1))
-        index, keys = np.concatenate(parts), np.concatenate(keys)
-        self.index = index[np.lexsort((index[:, 0], keys))][:limit]          # by position in the mix, then source
-        if len(self.index) == 0:
-            raise ValueError(f"the data mix is empty: sources {[str(p) for p, _ in sources]} give {self.counts} "
-                             "samples")
 
     def __len__(self):
         return len(self.index)
@@ -248,12 +281,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             f = root / p
             if not f.exists() and (root / "images" / p).exists():       # LLaVA-Pretrain keeps them in images/
                 f = root / "images" / p
-            try:
-                with Image.open(f) as im:
-                    im.draft("RGB", (S, S))       # JPEG: decode at the smallest scale still >= S (much faster)
-                    arrays.append(np.asarray(im.convert("RGB")))
-            except PROBLEMS as e:                 # name the image: PIL's messages often do not
-                raise ValueError(f"image {f}: {type(e).__name__}: {e}") from e
+            arrays.append(read_rgb(f, draft=S))   # the reader data.py check uses: it flags what this skips
         return preprocess(arrays, self.vit_cfg, size=S) if arrays else torch.zeros(0, 3, S, S)    # (k, 3, S, S)
 
 

@@ -18,6 +18,10 @@ rows (metric_rows), and stop on a non-finite step (nonfinite_stop).
                                           finishes, --resume may change the learning rates (RECOVERY_KEYS)
     runs/<name>/stage3/vision/            the boosted encoder, which load_vit reads
     runs/<name>/stage<k>/metrics.jsonl    one JSON line per logged step
+    runs/<name>/stage<k>/data.json        each data source's file, size and sha256 when the run began: a resume
+                                          refuses data that changed since
+    runs/<name>/stage<k>/.lock            held (flock) by the run writing the stage: a second one is refused; the
+                                          holder's death releases it
 """
 
 import dataclasses
@@ -31,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from attention import DualChannelAttention, LoRALinear, add_dual_channel, add_lora
-from storage.atomic import read_json, remove_stale_temporaries, write_text_atomically
+from storage.atomic import Busy, hold_lock, read_json, remove_stale_temporaries, write_text_atomically
 from storage.tensors import listed, load_safetensors, save_tensors, state_diff, write_model_dir
 
 
@@ -222,31 +226,87 @@ def load_checkpoint(path: Path, vlm, opt, cfg, may_change=()) -> tuple[int, dict
     return state["step"], changed
 
 
-def claim_stage_dir(cfg, rt, out_dir: Path) -> None:
-    """Before anything is written: what killed writers left here goes (rank 0), and a new run refuses a stage dir
-    that holds another run, which it would silently mix with or overwrite."""
+_LOCKS = {}  # stage dir -> the lock file this process holds (a second claim by the same process takes it over)
+
+
+def lock_stage_dir(out_dir: Path) -> None:
+    """Hold out_dir/.lock until release_stage_dir or this process's end (kill -9 included): a second run into the
+    same stage dir is refused, naming the first."""
+    release_stage_dir(out_dir)
+    try:
+        _LOCKS[str(Path(out_dir).resolve())] = hold_lock(Path(out_dir) / ".lock", "train.py")
+    except Busy as e:
+        raise Busy(f"{e}: two runs in one stage dir would mix their metrics, checkpoints and weights. Wait for it to "
+                   "finish, or choose another --name") from None
+
+
+def release_stage_dir(out_dir: Path) -> None:
+    lock = _LOCKS.pop(str(Path(out_dir).resolve()), None)
+    lock.close() if lock is not None else None
+
+
+def resume_point(out_dir: Path, log=lambda *a: None) -> Path | None:
+    """--resume: the latest checkpoint holding every file a resume reads (later ones missing one are passed over,
+    said through log), or None for an unfinished stage without one (killed before its first, or none good before a
+    non-finite stop: it starts over). Nothing to resume is a FileNotFoundError."""
+    for _, ckpt in reversed(checkpoints(out_dir)):
+        missing = [n for n in ("state.json", "model.safetensors", "optimizer.safetensors") if not (ckpt / n).is_file()]
+        if not missing:
+            return ckpt
+        log(f"  WARNING: --resume: {ckpt} has no {', '.join(missing)}: falling back to the checkpoint before it")
+    if (out_dir / "config.json").exists() or not ((out_dir / "metrics.jsonl").exists() or stopped(out_dir)):
+        done = " (a finished stage saved without --save-every)" if (out_dir / "config.json").exists() else ""
+        raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}{done}: nothing to resume")
+    return None
+
+
+def claim_stage_dir(cfg, rt, out_dir: Path, prints: list | None = None) -> None:
+    """Before the model is built: the stage dir locked (rank 0), what killed writers left there removed, a new run
+    refused where another run is (it would silently mix with it or overwrite it), --resume refused when there is
+    nothing to resume or the data (`prints`, preflight.fingerprints) is not what data.json says the run began on."""
     if cfg.bench:
         return
+
+    def refuse(log):
+        found = run_files(out_dir)
+        if found and not cfg.resume:
+            raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): a new run would mix with it "
+                                  f"or overwrite it. Pass --resume to continue it, choose another --name, or delete "
+                                  f"{out_dir} to start over.")
+        return resume_point(out_dir, log) if cfg.resume else None
+    refuse(lambda *a: None)  # before anything is written; again below, under the lock
     if rt.master:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock_stage_dir(out_dir)
+        except (FileExistsError, NotADirectoryError, PermissionError) as e:
+            raise OSError(e.errno, f"--runs-dir {cfg.runs_dir}: cannot write the stage dir {out_dir} "
+                                   f"({e.strerror})") from e
         for folder in (out_dir, out_dir / "checkpoints"):
             for p in remove_stale_temporaries(folder):
                 rt.log(f"  removed {p}: left by a killed write")
-    found = run_files(out_dir)
-    if found and not cfg.resume:
-        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): a new run would mix with it or "
-                              f"overwrite it. Pass --resume to continue it, choose another --name, or delete "
-                              f"{out_dir} to start over.")
+    resuming, record = refuse(rt.log) is not None, out_dir / "data.json"
+    if prints is None:
+        return
+    if resuming and record.exists():
+        old, new = ({p["file"]: p["sha256"] for p in ps} for ps in (read_json(record)["sources"], prints))
+        changed = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
+        if changed:
+            raise ValueError(f"--resume: the data is not what {out_dir} was trained on ({record}): {', '.join(changed)}"
+                             " changed, came or went since the run began. Resuming would not continue the run: "
+                             "restore the data, or start a new run under another --name.")
+    elif resuming:
+        rt.log(f"  WARNING: --resume: no {record} (a run from before it): the data cannot be checked")
+    if rt.master and not (resuming and record.exists()):
+        write_text_atomically(record, json.dumps({"sources": prints}, indent=1))
 
 
 def resume(vlm, opt, cfg, rt, out_dir: Path) -> int:
-    """--resume: the latest checkpoint restored -> its step. After the NaN guard stopped the run (stopped.json) the
-    learning rates may change; an unfinished stage without a checkpoint (killed before its first) starts over."""
-    stop, ckpt = stopped(out_dir), latest_checkpoint(out_dir)
+    """--resume: the latest intact checkpoint restored -> its step. After the NaN guard stopped the run
+    (stopped.json) the learning rates may change; an unfinished stage without a checkpoint (killed before its first)
+    starts over."""
+    stop, ckpt = stopped(out_dir), resume_point(out_dir)
     if ckpt is None:
-        if (out_dir / "config.json").exists() or not ((out_dir / "metrics.jsonl").exists() or stop):
-            done = " (a finished stage saved without --save-every)" if (out_dir / "config.json").exists() else ""
-            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}{done}: nothing to "
-                                    f"resume")
         why = "none was good before the non-finite stop" if stop else "the run was killed before its first"
         rt.log(f"  --resume: {out_dir} has no checkpoint ({why}): starting over at step 0")
         return 0

@@ -29,7 +29,7 @@ from dataengine.views import load_depth
 from evaluation import probes
 from evaluation.probes import LinearProbe, ProbeConfig
 from model import ViT
-from training.dataset import PROBLEMS, ConversationDataset, check_record
+from training.dataset import PROBLEMS, ConversationDataset, Mix, check_record
 
 MODES = ("depth-points", "depth-dense")
 
@@ -46,7 +46,8 @@ class DepthData(ConversationDataset):
         self.range = (cfg.min_depth, cfg.max_depth)
         h, w = vit.grid(image_size, image_size)
         self.fine, self.n_patches = (cfg.upsample * h, cfg.upsample * w), h * w  # the probe's x4 map
-        self.mix(sources, limit)
+        mixed = sources if isinstance(sources, Mix) else Mix(sources, limit)
+        self.records, self.counts, self.index = mixed.records, mixed.counts, mixed.index
 
     def __getitem__(self, i: int) -> dict:
         s, k = (int(x) for x in self.index[i])
