@@ -73,6 +73,8 @@ class Config:
     shuffle_images: bool = False  # stage 3 control: each conversation is paired with another sample's image
     teacher: str = "llm"  # stage 3's teacher: the frozen LLM (the method), or a linear depth head at the queried pixels
     #                       (depth-points) or at every pixel (depth-dense), no LLM loaded (training/teacher.py)
+    teacher_data: str = ""  # a depth teacher's head is first fitted on these images, the encoder frozen (stage 2's
+    #                         role: other images than stage 3's, or the head overfits them); "" = stage 3's --data
     system_prompt: str = "default"  # "default": the checkpoint's own; "none": no system turn; or the text
     data: str = ""  # dataset dirs or files (.jsonl, LLaVA .json), "dirA,b.json:0.5" (weights >= 0 mix them);
     #                 "" = data/<preset>/<stage kind>, made if absent
@@ -186,6 +188,8 @@ def validate(cfg: Config) -> list[str]:
                (cfg.teacher == "llm" or (cfg.stage == 3 and not cfg.shuffle_images and cfg.vision_tune != "frozen"),
                 f"--teacher {cfg.teacher}: a stage-3 teacher of a trainable encoder, without --shuffle-images (the "
                 "llm teacher's control)"),
+               (cfg.teacher != "llm" or not cfg.teacher_data, "--teacher-data: the depth head's data (--teacher "
+                "depth-points or depth-dense)"),
                (cfg.vit_patch < 1 or cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision),
                 f"--image-size {cfg.image_size} is not a multiple of --vit-patch {cfg.vit_patch}"),
                (cfg.batch_size < 1 or cfg.global_batch % (cfg.batch_size * world) == 0,
@@ -198,7 +202,7 @@ def validate(cfg: Config) -> list[str]:
                for kind, given, dim, heads in (("vit", cfg.vision, cfg.vit_dim, cfg.vit_heads),
                                                ("llm", cfg.llm, cfg.llm_dim, cfg.llm_heads)) if heads > 0]
     try:
-        data_sources(cfg.data)
+        data_sources(cfg.data), data_sources(cfg.teacher_data)
     except (ValueError, FileNotFoundError) as e:
         checks.append((False, str(e)))
     return [msg for ok, msg in checks if not ok]
@@ -593,7 +597,7 @@ def train(cfg: Config) -> Path | None:
     vlm, tok, sources, init = stage_model(cfg, rt, out_dir)
     ds, accum, steps_per_epoch, total = stage_data(cfg, rt, vlm, tok, mixed)
     if isinstance(vlm, DepthTeacher):  # before the optimizer sees the head; a resume then overwrites it
-        vlm.warm_start(ds, cfg.seed, log)
+        vlm.warm_start(ds.other(data_sources(cfg.teacher_data)) if cfg.teacher_data else ds, cfg.seed, log)
     model, opt, step = prepare(vlm, cfg, rt, out_dir)
     end = cfg.bench + 2 if cfg.bench else total  # a benchmark times `bench` steps after two warm-up steps
     loader = iter(torch.utils.data.DataLoader(

@@ -28,12 +28,15 @@ GB=${GB:-8}                                # global batch
 LR=${LR:-2e-4}                             # Attn+ (boost.sh's LR3); gates 100x, the head 1/10 (train.py's defaults)
 DATA=${DATA:-data/b15/spatial}             # p1's stage-3 conversations (made if missing: seed 301, 224 px)
 DATA_SEED=${DATA_SEED:-301}
+TEACHER_DATA=${TEACHER_DATA:-data/teachers/warm-256}   # the head's first fit, encoder frozen: other images (seed 302)
 LLM=${LLM:-}                               # the llm arm's encoder directories, probed beside the depth arms
 PROBE=${PROBE:-1}                          # 0: train only
 TAG=${TAG:-teach}                          # names runs, evals and results
 
 python tools/offline_weights.py
 [ -f "$DATA/data.jsonl" ] || python data.py spatial --n "$N" --out "$DATA" --seed "$DATA_SEED" --size 224 --workers 2
+[ -f "$TEACHER_DATA/data.jsonl" ] || python data.py spatial --n 256 --out "$TEACHER_DATA" --seed 302 --size 224 \
+  --workers 2
 mkdir -p runs results/teachers
 encoders="--vision weights/dinov2-s14" arms=()
 for arm in $ARMS; do
@@ -44,7 +47,7 @@ for arm in $ARMS; do
       if [ ! -f "runs/$name/stage3/config.json" ]; then
         resume=$([ -d "runs/$name/stage3" ] && echo --resume || true)
         python train.py --preset small --stage 3 --teacher "$arm" --vision-tune "$tune" --data "$DATA" \
-          --data-size "$N" --global-batch "$GB" --batch-size 4 --lr "$LR" --seed "$seed" --name "$name" \
+          --teacher-data "$TEACHER_DATA" --data-size "$N" --global-batch "$GB" --batch-size 4 --lr "$LR" --seed "$seed" --name "$name" \
           --save-every 20 --no-probe --dtype bf16 --workers 1 $resume 2>&1 | tee -a "runs/$name.log"
       fi
       encoders="$encoders --vision runs/$name/stage3/vision" names="$names,$name"

@@ -60,6 +60,16 @@ def test_depth_teacher_trains_the_dual_channel_without_the_llm(tmp_path, spatial
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_the_head_is_fitted_first_on_the_teacher_data(tmp_path, spatial, capsys):
+    import data
+
+    other = tmp_path / "other"
+    data.generate("spatial", other, n=6, seed=12, size=32, progress=False)
+    run(tmp_path, spatial, "--teacher", "depth-points", "--max-steps", "1", "--teacher-data", str(other))
+    out = capsys.readouterr().out
+    assert "features of 6 images" in out and "8 samples from" in out  # the head saw the other 6, stage 3 its own 8
+
+
 def test_points_are_the_ones_the_answers_talk_about(spatial):
     """Each depth question's "(u, v)" and its answer "X.XX m." against DepthData's point and ground-truth depth."""
     vit = ViT(ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64, patch_size=8, image_size=32, pos_grid=4))
@@ -130,7 +140,7 @@ def test_an_interrupted_teacher_run_resumes_exactly(tmp_path, spatial):
 def test_teacher_flags_are_checked(tmp_path, capsys):
     for bad in (["--teacher", "depth", "--stage", "3"], ["--teacher", "depth-dense", "--stage", "2"],
                 ["--teacher", "depth-dense", "--shuffle-images"], ["--teacher", "depth-points", "--vision-tune",
-                                                                    "frozen"]):
+                                                                    "frozen"], ["--teacher-data", str(tmp_path)]):
         with pytest.raises(SystemExit):
             train.parse_config(bad)
         assert "--teacher" in capsys.readouterr().err

@@ -8,8 +8,10 @@ same images in the same order, the same steps and rates, taught by a linear dept
 
 The head is the lin.1 depth probe of evaluation/probes.py ([patch ; CLS] of the last block, standardized with the
 frozen encoder's statistics, 256 bins, x4 bilinear, SigLoss per image). Before the first step it is fitted on the
-frozen encoder's features of the same images with the same supervision (the probe's budget), as stage 2 trains the
-LLM before the boost; then it trains with Attn+ and the gates at the projector's rate. The head belongs to the
+frozen encoder's features with the mode's supervision (the probe's budget), as stage 2 trains the LLM before the
+boost, on other images than stage 3's (--teacher-data; on stage 3's own ~8 points per image a 196K-weight head
+overfits: stage 3's first loss was 0.015, its second 0.24); then it trains with Attn+ and the gates at the
+projector's rate. The head belongs to the
 teacher: the stage directory keeps it, the exported encoder never has it. The LLM is never loaded.
 
 The supervision comes from each record's ground truth (dataengine/spatial.py writes it): meta.depth (the depth map)
@@ -17,6 +19,7 @@ and meta.points (the pixels the conversation asks about). depth-points scores th
 which is what the conversation's answers tell; depth-dense scores every pixel with a depth in (min, max).
 """
 
+import copy
 import json
 
 import numpy as np
@@ -48,6 +51,12 @@ class DepthData(ConversationDataset):
         self.fine, self.n_patches = (cfg.upsample * h, cfg.upsample * w), h * w  # the probe's x4 map
         mixed = sources if isinstance(sources, Mix) else Mix(sources, limit)
         self.records, self.counts, self.index = mixed.records, mixed.counts, mixed.index
+
+    def other(self, sources) -> "DepthData":
+        """The same reading of other sources (the head's warm-start images: train.py --teacher-data)."""
+        twin, mixed = copy.copy(self), Mix(sources)
+        twin.records, twin.counts, twin.index = mixed.records, mixed.counts, mixed.index
+        return twin
 
     def __getitem__(self, i: int) -> dict:
         s, k = (int(x) for x in self.index[i])

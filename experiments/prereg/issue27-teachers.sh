@@ -8,7 +8,9 @@
 # everything else eval.py's defaults (fp32 features at 224 px, --seed 0).
 # Probe sets: probe seeds 201, 202, 203.
 # Encoders: the baseline DINOv2-S/14; experiments/teachers.sh's depth-points and depth-dense arms (dual channel,
-# p1's 128 stage-3 images (data/b15/spatial, seed 301), 16 steps of 8, lr 2e-4, seeds 1-3); the llm arm as far as it
+# p1's 128 stage-3 images (data/b15/spatial, seed 301), 16 steps of 8, lr 2e-4, seeds 1-3, the head first fitted on
+# 256 other images, seed 302: amended 15:55, before any teacher encoder was probed, after the first run showed the
+# head overfitting stage 3's own images); the llm arm as far as it
 # exists: p1's seed-1 boosted encoder (results/p1/p1-boost-s1-encoder.safetensors; p1's stage 2, needed for its
 # seeds 2-3, was lost with runs/).
 # Primary: depth lin.1 RMSE, each arm minus the baseline, mean over (seed, probe set) ± 2 se (se from the spread over
