@@ -109,7 +109,7 @@ def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master
 # Config fields that change where or how fast a run goes, not what it computes: a resume may change them. Every other
 # field is recorded in each checkpoint and must match on --resume.
 NOT_COMPARED = ("name", "runs_dir", "resume", "workers", "device", "compile", "grad_ckpt", "fsdp", "save_every",
-                "keep_last", "log_every", "wandb", "bench", "probe")
+                "keep_last", "log_every", "wandb", "bench", "probe", "peak_tflops")
 # after the NaN guard stopped a run (stopped.json), --resume may also change these: the way out it suggests
 RECOVERY_KEYS = ("lr", "gate_lr", "projector_lr", "min_lr_frac", "warmup_frac", "grad_clip", "dtype")
 
