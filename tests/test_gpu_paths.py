@@ -1,0 +1,180 @@
+"""The CUDA training paths, guarded on the CPU: FSDP2 with fused AdamW (CPU has it) and its resharding, DDP with
+trainable tensors off a micro-batch's path (torchrun, gloo, two processes), a bf16 checkpoint whose trainable weights
+must move at stage 2's rate, and the parts of the GPU setup that do not need a GPU (bf16 support, NCCL's order)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import ROOT, args, run_cli
+
+FUSED = """import runpy, sys, torch
+class FusedAdamW(torch.optim.AdamW):  # what CUDA picks: fused AdamW refuses plain tensors mixed with DTensors
+    def __init__(self, *a, **k):
+        super().__init__(*a, **{**k, "fused": True})
+torch.optim.AdamW = FusedAdamW
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def torchrun(tmp, script, *argv, port):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), *argv]
+    out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
+    return out.stdout
+
+
+def test_fsdp_with_fused_adamw_matches_one_process(tmp_path):
+    """--fsdp stage 2 under fused AdamW, as on CUDA: every trainable tensor is an FSDP2 shard (the root is wrapped
+    too), so the fused step takes the groups, and two processes equal one."""
+    flags = ["--stage", "2", "--max-steps", "2", "--dtype", "fp32"]
+    run_cli(tmp_path, *flags, "--name", "one")
+    (tmp_path / "fused.py").write_text(FUSED)
+    torchrun(tmp_path, tmp_path / "fused.py", ROOT / "train.py", *args(tmp_path, *flags, "--name", "two", "--fsdp"),
+             port=29541)
+    ref, got = (load_file(tmp_path / "runs" / n / "stage2" / "model.safetensors") for n in ("one", "two"))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+
+
+FSDP_MEMORY = """import json, sys, torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, sys.argv[1])
+import train
+cfg = train.parse_config(sys.argv[3:])
+rt = train.setup_runtime(cfg)
+vlm, tok, _, _ = train.stage_model(cfg, rt, train.Path(sys.argv[2]))
+model, opt, _ = train.prepare(vlm, cfg, rt, train.Path(sys.argv[2]))
+T = 64
+ids = torch.randint(3, 200, (2, T))
+weights = torch.ones(2, T)
+gathered = lambda: sum(p.numel() * p.element_size() for layer in vlm.lm.model.layers for p in layer.parameters()
+                       if not isinstance(p, DTensor))  # bytes of the blocks held in full, not as shards
+sharded = sum(p.to_local().numel() * p.element_size() for layer in vlm.lm.model.layers for p in layer.parameters()
+              if isinstance(p, DTensor))
+loss = model(ids, torch.zeros(0, 3, 32, 32), weights)
+after_forward = gathered()
+loss.backward()
+if rt.rank == 0:
+    print("RESULT", json.dumps({"after_forward": after_forward, "after_backward": gathered(), "sharded": sharded}))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_reshards_blocks_after_forward(tmp_path):
+    """FSDP2's memory saving: after the forward each LLM block is back to its shard (1/world of its bytes), not held
+    gathered until the backward, which a block that is its own FSDP root never gives back."""
+    (tmp_path / "mem.py").write_text(FSDP_MEMORY)
+    out = torchrun(tmp_path, tmp_path / "mem.py", ROOT, tmp_path / "out",
+                   *args(tmp_path, "--stage", "2", "--fsdp", "--dtype", "fp32", "--data", str(text_only(tmp_path))),
+                   port=29542)
+    got = json.loads(out.split("RESULT", 1)[1].splitlines()[0])
+    assert got["sharded"] > 0
+    assert got["after_forward"] == 0, got  # every block resharded: nothing gathered waits for the backward
+    assert got["after_backward"] == 0, got
+
+
+def text_only(tmp: Path, n: int = 8) -> Path:
+    """A stage-2 dataset of text-only conversations (LLaVA's mix665k has ~40K such samples)."""
+    rows = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                                              {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(n)]
+    path = tmp / "text-only" / "data.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path.parent
+
+
+def test_ddp_stage2_with_text_only_micro_batches(tmp_path):
+    """DDP, stage 2, micro-batches with no image: the projector is off their path, yet DDP's reducer waits for its
+    gradient (today: "Expected to have finished reduction in the prior iteration" at step 2). It trains, and the
+    projector, which no image reached, is exactly as it started."""
+    out = torchrun(tmp_path, ROOT / "train.py", *args(tmp_path, "--stage", "2", "--max-steps", "2", "--dtype", "fp32",
+                                                       "--data", str(text_only(tmp_path))), port=29543)
+    assert "x2" in out
+    state = load_file(tmp_path / "runs" / "tiny" / "stage2" / "model.safetensors")
+    start = train.build_base(train.parse_config(args(tmp_path, "--stage", "2")),
+                             {"vision": str(tmp_path / "runs/tiny/base/vision"),
+                              "llm": str(tmp_path / "runs/tiny/base/llm")})[0]
+    before = dict(start.named_parameters())
+    assert all(torch.equal(state[k], before[k]) for k in state if k.startswith("projector."))
+    assert any(not torch.equal(state[k], before[k]) for k in state if k.startswith("lm."))
+
+
+def test_ddp_stage3_reading_an_earlier_block(tmp_path):
+    """DDP, stage 3, --feature-layer -2: the last block's Attn+ never runs (today: a crash at step 2). It is frozen,
+    every tensor that trains is on the path, and the run finishes."""
+    torchrun(tmp_path, ROOT / "train.py", *args(tmp_path, "--stage", "3", "--max-steps", "2", "--feature-layer", "-2"),
+             port=29544)
+    trained = load_file(tmp_path / "runs" / "tiny" / "stage3" / "model.safetensors")
+    assert any(k.startswith("vit.blocks.0.attn.attn_plus.") for k in trained)
+    assert not any(k.startswith("vit.blocks.1.") for k in trained)
+
+
+def test_bf16_checkpoint_trains_fp32_masters(tmp_path):
+    """A checkpoint shipped in bf16 (as Qwen2.5 is): at stage 2's rate (2e-5) a bf16 weight's update rounds away, so
+    the trainable weights are fp32 masters whatever the checkpoint's dtype. After 3 steps every LLM block matrix
+    has moved almost everywhere; frozen weights stay bf16 under bf16 autocast."""
+    from llm import LLM, LLMConfig, Tokenizer, save_llm
+    from model import ViT, ViTConfig, save_vit
+    torch.manual_seed(0)
+    tok = Tokenizer.byte_level()
+    save_llm(LLM(LLMConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=88, vocab_size=len(tok)))
+             .to(torch.bfloat16), tok, tmp_path / "llm")
+    save_vit(ViT(ViTConfig(dim=32, depth=2, heads=2, mlp_dim=128, patch_size=8, image_size=32, pos_grid=4))
+             .to(torch.bfloat16), tmp_path / "vit")
+    base = load_file(tmp_path / "llm" / "model.safetensors")
+    assert base["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    flags = ["--stage", "2", "--max-steps", "3", "--dtype", "bf16", "--llm", str(tmp_path / "llm"), "--vision",
+             str(tmp_path / "vit"), "--gen-samples", "8"]
+    cfg = train.parse_config(args(tmp_path, *flags))
+    assert cfg.lr == 2e-5  # stage 2's rate for a loaded LLM
+    rt = train.setup_runtime(cfg)
+    vlm = train.stage_model(cfg, rt, tmp_path / "probe")[0]
+    assert all(p.dtype == torch.float32 for p in vlm.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.bfloat16 for p in vlm.vit.parameters())  # frozen: the compute dtype, as shipped
+    run_cli(tmp_path, *flags)
+    trained = load_file(tmp_path / "runs" / "tiny" / "stage2" / "model.safetensors")
+    for k in [k for k in base if k.startswith("model.layers.") and base[k].dim() == 2]:
+        same = (trained["lm." + k].float() == base[k].float()).float().mean().item()
+        assert same < 0.02, (k, same)  # bf16 weights without fp32 masters: ~70 % identical
+
+
+def test_gpu_without_bf16_trains_fp32_or_refuses(monkeypatch):
+    """Turing GPUs have no bf16: --dtype auto falls back to fp32, --dtype bf16 is refused with the reason."""
+    from training import distributed
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    assert distributed.gpu_amp_dtype("auto") is None and distributed.gpu_amp_dtype("fp32") is None
+    with pytest.raises(ValueError, match="--dtype bf16: Tesla T4 has no bf16"):
+        distributed.gpu_amp_dtype("bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert distributed.gpu_amp_dtype("auto") is torch.bfloat16
+
+
+def test_nccl_starts_after_set_device_and_bound_to_it(monkeypatch):
+    """Each rank selects its GPU before NCCL starts, and NCCL is bound to it (device_id): no context on GPU 0 from
+    every rank, no lazy communicator on the first collective."""
+    from training import distributed
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **k: calls.append((backend, k)))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    assert distributed.init_process_group("cuda") == (1, 2)
+    assert calls == [("set_device", 1), ("nccl", {"device_id": torch.device("cuda", 1)})]
