@@ -178,3 +178,65 @@ def test_nccl_starts_after_set_device_and_bound_to_it(monkeypatch):
     monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
     assert distributed.init_process_group("cuda") == (1, 2)
     assert calls == [("set_device", 1), ("nccl", {"device_id": torch.device("cuda", 1)})]
+
+
+def tiny_vlm(stage: int, **cfg):
+    """ViT D=8, 2 blocks, 2 heads, 16 px images of 8 px patches (4 patches + CLS); LLM D=8, 1 block, 2 heads / 1 KV
+    head, FFN 16, vocabulary 260 (tied); projector merging 2 x 2 patches."""
+    from llm import LLM, LLMConfig
+    from model import VLM, Projector, ViT, ViTConfig
+    vit = ViT(ViTConfig(dim=8, depth=2, heads=2, mlp_dim=16, patch_size=8, image_size=16, pos_grid=2))
+    lm = LLM(LLMConfig(vocab_size=260, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16))
+    vlm = VLM(vit, Projector(8, 8, 2), lm, image_token_id=259, feature_layer=cfg.pop("feature_layer", -1))
+    train.set_trainable(vlm, train.Config(stage=stage, **cfg))
+    return vlm
+
+
+@pytest.mark.parametrize("stage,feature_layer,hand", [
+    # ViT blocks 2 x 512 weights x 5 tokens, forward only: 10240; its attention 2 x 4*8*25: 1600; patch conv 1536 x 4
+    # patches x 2: 12288; projector 320 x 1 token x 4 (forward 2 + weight gradient 2; no gradient into the frozen
+    # encoder): 1280; LLM block 576 x 10 tokens x 4: 23040, its causal attention 4*8*100/2 x 3: 4800; head 2080 x 3 supervised
+    # tokens x 4: 24960
+    (1, -1, 10240 + 1600 + 12288 + 1280 + 23040 + 4800 + 24960),
+    # the LLM and its tied head train: x6 instead of x4
+    (2, -1, 10240 + 1600 + 12288 + 1280 + 6 * 576 * 10 + 4800 + 6 * 2080 * 3),
+    # dual channel: the gradient crosses the encoder; per block 512 frozen x4 + 256 Attn+ x6, two attentions x3;
+    # the projector sees the gradient into the encoder too (x6); the LLM frozen (x4)
+    (3, -1, 2 * 5 * (4 * 512 + 6 * 256) + 4 * 800 * 3 + 12288 + 6 * 320 + 23040 + 4800 + 24960),
+    (3, -2, 1 * 5 * (4 * 512 + 6 * 256) + 2 * 800 * 3 + 12288 + 6 * 320 + 23040 + 4800 + 24960),  # block 1 never runs
+])
+def test_step_flops_against_a_hand_count(stage, feature_layer, hand):
+    """The MFU formula of BENCHMARKS.md on a tiny VLM: one 16 px image, one sequence of 10 text tokens, 3 of them
+    supervised. The embedding is a lookup (no FLOPs); the head runs on the supervised tokens only."""
+    from training.flops import step_flops
+    vlm = tiny_vlm(stage, feature_layer=feature_layer)
+    assert step_flops(vlm, 16, tokens=10, tokens_sq=100, supervised=3, images=1) == hand
+
+
+def test_peak_table_matches_names_exactly_and_mfu_divides_by_every_gpu():
+    from training.flops import mfu, peak_flops
+    assert peak_flops("NVIDIA L4") == 121e12 and peak_flops("NVIDIA L40S") == 362e12  # no prefix match
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA Some Future GPU") is None and peak_flops("NVIDIA L4", 100.0) == 100e12
+    assert mfu(4e12, 2.0, 1e12, world=2) == 1.0 and mfu(1.0, 1.0, None, 1) is None
+
+
+def test_packed_attention_keeps_samples_apart_as_the_dense_mask_does():
+    """--pack's mask-free path (Packed: varlen flash attention on CUDA, here one SDPA per sample over the same cuts)
+    against the dense block-diagonal mask: the same hidden states and gradients, GQA included."""
+    from llm import LLM, LLMConfig, block_causal, packed_cuts
+    lm = LLM(LLMConfig(vocab_size=50, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32))
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [3] * 3 + [0] * 2, [1] * 11 + [2] * 6])  # 0: padding
+    positions, mask = block_causal(segments)
+    packed = packed_cuts(segments)
+    assert packed.cu_seqlens.tolist() == [0, 5, 12, 15, 17, 28, 34] and packed.max_len == 17
+    ids = torch.randint(0, 50, (2, 17))
+    outs = []
+    for m in (mask, packed):
+        lm.zero_grad()
+        h = lm.hidden(ids, positions=positions, mask=m)
+        h.pow(2).sum().backward()
+        outs.append((h, lm.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    (h_dense, g_dense), (h_packed, g_packed) = outs
+    torch.testing.assert_close(h_packed, h_dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_packed, g_dense, atol=1e-5, rtol=1e-4)

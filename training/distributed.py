@@ -18,8 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-FUSED_ENV = "SPATIALBOOST_FUSED_ADAMW"  # "1": fused AdamW on CPU too (CPU has it): tests the CUDA optimizer path
-
 
 def init_process_group(device: str) -> tuple[int, int]:
     """-> (rank, world) under torchrun, (0, 1) otherwise. CUDA: the process's GPU is set before NCCL starts and
@@ -64,8 +62,8 @@ def wrap(vlm: nn.Module, fsdp: bool, device: str, world: int) -> nn.Module:
 
 
 def adamw(groups: list[dict], lr: float, device: str) -> torch.optim.Optimizer:
-    fused = device == "cuda" or os.environ.get(FUSED_ENV) == "1"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+    """Fused on CUDA: one kernel for all tensors (tests/test_gpu_paths.py forces it on the CPU, which has it too)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device == "cuda")
 
 
 def clip(params: list, max_norm: float) -> torch.Tensor:
