@@ -240,3 +240,23 @@ def test_packed_attention_keeps_samples_apart_as_the_dense_mask_does():
     (h_dense, g_dense), (h_packed, g_packed) = outs
     torch.testing.assert_close(h_packed, h_dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_packed, g_dense, atol=1e-5, rtol=1e-4)
+
+
+def test_gpu_recipe_help_and_dry_run(tmp_path):
+    """experiments/gpu.sh --help prints its usage and variables and starts nothing; --dry runs the whole recipe (data,
+    stages 1-3, boost and control over seeds, probes on several probe sets, the report) on the CPU with the tiny
+    preset, everything under the current directory."""
+    script = str(ROOT / "experiments" / "gpu.sh")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", script, "--help"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "Variables" in out.stdout and "N1 [50000]" in out.stdout
+    assert not list(tmp_path.iterdir())  # nothing made
+    bad = subprocess.run(["bash", script, "--fast"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown argument '--fast'" in bad.stderr
+    out = subprocess.run(["bash", script, "--dry"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "gpu.json").read_text())
+    assert report and (tmp_path / "results" / "gpu.md").read_text().count("boost − control") >= 2  # per probe set
+    for run in ("gpu/stage1", "gpu/stage2", "gpu-boost-s1/stage3", "gpu-control-s2/stage3"):
+        assert (tmp_path / "runs" / run / "config.json").exists(), run
