@@ -17,7 +17,6 @@ every option; presets set defaults, flags override them.
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import resource
@@ -35,11 +34,11 @@ from dataengine.writer import KINDS, write_dataset
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
-from storage.atomic import read_json, repo_path, write_text_atomically
+from storage.atomic import read_json, repo_path
 from training.dataset import ConversationDataset, LoaderReport, collate, dataset_file
 from training.distributed import adamw, all_sum, clip, gpu_amp_dtype, init_process_group, wrap
 from training.flops import mfu, peak_flops, step_flops
-from training.runs import (claim_stage_dir, load_stage_weights, metric_rows, nonfinite_stop, resume,
+from training.runs import (claim_stage_dir, load_stage_weights, metrics_writer, nonfinite_stop, resume,
                            save_checkpoint, save_stage, stage_chain)
 
 
@@ -502,30 +501,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
 def reduce_and_clip(vlm: VLM, cfg: Config, world: int) -> torch.Tensor:
     """The gradient norm, clipped to --grad-clip (DDP and FSDP2 have averaged the gradients): a tensor, no sync."""
     return clip(list(trainable_state(vlm).values()), cfg.grad_clip)
-
-
-def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
-    """-> write(row): a JSON line in metrics.jsonl (a resumed run keeps the rows up to its checkpoint, a new run
-    none) and, with --wandb, a Weights & Biases row. Rank 0 only; nothing for --bench."""
-    if not rt.master or cfg.bench:
-        return lambda row: None
-    path, wandb = out_dir / "metrics.jsonl", None
-    kept = metric_rows(path, step, rt.log) if step and path.exists() else []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(path, "".join(r + "\n" for r in kept))
-    if cfg.wandb:
-        try:
-            import wandb
-            wandb.init(project="spatialboost", name=f"{cfg.name}-stage{cfg.stage}", config=dataclasses.asdict(cfg))
-        except ImportError:
-            rt.log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
-
-    def write(row: dict):
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb:
-            wandb.log(row, step=row["step"])
-    return write
 
 
 def gpu_peak(cfg: Config, device: str) -> float | None:

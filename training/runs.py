@@ -1,7 +1,7 @@
 """
 A training run on disk: train.py's stage directories and resumable checkpoints, safetensors and JSON only (no pickle),
 and what the loop does to them: claim a stage dir (claim_stage_dir), resume it exactly (resume), keep its metrics
-rows (metric_rows), and stop on a non-finite step (nonfinite_stop).
+rows (metric_rows, written by metrics_writer), and stop on a non-finite step (nonfinite_stop).
 
     runs/<name>/base/                     random encoder / LLM of a preset that has no weights (tiny), made once
     runs/<name>/stage<k>/config.json      the resolved Config, `sources` (where the frozen parts come from), `init`
@@ -274,6 +274,30 @@ def metric_rows(path: Path, step: int, log) -> list[str]:
         if row["step"] <= step:
             kept.append(line)
     return kept
+
+
+def metrics_writer(cfg, rt, out_dir: Path, step: int):
+    """-> write(row): a JSON line in metrics.jsonl (a resumed run keeps the rows up to its checkpoint, a new run
+    none) and, with --wandb, a Weights & Biases row. Rank 0 only; nothing for --bench."""
+    if not rt.master or cfg.bench:
+        return lambda row: None
+    path, wandb = out_dir / "metrics.jsonl", None
+    kept = metric_rows(path, step, rt.log) if step and path.exists() else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, "".join(r + "\n" for r in kept))
+    if cfg.wandb:
+        try:
+            import wandb
+            wandb.init(project="spatialboost", name=f"{cfg.name}-stage{cfg.stage}", config=dataclasses.asdict(cfg))
+        except ImportError:
+            rt.log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
+
+    def write(row: dict):
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if wandb:
+            wandb.log(row, step=row["step"])
+    return write
 
 
 def nonfinite_stop(cfg, rt, out_dir: Path, step: int, loss: float, grad_norm: float | None):
