@@ -536,8 +536,9 @@ def load_vit(path, dtype: torch.dtype | None = None) -> ViT:
     return vit.to(dtype).eval() if dtype is not None else vit.eval()
 
 
-def save_vit(vit: ViT, path) -> None:
-    """An encoder as config.json + model.safetensors in our own names, atomically; `load_vit` reads it back exactly."""
+def save_vit(vit: ViT, path, state: dict | None = None) -> None:
+    """An encoder as config.json + model.safetensors in our own names, atomically; `load_vit` reads it back exactly.
+    state: its state_dict in full when the module holds shards (FSDP2)."""
     dual = any(isinstance(m, DualChannelAttention) for m in vit.modules())
-    write_model_dir(path, vit.state_dict(), {"config.json": {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg),
+    write_model_dir(path, vit.state_dict() if state is None else state, {"config.json": {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg),
                                                               "dual_channel": dual}})

@@ -38,7 +38,7 @@ from storage.atomic import read_json, repo_path
 from training.dataset import ConversationDataset, LoaderReport, collate, dataset_file
 from training.distributed import adamw, all_sum, clip, gpu_amp_dtype, init_process_group, wrap
 from training.flops import mfu, peak_flops, step_flops
-from training.runs import (claim_stage_dir, load_stage_weights, metrics_writer, nonfinite_stop, resume,
+from training.runs import (claim_stage_dir, gathered, load_stage_weights, metrics_writer, nonfinite_stop, resume,
                            save_checkpoint, save_stage, stage_chain)
 
 
@@ -357,10 +357,11 @@ def set_trainable(vlm: VLM, cfg: Config):
 
 def master_weights(vlm: VLM, amp_dtype: torch.dtype | None):
     """Trainable weights in fp32 whatever dtype the checkpoint ships in (a bf16 weight barely moves at stage 2's
-    rate: most updates round away), frozen weights in the compute dtype: kept as shipped under bf16 autocast, fp32
-    without autocast (the ops would mix dtypes otherwise)."""
+    rate: most updates round away), frozen matrices in the compute dtype: kept as shipped under bf16 autocast, fp32
+    without autocast. Frozen vectors (norms, biases) go to fp32 too: a bf16 LayerNorm weight refuses the fp32
+    activations that an fp32 gate or projector puts on the residual stream, and vectors weigh nothing."""
     for p in vlm.parameters():
-        if p.is_floating_point() and (p.requires_grad or amp_dtype is None):
+        if p.is_floating_point() and (p.requires_grad or amp_dtype is None or p.dim() < 2):
             p.data = p.data.float()
 
 
@@ -654,10 +655,13 @@ def skipped_note(skipped: int, rt: Runtime) -> str:
 def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dict, init, t_start: float) -> Path:
     """The stage dir: tensors, the stage-3 encoder export, config.json strictly last (every rank gathers, rank 0
     writes); every rank waits for it. main() closes the process group once train() has returned."""
+    # FSDP2's root holds the encoder as shards: every rank gathers it, rank 0 writes it
+    full = {k: gathered(v) for k, v in vlm.vit.state_dict().items()} if cfg.fsdp and cfg.stage == 3 else None
+
     def export(stage_dir: Path):
         if cfg.vision_tune == "lora":
             merge_lora(vlm.vit)
-        save_vit(vlm.vit, stage_dir / "vision")
+        save_vit(vlm.vit, stage_dir / "vision", state=full)
         rt.log(f"boosted encoder saved to {stage_dir / 'vision'} (load_vit reads it; baseline: {sources['vision']})")
     save_stage(out_dir, vlm, cfg, sources, init, master=rt.master, export=export if cfg.stage == 3 else None)
     rt.log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")

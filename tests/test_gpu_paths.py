@@ -36,17 +36,20 @@ def torchrun(tmp, script, *argv, port):
 
 
 def test_fsdp_with_fused_adamw_matches_one_process(tmp_path):
-    """--fsdp stage 2 under fused AdamW, as on CUDA: every trainable tensor is an FSDP2 shard (the root is wrapped
-    too), so the fused step takes the groups, and two processes equal one."""
-    flags = ["--stage", "2", "--max-steps", "2", "--dtype", "fp32"]
-    run_cli(tmp_path, *flags, "--name", "one")
+    """--fsdp stages 2 and 3 under fused AdamW, as on CUDA: every trainable tensor is an FSDP2 shard (the root is
+    wrapped too), so the fused step takes the groups; two processes equal one, the stage-3 export included."""
     (tmp_path / "fused.py").write_text(FUSED)
-    torchrun(tmp_path, tmp_path / "fused.py", ROOT / "train.py", *args(tmp_path, *flags, "--name", "two", "--fsdp"),
-             port=29541)
-    ref, got = (load_file(tmp_path / "runs" / n / "stage2" / "model.safetensors") for n in ("one", "two"))
-    assert got.keys() == ref.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+    for stage, port in ((2, 29541), (3, 29545)):
+        flags = ["--stage", str(stage), "--max-steps", "2", "--dtype", "fp32"]
+        run_cli(tmp_path, *flags, "--name", "one")
+        torchrun(tmp_path, tmp_path / "fused.py", ROOT / "train.py",
+                 *args(tmp_path, *flags, "--name", "two", "--fsdp"), port=port)
+        files = ["model.safetensors"] + (["vision/model.safetensors"] if stage == 3 else [])
+        for f in files:
+            ref, got = (load_file(tmp_path / "runs" / n / f"stage{stage}" / f) for n in ("one", "two"))
+            assert got.keys() == ref.keys()
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
 
 
 FSDP_MEMORY = """import json, sys, torch
@@ -145,12 +148,14 @@ def test_bf16_checkpoint_trains_fp32_masters(tmp_path):
     rt = train.setup_runtime(cfg)
     vlm = train.stage_model(cfg, rt, tmp_path / "probe")[0]
     assert all(p.dtype == torch.float32 for p in vlm.parameters() if p.requires_grad)
-    assert all(p.dtype == torch.bfloat16 for p in vlm.vit.parameters())  # frozen: the compute dtype, as shipped
+    frozen = [p for p in vlm.vit.parameters()]
+    assert all(p.dtype == (torch.bfloat16 if p.dim() >= 2 else torch.float32) for p in frozen)  # matrices as shipped
     run_cli(tmp_path, *flags)
     trained = load_file(tmp_path / "runs" / "tiny" / "stage2" / "model.safetensors")
     for k in [k for k in base if k.startswith("model.layers.") and base[k].dim() == 2]:
         same = (trained["lm." + k].float() == base[k].float()).float().mean().item()
         assert same < 0.02, (k, same)  # bf16 weights without fp32 masters: ~70 % identical
+    run_cli(tmp_path, *flags[:1], "3", *flags[2:])  # stage 3 on it: fp32 gates and Attn+ beside bf16 Attn
 
 
 def test_gpu_without_bf16_trains_fp32_or_refuses(monkeypatch):
