@@ -114,8 +114,8 @@ def packed_attention(q, k, v, packed: Packed, gqa: bool):
                         window_size=(-1, 0), enable_gqa=gqa)  # (-1, 0): causal
     else:
         cuts = packed.cu_seqlens.tolist()
-        y = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                                      enable_gqa=gqa).transpose(0, 1)
+        y = torch.cat([F.scaled_dot_product_attention(*(t[None, a:b].transpose(1, 2) for t in (q, k, v)),
+                                                      is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)
                        for a, b in zip(cuts, cuts[1:])])  # (B*T, H, hd)
     return y.view(B, T, H, hd).transpose(1, 2)
 

@@ -20,6 +20,7 @@ Per preset and stage (stage 3 first: it matters most), with train.py's own step 
   - the largest batch whose eager step fits in a 24 GB card (--cap-gib 22.5, the usable memory of an L4 or A10G, less
     the CUDA context, which the allocator's cap does not see); cuBLAS's failed allocations count as out-of-memory;
   - whether the data loader keeps up: collate seconds per batch over the preset's --workers vs seconds per step.
+Once per run: --pack's mask-free attention (varlen flash on CUDA) against the dense mask on one SmolLM2-sized block.
 Each measurement is guarded: an error is recorded in the JSON as its message and the next measurement runs. What no
 longer fits in --budget seconds is skipped and recorded as skipped. The JSON and the table are rewritten after each
 row, so a run killed half-way still leaves its rows.
@@ -36,6 +37,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from contextlib import nullcontext
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -276,6 +279,33 @@ def loader_seconds(ds, tok, cfg, n: int) -> float:
     return (time.perf_counter() - t0) / n / max(1, cfg.workers)
 
 
+def packed_attention_check(device: str) -> dict:
+    """--pack's mask-free path against the dense mask, on one small LLM block in the training dtype: packed rows of
+    2-3 samples each, forward and the input gradient. On CUDA the varlen flash kernel must run (kernels), and agree."""
+    from llm import LLM, block_causal, packed_cuts
+    torch.manual_seed(0)
+    lm = LLM(LLMConfig(vocab_size=64, dim=576, n_layers=1, n_heads=9, n_kv_heads=3, ffn_dim=1536)).to(device)
+    segments = torch.tensor([[1] * 700 + [2] * 500 + [3] * 336, [1] * 1000 + [2] * 400 + [0] * 136])  # (2, 1536)
+    positions, mask = (t.to(device) for t in block_causal(segments))
+    cuts = packed_cuts(segments)
+    packed = cuts._replace(cu_seqlens=cuts.cu_seqlens.to(device))
+    x = torch.randn(2, 1536, 576, device=device)
+    outs, kernels = [], {}
+    for name, m in (("dense", mask), ("packed", packed)):
+        xi = x.clone().requires_grad_(True)
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                h = lm.hidden(embeds=xi, positions=positions, mask=m)
+            h.float().pow(2).mean().backward()
+            return h.detach().float()
+        with fast_attention() if name == "packed" else nullcontext():  # the dense mask may need math: the reference
+            kernels[name] = attention_kernels(lambda: outs.append((step(), xi.grad.float())))
+    (h_d, g_d), (h_p, g_p) = outs
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    return {"kernels": kernels, "out_rel_diff": rel(h_p, h_d), "grad_rel_diff": rel(g_p, g_d)}
+
+
 def check_stage(args, preset: str, stage: int, sources: dict, work: Path, budget: Budget, peak) -> dict:
     row = {f: None for f in ROW_FIELDS} | {"preset": preset, "stage": stage, "errors": {}}
     built = guarded(row, "build", budget, lambda: build(args, preset, stage, sources, work))
@@ -337,6 +367,7 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU check ({'dry run, tiny shapes, CPU' if env['dry'] else env.get('gpu', env['device'])})", "",
              ", ".join(f"{k} {v}" for k, v in env.items()) + f"; {result['elapsed_s']:.0f} s"
              + ("" if result["complete"] else " (incomplete)"), "",
+             f"--pack's varlen path against the dense mask: {result.get('packed_attention')}", "",
              "| preset | stage | batch | tokens/batch | eager s/step | compiled s/step | speed-up | tokens/s eager / "
              "compiled | MFU eager / compiled | peak GiB eager / compiled | attention eager / compiled | loss rel. "
              f"diff | max batch in {env['cap_gib']:g} GiB | loader s/batch | loader keeps up | errors |",
@@ -403,6 +434,9 @@ def main(argv=None) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
     result = {"env": environment(args, args.device, peak), "rows": [], "complete": False, "elapsed_s": 0.0}
     try:
+        check = {"preset": "-", "stage": "-", "errors": {}}
+        result["packed_attention"] = guarded(check, "packed attention", budget,
+                                             lambda: packed_attention_check(args.device)) or check["errors"]
         for stage in stages:
             for preset in presets:
                 row = {f: None for f in ROW_FIELDS} | {"preset": preset, "stage": stage, "errors": {}}

@@ -110,6 +110,8 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
             assert all(row[mode][f] is not None for f in gpu_check.MODE_FIELDS), row[mode]
             assert row[mode]["attention"] == ["flash"]  # the CPU's flash kernel, inside the restricted context
         assert row["losses_agree"] and row["max_batch_24gb"] == 2 and row["first_oom_batch"] is None  # no cap on CPU
+    packed = result["packed_attention"]  # --pack's path against the dense mask (bf16: rounding only)
+    assert packed["kernels"]["packed"] == ["flash"] and packed["out_rel_diff"] < 1e-3 and packed["grad_rel_diff"] < 3e-2
     assert len(result["targets"]) == 3 and all(t["value"] is not None for t in result["targets"].values())
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("\n| small |") == 3 and table.count("\n| base |") == 3 and "Targets: " in table
