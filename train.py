@@ -661,7 +661,7 @@ def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dic
     def export(stage_dir: Path):
         if cfg.vision_tune == "lora":
             merge_lora(vlm.vit)
-        save_vit(vlm.vit, stage_dir / "vision", state=full)
+        save_vit(vlm.vit, stage_dir / "vision", **({} if full is None else {"state": full}))
         rt.log(f"boosted encoder saved to {stage_dir / 'vision'} (load_vit reads it; baseline: {sources['vision']})")
     save_stage(out_dir, vlm, cfg, sources, init, master=rt.master, export=export if cfg.stage == 3 else None)
     rt.log(f"stage {cfg.stage} done in {fmt_time(time.time() - t_start)}: {out_dir}")
