@@ -36,7 +36,7 @@ __all__ = ["LLMConfig", "LLM", "Tokenizer", "load_llm", "save_llm", "gguf_to_hf"
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # logit elements per chunk of the supervised loss: 64 MB in fp32 on CPU (cache-sized); 512 MB on a GPU, where each
 # chunk under bf16 also adds a (V, D) fp32 copy of the head's gradient: few chunks (~880 rows of Qwen's 152K vocab)
-LOSS_CHUNK = {"cpu": 2**24, "cuda": 2**27}
+LOSS_CHUNK, LOSS_CHUNK_CUDA = 2**24, 2**27
 
 
 @dataclass
@@ -211,7 +211,7 @@ class LLM(nn.Module):
         rows = sel.nonzero().squeeze(1) if n is None else torch.nonzero_static(sel, size=n).squeeze(1)  # (N,)
         hs = h[:, :-1].flatten(0, 1).index_select(0, rows)  # (N, D)
         targets, ws = ids[:, 1:].flatten().index_select(0, rows), w.index_select(0, rows)  # (N,), (N,)
-        chunk = max(1, LOSS_CHUNK["cuda" if h.is_cuda else "cpu"] // self.lm_head.weight.shape[0])
+        chunk = max(1, (LOSS_CHUNK_CUDA if h.is_cuda else LOSS_CHUNK) // self.lm_head.weight.shape[0])
         total = LinearCrossEntropy.apply(hs, self.lm_head.weight, targets, ws, chunk)
         if reduction == "sum":
             return total
