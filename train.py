@@ -4,7 +4,7 @@ Train SpatialBoost's three stages.
     python train.py --stage 3                       # the tiny preset on built-in synthetic data, 2 CPU cores, minutes
     python train.py --stage 1 && python train.py --stage 2 && python train.py --stage 3     # the whole recipe
     python train.py --preset small --stage 3        # DINOv2-S/14 + SmolLM2-135M-Instruct from weights/
-    torchrun --nproc_per_node 2 train.py --preset base --stage 2   # DDP (add --fsdp to shard the LLM)
+    torchrun --nproc_per_node 2 train.py --preset base --stage 2   # DDP (add --fsdp to shard the VLM: FSDP2)
     python train.py --stage 3 --bench 10            # samples/s, tokens/s, peak memory (and MFU on GPU)
 
 Stage 1 trains the projector (ViT and LLM frozen), stage 2 the projector and the LLM, stage 3 the encoder's Attn+

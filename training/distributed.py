@@ -3,7 +3,7 @@ Processes and devices for train.py: the process group, DDP or FSDP2 around the V
 replicated and sharded tensors, and the compute dtype a GPU supports.
 
     rank, world = init_process_group("cuda")       # under torchrun: set_device first, then NCCL bound to it
-    model = wrap(vlm, fsdp=True, device="cuda")     # FSDP2: every LLM block, then the whole VLM as the root
+    model = wrap(vlm, True, "cuda", world)          # FSDP2: every LLM block, then the whole VLM as the root
     opt = adamw(param_groups, lr, device="cuda")    # fused where the device has it and the groups allow it
 
 FSDP2 shards each LLM block and then the VLM itself: the root holds the embedding, the final norm, the projector
