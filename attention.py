@@ -14,6 +14,7 @@ swaps it into every attention layer of a model in place.
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -92,6 +93,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([prefix, rest * cos + rotate_half(rest) * sin], dim=-2)
 
 
+class Packed(NamedTuple):
+    """Packed rows for varlen attention, no (T, T) mask: the rows (B, T) read as one sequence of B*T tokens, cut at
+    cu_seqlens (S+1,) int32 into its S samples (a row's padding is one more); max_len bounds every sample's length
+    (the row length: the bound needs no host sync). llm.packed builds it from collate's segments."""
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+
+def packed_attention(q, k, v, packed: Packed, gqa: bool):
+    """Causal attention within each packed sample. q (B, H, T, hd), k, v (B, Hkv, T, hd) -> (B, H, T, hd). CUDA:
+    flash-attention's varlen kernel over the boundaries; elsewhere (and as the tests' reference of the same cut) one
+    causal SDPA per sample."""
+    B, H, T, hd = q.shape
+    flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hd)  # (B*T, heads, hd)
+    q, k, v = flat(q), flat(k), flat(v)
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+        y = varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len,
+                        window_size=(-1, 0), enable_gqa=gqa)  # (-1, 0): causal
+    else:
+        cuts = packed.cu_seqlens.tolist()
+        y = torch.cat([F.scaled_dot_product_attention(*(t[None, a:b].transpose(1, 2) for t in (q, k, v)),
+                                                      is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)
+                       for a, b in zip(cuts, cuts[1:])])  # (B*T, H, hd)
+    return y.view(B, T, H, hd).transpose(1, 2)
+
+
 class KVCache:
     """Keys and values of every layer, (n_layers, B, Hkv, max_len, hd) each, allocated once and written in place.
     `layers[i]` is the hook layer i's attention calls; the model advances `pos` once per forward, after all layers."""
@@ -140,8 +168,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
 
     def forward(self, x, rope=None, mask=None, cache=None):
-        """x (B, T, dim); rope (cos, sin) from rope_1d/rope_2d; mask (B or 1, 1, T, S) bool, True = may attend;
-        cache a KVCache layer hook. Returns (B, T, dim)."""
+        """x (B, T, dim); rope (cos, sin) from rope_1d/rope_2d; mask (B or 1, 1, T, S) bool, True = may attend, or a
+        Packed (causal within each packed sample); cache a KVCache layer hook. Returns (B, T, dim)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -152,6 +180,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, S, hd), S = tokens cached so far
+        gqa = self.n_heads != self.n_kv_heads
+        if isinstance(mask, Packed):
+            return self.o_proj(packed_attention(q, k, v, mask, gqa).transpose(1, 2).flatten(2))
         S, is_causal = k.shape[2], False
         if mask is None and self.causal and T > 1:
             if T == S:
@@ -159,7 +190,7 @@ class Attention(nn.Module):
             else:  # a chunk after cached context: query i sees keys up to S - T + i
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
+                                           enable_gqa=gqa)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 

@@ -133,6 +133,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--quick", action="store_true", help="a tenth of the training steps: a smoke test, not a result")
     add("--no-cache", action="store_true", help="do not read or write cached features")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="where the encoders compute their features (auto: cuda when available); the probe heads train on CPU")
     # worlds we did not build (evaluation/robot.py, evaluation/mujoco_probes.py; pip install -r requirements-robot.txt)
     add("--robot", action="store_true", help="also robot control per encoder: CortexBench-style behaviour cloning on "
         "MetaWorld, success rate of an MLP policy on the frozen embedding (4-7 min per encoder on 2 shared CPU cores)")
@@ -214,7 +216,8 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
     names, results, examples = [], [], []
     for name, path in encoders:
         print(f"{name}: {path}")
-        vit, t = load_vit(path), time.time()
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        vit, t = load_vit(path).to(device), time.time()
         res, ex = run_probes(vit, ps, cfg, args.image_size, args.crop_size, not args.no_cache,
                              per_image=args.per_image)
         if rgbd is not None:

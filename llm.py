@@ -26,15 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import Attention, KVCache, RMSNorm, rope_1d
+from attention import Attention, KVCache, Packed, RMSNorm, rope_1d
 from language.tokenizer import Tokenizer, gguf_field, gguf_tokenizer_files, open_gguf
 from storage.atomic import read_json
 from storage.tensors import listed, non_float, read_safetensors, state_diff, write_model_dir
 
-__all__ = ["LLMConfig", "LLM", "Tokenizer", "load_llm", "save_llm", "gguf_to_hf", "block_causal"]
+__all__ = ["LLMConfig", "LLM", "Tokenizer", "load_llm", "save_llm", "gguf_to_hf", "block_causal", "packed_cuts"]
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-LOSS_CHUNK = 2**24  # logit elements per chunk of the supervised loss: 64 MB in fp32
+# logit elements per chunk of the supervised loss: 64 MB in fp32 on CPU (cache-sized); 512 MB on a GPU, where each
+# chunk under bf16 also adds a (V, D) fp32 copy of the head's gradient: few chunks (~880 rows of Qwen's 152K vocab)
+LOSS_CHUNK, LOSS_CHUNK_CUDA = 2**24, 2**27
 
 
 @dataclass
@@ -176,7 +178,8 @@ class LLM(nn.Module):
         """Token ids (B, T) or input embeddings (B, T, D) -> hidden states (B, T, D) after the final norm.
         positions: (T,) or (B, T) per-sample RoPE positions; default 0..T-1 (after the cache's length with a cache).
         mask: (B or 1, 1, T, S) bool, True = may attend; it replaces the causal mask, so it must be causal itself
-        (`block_causal` builds one for packed rows). cache: a KVCache, advanced by T."""
+        (`block_causal` builds one for packed rows), or a Packed (`packed_cuts`: the same rows without a (T, T) mask).
+        cache: a KVCache, advanced by T."""
         x = self.embed(idx) if embeds is None else embeds  # (B, T, D)
         T = x.shape[1]
         if positions is None:
@@ -196,16 +199,19 @@ class LLM(nn.Module):
         """(B, T) token ids -> (B, T, V) logits. For inference and tests: training uses hidden() + loss()."""
         return self.lm_head(self.hidden(idx, positions=positions, mask=mask))
 
-    def loss(self, h, ids, weights, reduction: str = "sum"):
+    def loss(self, h, ids, weights, reduction: str = "sum", n: int | None = None):
         """Weighted next-token cross-entropy over the supervised tokens only. h (B, T, D) from hidden(); ids (B, T)
         the input ids; weights (B, T), render's mask as is: weights[b, t] > 0 marks ids[b, t] as a token to produce,
         predicted from h[b, t-1] (the shift happens here, so weights[:, 0] is never used). Returns sum(w * CE)
         ("sum"; the trainer divides by the global supervised-token count) or that over sum(w) ("mean": transformers'
-        loss with -100 labels for 0/1 weights). Only supervised rows of h meet the vocabulary, one chunk at a time."""
-        w = weights[:, 1:].float()  # (B, T-1)
+        loss with -100 labels for 0/1 weights). Only supervised rows of h meet the vocabulary, one chunk at a time.
+        n: the number of supervised tokens when the caller knows it (collate's n_supervised): no host sync then."""
+        w = weights[:, 1:].float().flatten()  # (B*(T-1),)
         sel = w > 0
-        hs, targets, ws = h[:, :-1][sel], ids[:, 1:][sel], w[sel]  # (N, D), (N,), (N,)
-        chunk = max(1, LOSS_CHUNK // self.lm_head.weight.shape[0])
+        rows = sel.nonzero().squeeze(1) if n is None else torch.nonzero_static(sel, size=n).squeeze(1)  # (N,)
+        hs = h[:, :-1].flatten(0, 1).index_select(0, rows)  # (N, D)
+        targets, ws = ids[:, 1:].flatten().index_select(0, rows), w.index_select(0, rows)  # (N,), (N,)
+        chunk = max(1, (LOSS_CHUNK_CUDA if h.is_cuda else LOSS_CHUNK) // self.lm_head.weight.shape[0])
         total = LinearCrossEntropy.apply(hs, self.lm_head.weight, targets, ws, chunk)
         if reduction == "sum":
             return total
@@ -302,6 +308,18 @@ def block_causal(segments: torch.Tensor):
         for a, b in zip(bounds, bounds[1:]):
             mask[r, 0, a:b, a:b] = tril[:b - a, :b - a]
     return torch.from_numpy(np.arange(T) - first).to(segments.device), torch.from_numpy(mask).to(segments.device)
+
+
+def packed_cuts(segments: torch.Tensor) -> Packed:
+    """segments (B, T) as block_causal takes them -> Packed: the sample boundaries in the rows flattened to B*T
+    tokens (each row's padding run counts as a sample of its own). Numpy, on the host: collate calls it, so the
+    trainer moves a few integers to the GPU and never a (B, 1, T, T) mask, and no host sync reads them back."""
+    seg = segments.cpu().numpy()
+    B, T = seg.shape
+    starts = np.ones((B, T), bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    cuts = np.append(np.flatnonzero(starts.reshape(-1)), B * T).astype(np.int32)  # (S+1,)
+    return Packed(torch.from_numpy(cuts), T)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -319,6 +319,15 @@ class Projector(nn.Module):
         return self.project(rearrange(block, "p d m1 m2 -> p (m1 m2 d)").to(grid.dtype))
 
 
+def expect(ok: torch.Tensor, message):
+    """A check of a bool tensor computed on the device: a ValueError with message() on the CPU; on a GPU an
+    asynchronous assert, which does not stall the step on a host sync and still stops the run when it fails."""
+    if ok.is_cuda:
+        torch._assert_async(ok, "VLM.embed: the text's image or point tokens do not match the inputs")
+    elif not ok:
+        raise ValueError(message())
+
+
 class VLM(nn.Module):
     """ViT -> Projector -> LLM, as LLaVA: each image's projected patch features take the places of its run of
     image-token ids in the text, so one sequence can hold several images (multi-view samples)."""
@@ -338,28 +347,32 @@ class VLM(nn.Module):
         the point tokens in reading order (image index into pixels, u, v) -> (B, T, D)."""
         x = self.lm.embed(ids)
         is_image = ids == self.image_token_id
-        is_point = ids == self.point_token_id if self.point_token_id is not None else torch.zeros_like(is_image)
         n_points = 0 if points is None else points.shape[0]
-        if int(is_point.sum()) != n_points:
-            raise ValueError(f"the text has {int(is_point.sum())} point tokens but {n_points} points were given")
+        if self.point_token_id is not None:
+            is_point = ids == self.point_token_id
+            expect(is_point.sum() == n_points,
+                   lambda: f"the text has {int(is_point.sum())} point tokens but {n_points} points were given")
+        elif n_points:
+            raise ValueError(f"{n_points} points were given to a model without point tokens")
         if pixels is None or pixels.shape[0] == 0:
-            if is_image.any() or n_points:
-                raise ValueError("the text has image or point tokens but no images were given")
+            expect(~is_image.any(), lambda: "the text has image tokens but no images were given")
+            if n_points:
+                raise ValueError("points were given but no images")
             return x
         grid = self.vit.patch_grid(pixels, self.feature_layer)  # (N, h, w, vision_dim)
         img = self.projector(grid)  # (N, n_image_tokens, D)
-        if int(is_image.sum()) != img.shape[0] * img.shape[1]:
-            raise ValueError(f"the text has {int(is_image.sum())} image tokens but {img.shape[0]} images give "
-                             f"{img.shape[0]} x {img.shape[1]}")
+        expect(is_image.sum() == img.shape[0] * img.shape[1], lambda: f"the text has {int(is_image.sum())} image "
+               f"tokens but {img.shape[0]} images give {img.shape[0]} x {img.shape[1]}")
         x = x.masked_scatter(is_image[..., None], img.to(x.dtype))
         if n_points:
             x = x.masked_scatter(is_point[..., None], self.projector.at_points(grid, points).to(x.dtype))
         return x
 
-    def forward(self, ids, pixels, weights, positions=None, mask=None, points=None):
-        """The summed next-token loss over supervised tokens (weights: render's mask); the trainer normalizes it."""
+    def forward(self, ids, pixels, weights, positions=None, mask=None, points=None, n_supervised=None):
+        """The summed next-token loss over supervised tokens (weights: render's mask); the trainer normalizes it.
+        n_supervised: their count when known (collate's), which spares the loss a host sync."""
         h = self.lm.hidden(embeds=self.embed(ids, pixels, points), positions=positions, mask=mask)  # (B, T, D)
-        return self.lm.loss(h, ids, weights, reduction="sum")
+        return self.lm.loss(h, ids, weights, reduction="sum", n=n_supervised)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], pixels, points=None, **kw) -> list[list[int]]:
@@ -523,8 +536,9 @@ def load_vit(path, dtype: torch.dtype | None = None) -> ViT:
     return vit.to(dtype).eval() if dtype is not None else vit.eval()
 
 
-def save_vit(vit: ViT, path) -> None:
-    """An encoder as config.json + model.safetensors in our own names, atomically; `load_vit` reads it back exactly."""
+def save_vit(vit: ViT, path, state: dict | None = None) -> None:
+    """An encoder as config.json + model.safetensors in our own names, atomically; `load_vit` reads it back exactly.
+    state: its state_dict in full when the module holds shards (FSDP2)."""
     dual = any(isinstance(m, DualChannelAttention) for m in vit.modules())
-    write_model_dir(path, vit.state_dict(), {"config.json": {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg),
+    write_model_dir(path, vit.state_dict() if state is None else state, {"config.json": {"model_type": EXPORT_TYPE, "vit": asdict(vit.cfg),
                                                               "dual_channel": dual}})

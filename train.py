@@ -4,7 +4,7 @@ Train SpatialBoost's three stages.
     python train.py --stage 3                       # the tiny preset on built-in synthetic data, 2 CPU cores, minutes
     python train.py --stage 1 && python train.py --stage 2 && python train.py --stage 3     # the whole recipe
     python train.py --preset small --stage 3        # DINOv2-S/14 + SmolLM2-135M-Instruct from weights/
-    torchrun --nproc_per_node 2 train.py --preset base --stage 2   # DDP (add --fsdp to shard the LLM)
+    torchrun --nproc_per_node 2 train.py --preset base --stage 2   # DDP (add --fsdp to shard the VLM: FSDP2)
     python train.py --stage 3 --bench 10            # samples/s, tokens/s, peak memory (and MFU on GPU)
 
 Stage 1 trains the projector (ViT and LLM frozen), stage 2 the projector and the LLM, stage 3 the encoder's Attn+
@@ -17,7 +17,6 @@ every option; presets set defaults, flags override them.
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import resource
@@ -30,19 +29,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from attention import add_dual_channel, add_lora, merge_lora
+from attention import Packed, add_dual_channel, add_lora, merge_lora
 from evaluation.probes import ProbeConfig
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
 from model import VLM, Projector, ViT, ViTConfig, load_vit, save_vit
-from storage.atomic import named, read_json, repo_path, write_text_atomically
+from storage.atomic import read_json, repo_path
 from training.dataset import ConversationDataset, LoaderReport, collate
+from training.distributed import adamw, all_sum, clip, gpu_amp_dtype, init_process_group, wrap
 from training.flag_help import flag_help
+from training.flops import mfu, peak_flops, step_flops
 from training.preflight import (STAGE_DATA, check_init, data_sources, fingerprints, refusals,  # noqa: F401
                                 stage_mix)
-from training.teacher import MODES, DepthData, DepthTeacher, collate_depth
-from training.runs import (claim_stage_dir, gathered, load_stage_weights, metric_rows, nonfinite_stop,
+from training.runs import (claim_stage_dir, gathered, load_stage_weights, metrics_writer, nonfinite_stop,
                            release_stage_dir, resume, save_checkpoint, save_stage, stage_chain)
+from training.teacher import MODES, DepthData, DepthTeacher, collate_depth
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Config:
     log_every: int = 1  # steps between log lines, >= 1
     wandb: bool = False  # log to Weights & Biases when installed
     bench: int = 0  # >0: time this many steps and print throughput; nothing is written
+    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU (0: training/flops.py's table by exact GPU name)
     probe: bool = True  # stage 3: end with a quick depth-probe summary, baseline vs boosted
 
 
@@ -184,6 +186,7 @@ def validate(cfg: Config) -> list[str]:
                (0 <= cfg.warmup_frac < 1, f"--warmup-frac {cfg.warmup_frac}: must be in [0, 1)"),
                (0 <= cfg.min_lr_frac <= 1, f"{flag('min_lr_frac')}: must be in [0, 1]"),
                (cfg.weight_decay >= 0, f"{flag('weight_decay')}: must be >= 0"),
+               (cfg.peak_tflops >= 0, f"{flag('peak_tflops')}: must be >= 0 (0: the table's peak for the GPU)"),
                (not cfg.shuffle_images or cfg.stage == 3, "--shuffle-images is the stage-3 control"),
                (cfg.teacher == "llm" or (cfg.stage == 3 and not cfg.shuffle_images and cfg.vision_tune != "frozen"),
                 f"--teacher {cfg.teacher}: a stage-3 teacher of a trainable encoder, without --shuffle-images (the "
@@ -220,21 +223,22 @@ class Runtime:
     log = property(lambda self: print if self.rank == 0 else (lambda *a, **k: None))
 
 
+def setup_device(cfg: Config) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
 def setup_runtime(cfg: Config) -> Runtime:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    device = setup_device(cfg)
+    rank, world = init_process_group(device)
     if cfg.global_batch % (cfg.batch_size * world):
         raise ValueError(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
                          f"x {world} processes")
     if cfg.fsdp and world == 1:
         raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
-    native = device == "cuda" or cpu_has_bf16()
-    amp_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and native)) else None
+    if device == "cuda":
+        amp_dtype = gpu_amp_dtype(cfg.dtype)
+    else:
+        amp_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and cpu_has_bf16())) else None
     return Runtime(device, rank, world, amp_dtype, cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"))
 
 
@@ -316,7 +320,9 @@ def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
 
 
 def tune_vision(vit: ViT, cfg: Config):
-    """Stage 3's trainable part of a frozen encoder, as --vision-tune says (every teacher trains the same one)."""
+    """Stage 3's trainable part of a frozen encoder, as --vision-tune says (every teacher trains the same one). What
+    no gradient reaches stays frozen, since DDP waits for every trainable tensor: the mask token, SigLIP's pooling
+    head (the projector and the depth head read patch tokens)."""
     if cfg.vision_tune in ("dual", "dual-qk"):
         add_dual_channel(vit)  # Attn+ and gates trainable, the rest of the ViT frozen
         if cfg.vision_tune == "dual-qk":  # one-step tests: most of stage 3's forgetting is in Attn+'s v/o
@@ -327,7 +333,8 @@ def tune_vision(vit: ViT, cfg: Config):
         add_lora(vit, cfg.lora_rank)
     elif cfg.vision_tune == "full":
         vit.requires_grad_(True)
-    vit.mask_token.requires_grad_(False) if vit.mask_token is not None else None
+    for m in (vit.mask_token, vit.head):
+        m.requires_grad_(False) if m is not None else None
 
 
 def set_trainable(vlm: VLM, cfg: Config):
@@ -335,6 +342,8 @@ def set_trainable(vlm: VLM, cfg: Config):
     vlm.requires_grad_(False)
     if cfg.stage == 3:
         tune_vision(vlm.vit, cfg)
+        for block in vlm.vit.blocks[vlm.feature_layer % len(vlm.vit.blocks) + 1:]:  # the projector reads an earlier
+            block.requires_grad_(False)                                                # block: no gradient reaches these
     vlm.projector.requires_grad_(not (cfg.stage == 3 and cfg.freeze_projector))
     vlm.lm.requires_grad_(cfg.stage == 2)
     vlm.train()
@@ -342,6 +351,16 @@ def set_trainable(vlm: VLM, cfg: Config):
         vlm.lm.eval()
     if cfg.stage != 3 or cfg.vision_tune == "frozen":
         vlm.vit.eval()
+
+
+def master_weights(vlm: VLM, amp_dtype: torch.dtype | None):
+    """Trainable weights in fp32 whatever dtype the checkpoint ships in (a bf16 weight barely moves at stage 2's
+    rate: most updates round away), frozen matrices in the compute dtype: kept as shipped under bf16 autocast, fp32
+    without autocast. Frozen vectors (norms, biases) go to fp32 too: a bf16 LayerNorm weight refuses the fp32
+    activations that an fp32 gate or projector puts on the residual stream, and vectors weigh nothing."""
+    for p in vlm.parameters():
+        if p.is_floating_point() and (p.requires_grad or amp_dtype is None or p.dim() < 2):
+            p.data = p.data.float()
 
 
 def trainable_state(vlm: VLM) -> dict:
@@ -379,6 +398,7 @@ def stage_model(cfg: Config, rt: Runtime, out_dir: Path) -> tuple[VLM, Tokenizer
     for stage_dir in chain:  # the tensors each earlier stage trained, oldest first
         load_stage_weights(vlm, stage_dir)
     set_trainable(vlm, cfg)
+    master_weights(vlm, rt.amp_dtype)
     vlm.to(rt.device)
     log(f"stage {cfg.stage} | preset {cfg.preset} | run {out_dir} | device {rt.device} x{rt.world} | "
         f"{'bf16 autocast' if rt.amp_dtype else 'fp32'}{' | compiled' if rt.compile else ''}")
@@ -447,18 +467,14 @@ def batch_plan(cfg: Config, n: int, world: int, rank: int, start: int, end: int)
 
 
 def prepare(vlm: VLM, cfg: Config, rt: Runtime, out_dir: Path) -> tuple[nn.Module, torch.optim.Optimizer, int]:
-    """-> (the module the loop calls, AdamW, the step to start at): the LLM sharded (FSDP2) before the optimizer
-    sees it, the latest checkpoint restored (--resume), DDP around the rest, blocks compiled."""
-    if cfg.fsdp:  # each LLM block sharded over the ranks; the other trainable tensors: reduce_and_clip
-        from torch.distributed.fsdp import fully_shard
-        for layer in vlm.lm.model.layers:
-            fully_shard(layer)
-    opt = torch.optim.AdamW(param_groups(vlm, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=rt.device == "cuda")
+    """-> (the module the loop calls, AdamW, the step to start at): the VLM sharded (FSDP2: the LLM blocks and the
+    root) before the optimizer sees it, the latest checkpoint restored (--resume), else DDP around it, blocks
+    compiled."""
+    model = wrap(vlm, cfg.fsdp, rt.device, rt.world) if cfg.fsdp else vlm
+    opt = adamw(param_groups(vlm, cfg), cfg.lr, rt.device)
     step = resume(vlm, opt, cfg, rt, out_dir) if cfg.resume and not cfg.bench else 0
-    model = vlm
-    if rt.world > 1 and not cfg.fsdp:
-        model = nn.parallel.DistributedDataParallel(
-            vlm, device_ids=[torch.cuda.current_device()] if rt.device == "cuda" else None)
+    if not cfg.fsdp:
+        model = wrap(vlm, False, rt.device, rt.world)  # DDP after resume: its broadcast keeps the restored weights
     llm_blocks = list(vlm.lm.model.layers) if isinstance(vlm, VLM) else []
     for block in list(vlm.vit.blocks) + llm_blocks if rt.compile else []:
         block.compile()  # block by block: shapes vary with sequence length, and eval/saving keep the plain module
@@ -488,72 +504,22 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
 
 
 def reduce_and_clip(vlm: VLM, cfg: Config, world: int) -> torch.Tensor:
-    """Under FSDP the replicated trainable tensors' gradients are averaged by hand; then clip_grad_norm_ over plain
-    tensors and FSDP2 shards together: the two kinds' norms are combined by hand."""
-    params = list(trainable_state(vlm).values())
-    for p in params if cfg.fsdp else []:
-        if p.grad is not None and not hasattr(p, "device_mesh"):
-            dist.all_reduce(p.grad)
-            p.grad /= world
-    groups = [[p for p in params if p.grad is not None and hasattr(p, "device_mesh") == sharded] for sharded in (0, 1)]
-    groups = [g for g in groups if g]
-    if len(groups) < 2:
-        return gathered(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-    total = torch.linalg.vector_norm(torch.stack([gathered(nn.utils.get_total_norm([p.grad for p in g]))
-                                                  for g in groups]))
-    for g in groups:
-        nn.utils.clip_grads_with_norm_(g, cfg.grad_clip, total)
-    return total
+    """The gradient norm, clipped to --grad-clip (DDP and FSDP2 have averaged the gradients): a tensor, no sync."""
+    return clip(list(trainable_state(vlm).values()), cfg.grad_clip)
 
 
-def all_sum(x: torch.Tensor, world: int) -> float:
-    if world > 1:
-        dist.all_reduce(x)
-    return x.item()
+def gpu_peak(cfg: Config, device: str) -> float | None:
+    return peak_flops(torch.cuda.get_device_name() if device == "cuda" else "", cfg.peak_tflops)
 
 
-def metrics_writer(cfg: Config, rt: Runtime, out_dir: Path, step: int):
-    """-> write(row): a JSON line in metrics.jsonl (a resumed run keeps the rows up to its checkpoint, a new run
-    none) and, with --wandb, a Weights & Biases row. Rank 0 only; nothing for --bench."""
-    if not rt.master or cfg.bench:
-        return lambda row: None
-    path, wandb = out_dir / "metrics.jsonl", None
-    kept = metric_rows(path, step, rt.log) if step and path.exists() else []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(path, "".join(r + "\n" for r in kept))
-    if cfg.wandb:
-        try:
-            import wandb
-            wandb.init(project="spatialboost", name=f"{cfg.name}-stage{cfg.stage}", config=dataclasses.asdict(cfg))
-        except ImportError:
-            rt.log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
-
-    def write(row: dict):
-        try:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:  # a full disk: name the file
-            raise named(path, e) from e
-        if wandb:
-            wandb.log(row, step=row["step"])
-    return write
-
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
-
-
-def peak_flops(device: str) -> float | None:
-    name = torch.cuda.get_device_name() if device == "cuda" else ""
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def step_flops(vlm: VLM, n_tokens: int, n_images: int, patches: int) -> float:
-    """Matmul FLOPs of one training step, forward + backward: 2 per parameter per token forward, 2 more for the
-    input gradient and 2 more for the weight gradient where the weight trains (attention scores not counted)."""
-    def cost(module, tokens):
-        params = {id(p): p for p in module.parameters()}.values()
-        return sum((4 + 2 * p.requires_grad) * p.numel() * tokens for p in params if p.dim() >= 2)
-    return cost(vlm.lm, n_tokens) + cost(vlm.vit, n_images * patches) + cost(vlm.projector, n_images * patches)
+def batch_flops(vlm: VLM, cfg: Config, batches: list[dict]) -> float:
+    """This rank's FLOPs of the step (training/flops.py, the formula BENCHMARKS.md writes out); a depth teacher's
+    steps are not counted (no LLM: MFU is the VLM's)."""
+    if not isinstance(vlm, VLM):
+        return 0.0
+    count = lambda k: sum(float(b[k]) for b in batches)
+    return step_flops(vlm, cfg.image_size, count("n_tokens"), count("n_tokens_sq"), count("n_supervised"),
+                      sum(b["pixels"].shape[0] for b in batches))
 
 
 def fmt_time(s: float) -> str:
@@ -562,28 +528,51 @@ def fmt_time(s: float) -> str:
 
 
 def forward_backward(model: nn.Module, vlm: VLM, batches: list[dict], rt: Runtime,
-                     backward: bool = True) -> tuple[float, int]:
-    """One step's micro-batches forward (autocast) and backward -> (the loss per supervised token over all ranks, how
-    many micro-batches had nothing to train). The gradients are normalized by the global count of supervised tokens;
-    DDP syncs on the last micro-batch. A micro-batch with nothing to train (every sample unusable, or text only with
-    the LLM frozen) backpropagates a zero through every trainable tensor instead: DDP's all-reduce waits for it."""
-    n_sup = torch.tensor([float(sum(b["n_supervised"] for b in batches))], device=rt.device)
-    n_sup = max(all_sum(n_sup, rt.world), 1.0)
+                     backward: bool = True) -> tuple[torch.Tensor, int]:
+    """One step's micro-batches forward (autocast) and backward -> (the loss per supervised token over all ranks, a
+    tensor on the device: reading it is the caller's one host sync; how many micro-batches had nothing to train).
+    The gradients are normalized by the global count of supervised tokens; DDP syncs on the last micro-batch.
+
+    DDP's all-reduce waits for a gradient of every trainable tensor, so every one must be on the graph: a
+    micro-batch with nothing to train (every sample unusable, or text only with the LLM frozen) backpropagates a zero
+    through all of them, and a text-only micro-batch of stage 2 a zero through the vision side (projector, and the
+    encoder's trainable tensors), which no image reached. A zero term costs one small sum per tensor, only on such
+    micro-batches; find_unused_parameters would walk the graph on every step. Tensors that no micro-batch can reach
+    (blocks after --feature-layer, SigLIP's pooling head) are frozen by set_trainable."""
+    n_sup = float(sum(b["n_supervised"] for b in batches))
+    if rt.world > 1:  # the one collective before the step's work
+        n_sup = all_sum(torch.tensor([n_sup], device=rt.device), rt.world).item()
+    n_sup = max(n_sup, 1.0)
     loss_sum, skipped = torch.zeros((), device=rt.device), 0
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    vision_side = [p for m in (vlm.vit, vlm.projector) for p in m.parameters() if p.requires_grad] \
+        if isinstance(vlm, VLM) else []
     for i, b in enumerate(batches):
-        b = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        mask = b.get("mask")
+        if rt.device == "cuda" and "cu_seqlens" in b and rt.amp_dtype is not None:  # varlen flash: no (T, T) mask
+            mask = Packed(b["cu_seqlens"], b["ids"].shape[1])
+        move = lambda v: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v
         with model.no_sync() if ddp and i < len(batches) - 1 else nullcontext():
             with torch.autocast(rt.device, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                loss = model(b["pixels"], b["target"], b["uv"], b["depth"]) if "target" in b else \
-                    model(b["ids"], b["pixels"], b["weights"], b.get("positions"), b.get("mask"), b.get("points"))
+                if "target" in b:  # a depth teacher (training/teacher.py)
+                    loss = model(move(b["pixels"]), move(b["target"]), b["uv"], b["depth"])
+                else:
+                    loss = model(*(move(b.get(k)) for k in ("ids", "pixels", "weights", "positions")),
+                                 Packed(*map(move, mask)) if isinstance(mask, Packed) else move(mask),
+                                 move(b.get("points")), b["n_supervised"])
             if backward and not loss.requires_grad:
                 skipped += 1
-                loss = loss + sum(p.sum() for p in trainable_state(vlm).values()) * 0.0
+                loss = loss + zero_term(trainable_state(vlm).values())
+            elif backward and b["pixels"].shape[0] == 0 and vision_side:
+                loss = loss + zero_term(vision_side)
             if backward:
                 (loss * rt.world / n_sup).backward()  # DDP averages over ranks, hence * world
         loss_sum += loss.detach().float()
     return all_sum(loss_sum, rt.world) / n_sup, skipped
+
+
+def zero_term(params) -> torch.Tensor:
+    return sum(p.sum() for p in params) * 0.0  # a zero gradient for each: on the graph, nothing changes
 
 
 def train(cfg: Config) -> Path | None:
@@ -604,68 +593,77 @@ def train(cfg: Config) -> Path | None:
         ds, batch_sampler=batch_plan(cfg, len(ds), rt.world, rt.rank, step, end)[2], num_workers=cfg.workers,
         pin_memory=device == "cuda", collate_fn=collate_depth if isinstance(vlm, DepthTeacher) else
         functools.partial(collate, pad_id=tok.pad_id, pack=cfg.pack)))
-    peak, patches = peak_flops(device), math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
+    peak = gpu_peak(cfg, device)
     metrics, report = metrics_writer(cfg, rt, out_dir, step), LoaderReport()  # report: said at each epoch's end
-    timings, t_start, skipped, batches = [], time.time(), 0, []
+    timings, t_start, skipped, batches, since = [], time.time(), 0, [], []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
     while step < end:
-        t0 = time.time()
         batches = [next(loader) for _ in range(accum)]  # this rank's micro-batches of the step
         for b in batches:
             report.add(b)
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        loss_value, n_skipped = forward_backward(model, vlm, batches, rt)
+        loss, n_skipped = forward_backward(model, vlm, batches, rt)
         skipped += n_skipped
         grad_norm = reduce_and_clip(vlm, cfg, rt.world)
-        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+        loss_value, norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()  # the step's one host sync
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             opt.zero_grad(set_to_none=True)
-            nonfinite_stop(cfg, rt, out_dir, step, loss_value, float(grad_norm))
+            nonfinite_stop(cfg, rt, out_dir, step, loss_value, norm_value)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        n_tok = sum(int(b["n_tokens"]) for b in batches) * rt.world
-        n_imgs = sum(int(b["pixels"].shape[0]) for b in batches) * rt.world
-        timings.append((dt, cfg.global_batch, n_tok, n_imgs))
+        since.append(batches)
+        if cfg.bench or step % cfg.log_every == 0 or step == total:
+            if device == "cuda":
+                torch.cuda.synchronize()  # the queued work done: the time since the last log is the steps' own
+            dt, t0 = (time.time() - t0) / len(since), time.time()
+            n_tok = sum(int(b["n_tokens"]) for bs in since for b in bs) / len(since) * rt.world
+            flops = sum(batch_flops(vlm, cfg, bs) for bs in since) / len(since)  # this rank's, per step
+            flops = all_sum(torch.tensor(flops, device=device), rt.world).item()  # all ranks': at logs only
+            timings.append((dt, cfg.global_batch, n_tok, flops))
+            since = []
+            if not cfg.bench:
+                log_step(cfg, rt, vlm, metrics, step, total, t_start, loss_value, norm_value, lr, dt, n_tok,
+                         mfu(flops, dt, peak, rt.world))
         if cfg.bench:
             continue
-        if step % cfg.log_every == 0 or step == total:
-            eta = (time.time() - t_start) / len(timings) * (total - step)
-            flops = step_flops(vlm, n_tok, n_imgs, patches) if peak and isinstance(vlm, VLM) else 0.0
-            mfu = f" | mfu {100 * flops / dt / (peak * rt.world):.1f}%" if peak else ""
-            log(f"s{cfg.stage} {step:>5}/{total} [{'#' * int(20 * step / total):<20}] | loss {loss_value:.4f} | "
-                f"lr {lr:.2e} | dt {dt * 1000:.0f}ms | {cfg.global_batch / dt:.1f} samples/s | {n_tok / dt:.0f} "
-                f"tok/s{mfu} | eta {fmt_time(eta)}", flush=True)
-            row = {"step": step, "loss": loss_value, "lr": lr, "dt": dt, "grad_norm": float(grad_norm),
-                   "samples_per_s": cfg.global_batch / dt, "tokens_per_s": n_tok / dt}
-            dual = dual_channel_stats(vlm.vit) if cfg.stage == 3 and rt.master else []
-            if dual:  # how far the boost has moved each layer, as it trains
-                row.update(gate=[d["gate_mean"] for d in dual], rel_change=[d["rel_change"] for d in dual])
-                log(f"      σ(a) {min(row['gate']):.4f}..{max(row['gate']):.4f} | ‖W+ − W‖/‖W‖ "
-                    f"{min(row['rel_change']):.2e}..{max(row['rel_change']):.2e}")
-            metrics(row)
         if step % steps_per_epoch == 0 or step == total:
             log(f"  epoch {math.ceil(step / steps_per_epoch)} {report.summary()}" + skipped_note(skipped, rt))
             report, skipped = LoaderReport(), 0
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save_checkpoint(out_dir, step, vlm, opt, cfg, keep_last=cfg.keep_last, master=rt.master)
     if cfg.bench:
-        return report_bench(cfg, timings, vlm, device, patches, peak, log)
+        return report_bench(cfg, timings, device, peak, rt.world, log)
     if batches:  # the last update's weights have met no forward yet: they go out only if they give a finite loss
         # (on the plain module, with grad mode as in training: DDP expects no lone forward, compiled blocks no change)
-        loss_value = forward_backward(vlm, vlm, batches, rt, backward=False)[0]
+        loss_value = forward_backward(vlm, vlm, batches, rt, backward=False)[0].item()
         if not math.isfinite(loss_value):
             nonfinite_stop(cfg, rt, out_dir, step, loss_value, None)
     return finish_stage(cfg, rt, vlm, out_dir, sources, init, t_start)
 
 
+def log_step(cfg, rt, vlm, metrics, step, total, t_start, loss, grad_norm, lr, dt, n_tok, util):
+    """The progress line, a metrics row and, in stage 3, how far the boost has moved each layer."""
+    eta = (time.time() - t_start) / step * (total - step)
+    rt.log(f"s{cfg.stage} {step:>5}/{total} [{'#' * int(20 * step / total):<20}] | loss {loss:.4f} | lr {lr:.2e} | "
+           f"dt {dt * 1000:.0f}ms | {cfg.global_batch / dt:.1f} samples/s | {n_tok / dt:.0f} tok/s"
+           f"{f' | mfu {100 * util:.1f}%' if util else ''} | eta {fmt_time(eta)}", flush=True)
+    row = {"step": step, "loss": loss, "lr": lr, "dt": dt, "grad_norm": grad_norm,
+           "samples_per_s": cfg.global_batch / dt, "tokens_per_s": n_tok / dt}
+    dual = dual_channel_stats(vlm.vit) if cfg.stage == 3 else []  # every rank: no straggler, no lone collective
+    if dual:
+        row.update(gate=[d["gate_mean"] for d in dual], rel_change=[d["rel_change"] for d in dual])
+        rt.log(f"      σ(a) {min(row['gate']):.4f}..{max(row['gate']):.4f} | ‖W+ − W‖/‖W‖ "
+               f"{min(row['rel_change']):.2e}..{max(row['rel_change']):.2e}")
+    metrics(row)
+
+
 def skipped_note(skipped: int, rt: Runtime) -> str:
-    n = int(all_sum(torch.tensor(float(skipped), device=rt.device), rt.world))  # every rank's
+    n = int(all_sum(torch.tensor(float(skipped), device=rt.device), rt.world).item())  # every rank's
     return (f"\n  {n} micro-batch{'es' if n > 1 else ''}{' (all ranks)' if rt.world > 1 else ''} with nothing to "
             f"train (every sample unusable, or text only with the LLM frozen) skipped: a zero gradient instead"
             ) if n else ""
@@ -674,10 +672,13 @@ def skipped_note(skipped: int, rt: Runtime) -> str:
 def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dict, init, t_start: float) -> Path:
     """The stage dir: tensors, the stage-3 encoder export, config.json strictly last (every rank gathers, rank 0
     writes); every rank waits for it. main() closes the process group once train() has returned."""
+    # FSDP2's root holds the encoder as shards: every rank gathers it, rank 0 writes it
+    full = {k: gathered(v) for k, v in vlm.vit.state_dict().items()} if cfg.fsdp and cfg.stage == 3 else None
+
     def export(stage_dir: Path):
         if cfg.vision_tune == "lora":
             merge_lora(vlm.vit)
-        save_vit(vlm.vit, stage_dir / "vision")
+        save_vit(vlm.vit, stage_dir / "vision", **({} if full is None else {"state": full}))
         rt.log(f"boosted encoder saved to {stage_dir / 'vision'} (load_vit reads it; baseline: {sources['vision']})")
     save_stage(out_dir, vlm, cfg, sources, init, master=rt.master, export=export if cfg.stage == 3 else None)
     release_stage_dir(out_dir)
@@ -687,16 +688,16 @@ def finish_stage(cfg: Config, rt: Runtime, vlm: VLM, out_dir: Path, sources: dic
     return out_dir
 
 
-def report_bench(cfg, timings, vlm, device, patches, peak, log) -> None:
+def report_bench(cfg, timings, device, peak, world, log) -> None:
     timed = timings[2:]  # the first two steps warm up (allocation, compilation)
     dt = sum(t[0] for t in timed) / len(timed)
-    samples, tokens, images = (sum(t[i] for t in timed) / len(timed) for i in (1, 2, 3))
+    samples, tokens, flops = (sum(t[i] for t in timed) / len(timed) for i in (1, 2, 3))
     mem = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     line = (f"bench stage {cfg.stage} preset {cfg.preset}: {dt * 1000:.0f} ms/step | {samples / dt:.2f} samples/s | "
             f"{tokens / dt:.0f} tokens/s | peak memory {mem:.2f} GiB ({'allocated' if device == 'cuda' else 'RSS'})")
     if peak:
-        line += f" | mfu {100 * step_flops(vlm, tokens, images, patches) / dt / peak:.1f}%"
+        line += f" | mfu {100 * mfu(flops, dt, peak, world):.1f}%"
     log(line)
 
 
@@ -711,7 +712,7 @@ def main(argv=None):
     if dist.is_initialized():  # after train() has returned, so that no DDP / FSDP module still holds the group
         dist.destroy_process_group()
     if out is not None and cfg.stage == 3 and cfg.probe and int(os.environ.get("RANK", "0")) == 0:
-        quick_summary(out)
+        quick_summary(out, device=setup_device(cfg))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_model  # noqa: E402
+
 
 def batch(args, image_token_id, n_img, vocab):
     g = torch.Generator().manual_seed(0)
@@ -155,8 +157,8 @@ def compare(args):
         variants = {"bf16 eager": (vlm, bf16), "bf16 compiled": (compiled, bf16)}
     opts = {name: torch.optim.AdamW(train.param_groups(m, cfg), lr=cfg.lr) for name, (m, _) in variants.items()}
     times = {name: [] for name in variants}
-    print(f"stage {args.stage}, small preset, CPU, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"torch {torch.__version__}; per round: the same micro-batch for each variant")
+    print(f"stage {args.stage}, small preset, CPU {cpu_model()}, {torch.get_num_threads()} threads, batch "
+          f"{args.batch}, torch {torch.__version__}; per round: the same micro-batch for each variant")
     for r, batch in enumerate(batches):
         line = f"round {r} ({batch['n_tokens']} tokens, T={batch['ids'].shape[1]}):"
         for name, (model, rt_v) in variants.items():
@@ -175,7 +177,8 @@ def compare(args):
         tok = statistics.median(n / t for t, n in times[name][2:])
         print(f"{name:<14} {dt:7.2f} s/step (median)  {tok:6.0f} tokens/s")
     ratios = [ta / tb for (ta, _), (tb, _) in zip(times[a][2:], times[b][2:])]
-    print(f"{a} / {b} per round: {' '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}x")
+    print(f"{a} / {b} per round: {' '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}x "
+          f"on {cpu_model()}")  # the ratio depends on the CPU (AMX or not): it goes with every row
     shutil.rmtree(tmp)
 
 
@@ -212,7 +215,7 @@ def main():
         return compare(args)
     if args.child:
         return child(args)
-    print(f"stage-3 step, small preset, CPU fp32, {args.threads} threads, batch {args.batch}, "
+    print(f"stage-3 step, small preset, CPU fp32 on {cpu_model()}, {args.threads} threads, batch {args.batch}, "
           f"{args.text} text + 64 image tokens, {args.supervised:.0%} of the text supervised, torch {torch.__version__}")
     results = {}
     for variant in ("transformers", "ours"):

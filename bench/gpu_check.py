@@ -1,6 +1,6 @@
 """
-The GPU check: what one GPU does with the two real-size presets, measured in one run of under 8 minutes that needs
-no weight files and no network.
+The GPU check: what one GPU does with the two real-size presets, measured in one run of ~15 minutes (inductor
+compiles each row; --budget caps it) that needs no weight files and no network.
 
     python bench/gpu_check.py --out gpu_check        # one CUDA GPU -> gpu_check/gpu_check.json and gpu_check.md
     python bench/gpu_check.py --dry --out /tmp/gc    # CPU, tiny shapes, seconds: tests/test_speed_paths.py runs it
@@ -14,9 +14,13 @@ byte-level: there are no tokenizer files on the GPU machine. Byte-level samples 
 
 Per preset and stage (stage 3 first: it matters most), with train.py's own step (forward_backward, clipping, AdamW):
   - eager vs compiled (per-block torch.compile, as train.py --compile on): the first step's loss on the same batch
-    and the same weights, then step time, samples/s, tokens/s, MFU and peak memory of each;
-  - the largest batch whose eager step fits in 24 GB (the allocator capped with set_per_process_memory_fraction);
+    and the same weights, then step time, samples/s, tokens/s, MFU (training/flops.py) and peak memory of each;
+  - which attention kernels ran (from the profiler), every step inside sdpa_kernel(flash, efficient, cuDNN): a fall
+    to the math kernel (O(T^2) memory) is an error in the row, not a slow number;
+  - the largest batch whose eager step fits in a 24 GB card (--cap-gib 22.5, the usable memory of an L4 or A10G, less
+    the CUDA context, which the allocator's cap does not see); cuBLAS's failed allocations count as out-of-memory;
   - whether the data loader keeps up: collate seconds per batch over the preset's --workers vs seconds per step.
+Once per run: --pack's mask-free attention (varlen flash on CUDA) against the dense mask on one SmolLM2-sized block.
 Each measurement is guarded: an error is recorded in the JSON as its message and the next measurement runs. What no
 longer fits in --budget seconds is skipped and recorded as skipped. The JSON and the table are rewritten after each
 row, so a run killed half-way still leaves its rows.
@@ -25,7 +29,6 @@ row, so a run killed half-way still leaves its rows.
 import argparse
 import gc
 import json
-import math
 import resource
 import shutil
 import statistics
@@ -35,12 +38,16 @@ import time
 import traceback
 from pathlib import Path
 
+from contextlib import nullcontext
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from bench.machine import cpu_model  # noqa: E402
 from dataengine.writer import KINDS, write_dataset  # noqa: E402
 from llm import LLM, LLMConfig, Tokenizer, save_llm  # noqa: E402
 from model import ViT, ViTConfig, save_vit  # noqa: E402
@@ -66,11 +73,42 @@ TINY = (dict(dim=32, depth=2, heads=2, mlp_dim=64, patch_size=8, pos_grid=8, ima
         dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=300, hidden_size=64,
              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
 MODE_FIELDS = ("first_loss", "first_step_s", "warmup_s", "step_s", "samples_per_s", "tokens_per_s", "mfu",
-               "peak_mem_gib")
+               "peak_mem_gib", "attention")
 ROW_FIELDS = ("preset", "stage", "batch_size", "seq_len", "tokens_per_batch", "eager", "compiled", "compiled_speedup",
               "loss_rel_diff", "losses_agree", "max_batch_24gb", "first_oom_batch", "loader_s_per_batch",
               "loader_keeps_up", "errors")
 LOSS_RTOL = 1e-2  # bf16: eager and inductor round differently, but a loss averages thousands of tokens
+FAST_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+# profiler op names -> kernel (the CPU's flash kernel counts as flash; varlen is flash-attention's packed kernel)
+KERNEL_OPS = {"flash_attention": "flash", "efficient_attention": "efficient", "cudnn_attention": "cudnn",
+              "attention_math": "math", "varlen_attn": "varlen"}
+
+
+def fast_attention():
+    """Every SDPA call inside may use flash, memory-efficient or cuDNN attention, never the math kernel: one that
+    only math can run raises "No available kernel" instead of quietly costing O(T^2) memory."""
+    return sdpa_kernel(FAST_KERNELS)
+
+
+def attention_kernels(fn) -> list[str]:
+    """fn() run under the profiler -> the attention kernels its ops went through, sorted (KERNEL_OPS' names)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.name for e in prof.events()}
+    return sorted({kernel for op, kernel in KERNEL_OPS.items() if any(op in n for n in names)})
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory however it surfaces: the allocator's error, or cuBLAS failing to allocate its workspace."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or any(
+        s in str(e) for s in ("CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory"))
+
+
+def allocator_fraction(cap_gib: float, total: int, free: int, reserved: int) -> float:
+    """The share of the GPU's memory the allocator may use so that the process stays within cap_gib: what is in use
+    but not the allocator's (the CUDA context, cuBLAS workspaces: ~0.3-0.6 GiB) comes off the cap first."""
+    outside = total - free - reserved  # bytes
+    return max(0.0, min(1.0, (cap_gib * GIB - outside) / total))
 
 
 class Budget:
@@ -145,11 +183,12 @@ def batches_of(ds, tok, cfg, n: int, size: int) -> list[dict]:
 
 
 def train_step(vlm, opt, batch: dict, cfg, rt) -> float:
-    loss, _ = train.forward_backward(vlm, vlm, [batch], rt)
+    with fast_attention():
+        loss, _ = train.forward_backward(vlm, vlm, [batch], rt)
     train.reduce_and_clip(vlm, cfg, rt.world)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return float(loss)
 
 
 def timed(fn, device: str):
@@ -179,7 +218,7 @@ def measure_mode(vlm, cfg, rt, batches: list, start: dict, compile_backend: str 
         torch._dynamo.reset()
         for block in list(vlm.vit.blocks) + list(vlm.lm.model.layers):
             block.compile(backend=compile_backend)
-    opt = torch.optim.AdamW(train.param_groups(vlm, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=rt.device == "cuda")
+    opt = train.adamw(train.param_groups(vlm, cfg), cfg.lr, rt.device)
     if rt.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step = lambda b: train_step(vlm, opt, b, cfg, rt)
@@ -189,31 +228,33 @@ def measure_mode(vlm, cfg, rt, batches: list, start: dict, compile_backend: str 
     dt = statistics.median(times)
     timed_batches = batches[3:]
     tokens = statistics.mean(b["n_tokens"] for b in timed_batches)
-    images = statistics.mean(b["pixels"].shape[0] for b in timed_batches)
-    patches = math.prod(vlm.vit.grid(cfg.image_size, cfg.image_size))
-    mfu = train.step_flops(vlm, tokens, images, patches) / dt / peak if peak else None
+    flops = statistics.mean(train.batch_flops(vlm, cfg, [b]) for b in timed_batches)
+    kernels = attention_kernels(lambda: step(batches[-1]))  # one more step, profiled
     return dict(first_loss=loss, first_step_s=first_s, warmup_s=warmup_s, step_s=dt,
-                samples_per_s=cfg.batch_size / dt, tokens_per_s=tokens / dt, mfu=mfu,
-                peak_mem_gib=peak_memory_gib(rt.device))
+                samples_per_s=cfg.batch_size / dt, tokens_per_s=tokens / dt, mfu=train.mfu(flops, dt, peak, 1),
+                peak_mem_gib=peak_memory_gib(rt.device), attention=kernels)
 
 
 def largest_batch(vlm, cfg, rt, ds, tok, cap_gib: float, sizes: list) -> tuple[int, int | None]:
-    """Eager steps at growing batch sizes under a cap_gib allocator cap (CUDA) -> (largest that fit, first that did
-    not, or None)."""
+    """Eager steps at growing batch sizes with the process capped at cap_gib (CUDA) -> (largest that fit, first that
+    did not, or None)."""
     cuda = rt.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total))
+        free, total = torch.cuda.mem_get_info()
+        torch.cuda.set_per_process_memory_fraction(allocator_fraction(cap_gib, total, free,
+                                                                      torch.cuda.memory_reserved()))
     fit, oom = 0, None
     try:
         for size in sizes:
             batch = batches_of(ds, tok, cfg, 1, size)[0]
-            opt = torch.optim.AdamW(train.param_groups(vlm, cfg), lr=0.0, fused=cuda)
+            opt = train.adamw(train.param_groups(vlm, cfg), 0.0, rt.device)
             try:
                 train_step(vlm, opt, batch, cfg, rt)
                 fit = size
-            except torch.cuda.OutOfMemoryError:
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                if not is_oom(e):
+                    raise
                 oom = size
             finally:
                 del opt, batch
@@ -238,6 +279,33 @@ def loader_seconds(ds, tok, cfg, n: int) -> float:
     return (time.perf_counter() - t0) / n / max(1, cfg.workers)
 
 
+def packed_attention_check(device: str) -> dict:
+    """--pack's mask-free path against the dense mask, on one small LLM block in the training dtype: packed rows of
+    2-3 samples each, forward and the input gradient. On CUDA the varlen flash kernel must run (kernels), and agree."""
+    from llm import LLM, block_causal, packed_cuts
+    torch.manual_seed(0)
+    lm = LLM(LLMConfig(vocab_size=64, dim=576, n_layers=1, n_heads=9, n_kv_heads=3, ffn_dim=1536)).to(device)
+    segments = torch.tensor([[1] * 700 + [2] * 500 + [3] * 336, [1] * 1000 + [2] * 400 + [0] * 136])  # (2, 1536)
+    positions, mask = (t.to(device) for t in block_causal(segments))
+    cuts = packed_cuts(segments)
+    packed = cuts._replace(cu_seqlens=cuts.cu_seqlens.to(device))
+    x = torch.randn(2, 1536, 576, device=device)
+    outs, kernels = [], {}
+    for name, m in (("dense", mask), ("packed", packed)):
+        xi = x.clone().requires_grad_(True)
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                h = lm.hidden(embeds=xi, positions=positions, mask=m)
+            h.float().pow(2).mean().backward()
+            return h.detach().float()
+        with fast_attention() if name == "packed" else nullcontext():  # the dense mask may need math: the reference
+            kernels[name] = attention_kernels(lambda: outs.append((step(), xi.grad.float())))
+    (h_d, g_d), (h_p, g_p) = outs
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    return {"kernels": kernels, "out_rel_diff": rel(h_p, h_d), "grad_rel_diff": rel(g_p, g_d)}
+
+
 def check_stage(args, preset: str, stage: int, sources: dict, work: Path, budget: Budget, peak) -> dict:
     row = {f: None for f in ROW_FIELDS} | {"preset": preset, "stage": stage, "errors": {}}
     built = guarded(row, "build", budget, lambda: build(args, preset, stage, sources, work))
@@ -255,7 +323,7 @@ def check_stage(args, preset: str, stage: int, sources: dict, work: Path, budget
     row["loader_s_per_batch"] = guarded(row, "loader", budget, lambda: loader_seconds(ds, tok, cfg, 4))
     backend = "eager" if args.dry else "inductor"  # dry: dynamo tracing only; inductor on CPU is tested elsewhere
     run_compiled = lambda: measure_mode(vlm, cfg, rt, batches, start, backend, peak)
-    row["compiled"] = guarded(row, "compiled", budget, run_compiled, need=0 if args.dry else 60)  # room to compile
+    row["compiled"] = guarded(row, "compiled", budget, run_compiled, need=0 if args.dry else 150)  # room to compile
     eager, compiled = row["eager"], row["compiled"]
     if eager and compiled:
         row["compiled_speedup"] = eager["step_s"] / compiled["step_s"]
@@ -279,7 +347,7 @@ def targets(rows: list) -> dict:
 
 
 def environment(args, device: str, peak) -> dict:
-    env = {"torch": torch.__version__, "device": device, "dry": args.dry, "budget_s": args.budget,
+    env = {"torch": torch.__version__, "device": device, "cpu": cpu_model(), "dry": args.dry, "budget_s": args.budget,
            "cap_gib": args.cap_gib, "peak_tflops": peak and peak / 1e12, "tokenizer": args.tokenizer or "byte-level",
            "compile": "per-block torch.compile, " + ("backend eager (dry)" if args.dry else "inductor")}
     if device == "cuda":
@@ -299,10 +367,11 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU check ({'dry run, tiny shapes, CPU' if env['dry'] else env.get('gpu', env['device'])})", "",
              ", ".join(f"{k} {v}" for k, v in env.items()) + f"; {result['elapsed_s']:.0f} s"
              + ("" if result["complete"] else " (incomplete)"), "",
+             f"--pack's varlen path against the dense mask: {result.get('packed_attention')}", "",
              "| preset | stage | batch | tokens/batch | eager s/step | compiled s/step | speed-up | tokens/s eager / "
-             "compiled | MFU eager / compiled | peak GiB eager / compiled | loss rel. diff | max batch in "
-             f"{env['cap_gib']:g} GB | loader s/batch | loader keeps up | errors |",
-             "|" + "---|" * 15]
+             "compiled | MFU eager / compiled | peak GiB eager / compiled | attention eager / compiled | loss rel. "
+             f"diff | max batch in {env['cap_gib']:g} GiB | loader s/batch | loader keeps up | errors |",
+             "|" + "---|" * 16]
     verdict = lambda met: "not measured" if met is None else "met" if met else "NOT met"
     tail = ["", "Targets: " + "; ".join(f"{k}: {fmt(t['value'])} ({verdict(t['met'])})"
                                         for k, t in result["targets"].items())]
@@ -313,6 +382,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['preset']} | {r['stage']} | {fmt(r['batch_size'])} | {fmt(r['tokens_per_batch'], '.0f')} "
                      f"| {fmt(e.get('step_s'))} | {fmt(c.get('step_s'))} | {fmt(r['compiled_speedup'], '.2f')} | "
                      f"{pair('tokens_per_s', '.0f')} | {pair('mfu', '.1%')} | {pair('peak_mem_gib', '.1f')} | "
+                 f"{'+'.join(e.get('attention') or ['–'])} / {'+'.join(c.get('attention') or ['–'])} | "
                      f"{fmt(r['loss_rel_diff'], '.1e')} | {fmt(r['max_batch_24gb'])} (OOM at "
                      f"{fmt(r['first_oom_batch'])}) | {fmt(r['loader_s_per_batch'])} | {fmt(r['loader_keeps_up'])} "
                      f"| {errors} |")
@@ -333,9 +403,11 @@ def arguments(argv=None):
     ap.add_argument("--presets", default="small,base")
     ap.add_argument("--stages", default="3,1,2", help="in this order")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 3 warm-up steps)")
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds; what starts later is skipped")
-    ap.add_argument("--cap-gib", type=float, default=24.0, help="the memory of the GPU the batch search stands for")
-    ap.add_argument("--peak-tflops", type=float, default=0.0, help="for MFU where train.PEAK_FLOPS lacks the GPU")
+    ap.add_argument("--budget", type=float, default=900.0, help="seconds; what starts later is skipped")
+    ap.add_argument("--cap-gib", type=float, default=22.5,
+                    help="the memory of the GPU the batch search stands for (22.5: a 24 GB L4 / A10G's usable GiB)")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="dense bf16 TFLOPS for MFU where training/flops.py's table lacks the GPU's exact name")
     ap.add_argument("--tokenizer", default="", help="a checkpoint dir with tokenizer.json (default: byte-level)")
     ap.add_argument("--work", default="", help="scratch dir for models, data and runs (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -355,12 +427,16 @@ def main(argv=None) -> dict:
     budget = Budget(args.budget)
     if args.dry:  # tiny ops: a second thread only waits for the first, and for a core when the machine is busy
         torch.set_num_threads(1)
-    peak = args.peak_tflops * 1e12 or train.peak_flops(args.device) or (1e12 if args.dry else None)  # dry: nominal
+    name = torch.cuda.get_device_name() if args.device == "cuda" else ""
+    peak = train.peak_flops(name, args.peak_tflops) or (1e12 if args.dry else None)  # dry: nominal
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
     result = {"env": environment(args, args.device, peak), "rows": [], "complete": False, "elapsed_s": 0.0}
     try:
+        check = {"preset": "-", "stage": "-", "errors": {}}
+        result["packed_attention"] = guarded(check, "packed attention", budget,
+                                             lambda: packed_attention_check(args.device)) or check["errors"]
         for stage in stages:
             for preset in presets:
                 row = {f: None for f in ROW_FIELDS} | {"preset": preset, "stage": stage, "errors": {}}

@@ -161,22 +161,26 @@ def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int 
 @torch.no_grad()
 def dual_channel_stats(vit: ViT) -> list:
     """Per dual-channel layer (none: []), how far stage 3 moved it: σ(a) near 1/2 with Attn+ near Attn, barely;
-    σ(a) near 0 or 1, the gate saturated onto one channel. rel_change = ‖W+ − W‖ / ‖W‖ over the q/k/v/o weights."""
-    stats = []
-    for name, m in vit.named_modules():
-        if isinstance(m, DualChannelAttention):
-            g = torch.sigmoid(m.gate.float())  # (D,)
-            old = torch.cat([p.float().flatten() for p in m.attn.parameters()])
-            new = torch.cat([p.float().flatten() for p in m.attn_plus.parameters()])
-            gate = {f"gate_{k}": round(getattr(g, k)().item(), 5) for k in ("mean", "min", "max")}
-            stats.append({"layer": name, **gate,
-                          "rel_change": round(((new - old).norm() / old.norm()).item(), 6)})
-    return stats
+    σ(a) near 0 or 1, the gate saturated onto one channel. rel_change = ‖W+ − W‖ / ‖W‖ over the q/k/v/o weights.
+    Batched: a few device ops over all layers and one host read (train.py logs it every --log-every steps)."""
+    layers = [(name, m) for name, m in vit.named_modules() if isinstance(m, DualChannelAttention)]
+    if not layers:
+        return []
+    full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float()  # FSDP2 shards
+    g = torch.sigmoid(torch.stack([full(m.gate) for _, m in layers]))  # (L, D)
+    old = [full(p) for _, m in layers for p in m.attn.parameters()]
+    new = [full(p) for _, m in layers for p in m.attn_plus.parameters()]
+    sq = lambda ts: torch.stack([t.pow(2).sum() for t in ts]).view(len(layers), -1).sum(1)  # (L,)
+    rel = (sq([b - a for a, b in zip(old, new)]) / sq(old)).sqrt()
+    table = torch.stack([g.mean(1), g.amin(1), g.amax(1), rel], 1).tolist()  # (L, 4): the one host read
+    return [{"layer": name, "gate_mean": round(mean, 5), "gate_min": round(lo, 5), "gate_max": round(hi, 5),
+             "rel_change": round(r, 6)} for (name, _), (mean, lo, hi, r) in zip(layers, table)]
 
 
-def quick_summary(stage_dir, log=print) -> dict:
+def quick_summary(stage_dir, log=print, device: str = "cpu") -> dict:
     """A minute's look at a finished stage-3 run, baseline vs boosted: short depth / segmentation / k-NN probes on a
-    small probe set at the run's image size. A smoke test of the whole path; eval.py's full suite is the measurement."""
+    small probe set at the run's image size, the encoders on `device` (the run's). A smoke test of the whole path;
+    eval.py's full suite is the measurement."""
     stage_dir = Path(stage_dir)
     meta = json.loads((stage_dir / "config.json").read_text())
     size = meta["config"]["image_size"]
@@ -186,7 +190,7 @@ def quick_summary(stage_dir, log=print) -> dict:
         probes.make_probe_sets(root, 96, seed=0, size=size, min_pixels=max(16, int(150 * (size / 224) ** 2)),
                               overwrite=True, log=lambda *a: None)
     ps, cfg = probes.load_probe_set(root, crop_size=size), ProbeConfig().shortened(QUICK_FRACTION)
-    rows = {name: run_probes(load_vit(path), ps, cfg, size, size, cache=False, log=None)[0]
+    rows = {name: run_probes(load_vit(path).to(device), ps, cfg, size, size, cache=False, log=None)[0]
             for name, path in (("baseline", repo_path(meta["base_vision"])), ("boosted", stage_dir / "vision"))}
     log("probe summary (quick; `python eval.py --run NAME` for the real measurement):")
     for group, key, label in (("depth_lin1", "rmse", "depth RMSE (m)"), ("segmentation", "miou", "seg mIoU"),

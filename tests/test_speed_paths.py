@@ -52,8 +52,8 @@ def test_bf16_step_matches_fp32(tmp_path, stage):
     """train.py's step (forward_backward) under bf16 autocast against fp32 on the same weights and batch."""
     _, vlm, batch = tiny_stage(tmp_path, stage)
     twin = copy.deepcopy(vlm)
-    loss32 = train.forward_backward(vlm, vlm, [batch], train.Runtime("cpu", 0, 1, None, False))[0]
-    loss16 = train.forward_backward(twin, twin, [batch], train.Runtime("cpu", 0, 1, torch.bfloat16, False))[0]
+    loss32 = float(train.forward_backward(vlm, vlm, [batch], train.Runtime("cpu", 0, 1, None, False))[0])
+    loss16 = float(train.forward_backward(twin, twin, [batch], train.Runtime("cpu", 0, 1, torch.bfloat16, False))[0])
     assert abs(loss16 - loss32) <= BF16_LOSS_RTOL * abs(loss32), (loss16, loss32)
     g32, g16 = grads(vlm), grads(twin)
     assert g32.keys() == g16.keys() and g32
@@ -71,8 +71,8 @@ def test_compiled_step_matches_eager(tmp_path):
     rt = train.Runtime("cpu", 0, 1, None, True)
     model, _, _ = train.prepare(vlm, cfg, rt, tmp_path / "out")
     assert all(b._compiled_call_impl is not None for b in list(vlm.vit.blocks) + list(vlm.lm.model.layers))
-    loss = train.forward_backward(model, vlm, [batch], rt)[0]
-    ref = train.forward_backward(eager, eager, [batch], rt)[0]
+    loss = float(train.forward_backward(model, vlm, [batch], rt)[0])
+    ref = float(train.forward_backward(eager, eager, [batch], rt)[0])
     assert loss == pytest.approx(ref, rel=1e-5)
     g, g_ref = grads(vlm), grads(eager)
     assert g.keys() == g_ref.keys() and g
@@ -108,7 +108,10 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
         for mode in ("eager", "compiled"):
             assert set(row[mode]) == set(gpu_check.MODE_FIELDS)
             assert all(row[mode][f] is not None for f in gpu_check.MODE_FIELDS), row[mode]
+            assert row[mode]["attention"] == ["flash"]  # the CPU's flash kernel, inside the restricted context
         assert row["losses_agree"] and row["max_batch_24gb"] == 2 and row["first_oom_batch"] is None  # no cap on CPU
+    packed = result["packed_attention"]  # --pack's path against the dense mask (bf16: rounding only)
+    assert packed["kernels"]["packed"] == ["flash"] and packed["out_rel_diff"] < 1e-3 and packed["grad_rel_diff"] < 3e-2
     assert len(result["targets"]) == 3 and all(t["value"] is not None for t in result["targets"].values())
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("\n| small |") == 3 and table.count("\n| base |") == 3 and "Targets: " in table
@@ -129,6 +132,33 @@ def test_gpu_check_records_errors_and_skips_instead_of_stopping(tmp_path, monkey
     result = gpu_check.main(["--dry", "--presets", "small", "--stages", "3", "--budget", "0", "--out", str(tmp_path)])
     assert result["rows"][0]["errors"] == {"models": "skipped: the 0 s budget was spent"}
     assert json.loads((tmp_path / "gpu_check.json").read_text())["complete"]
+
+
+def test_gpu_check_refuses_the_math_kernel_and_names_the_kernel_that_ran():
+    """gpu_check's steps run inside fast_attention(): an SDPA call only the math kernel can run (dropout, here on the
+    CPU; a masked GQA call on CUDA) raises instead of running in O(T^2) memory. attention_kernels reads which kernel
+    a step used off the profiler."""
+    import torch.nn.functional as F
+    q = torch.randn(1, 2, 8, 4)
+    F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)  # unrestricted: the math kernel takes it
+    with pytest.raises(RuntimeError, match="No available kernel"), gpu_check.fast_attention():
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    with gpu_check.fast_attention():
+        assert gpu_check.attention_kernels(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True)) == ["flash"]
+    assert gpu_check.attention_kernels(lambda: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)) == ["math"]
+
+
+def test_gpu_check_memory_cap_and_oom():
+    """The batch search's cap is the card's usable memory (22.5 GiB on a 24 GB L4) with what the allocator does not
+    see (the CUDA context) taken off first; cuBLAS's failed workspace allocation is an out-of-memory too."""
+    gib = gpu_check.GIB
+    total, context = int(23.6 * gib), int(0.5 * gib)
+    frac = gpu_check.allocator_fraction(22.5, total, free=total - context - gib, reserved=gib)
+    assert frac * total == pytest.approx(22.0 * gib)
+    assert gpu_check.allocator_fraction(80.0, total, total, 0) == 1.0
+    assert gpu_check.is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert gpu_check.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not gpu_check.is_oom(RuntimeError("shape mismatch"))
 
 
 def test_documented_train_commands_parse(capsys):

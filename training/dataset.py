@@ -48,7 +48,7 @@ from PIL import Image
 
 from dataengine.images import read_rgb
 from language.tokenizer import query_points
-from llm import block_causal
+from llm import block_causal, packed_cuts
 from model import preprocess
 
 IMAGE = "<image>"
@@ -289,8 +289,8 @@ def collate(items: list, pad_id: int | None, pack: bool = False, max_len: int | 
     """Samples -> a batch. Without packing: one row per sample, right-padded with pad_id (0 if None; weight 0). With
     packing: samples fill rows greedily in order up to max_len (default: the samples' own), with llm.block_causal's
     per-sample positions and block-diagonal causal mask, so packed samples cannot see each other, and `segments`
-    (B, T) (0 = padding), from which a trainer may rebuild both on the GPU instead of moving the mask. pixels: every
-    kept sample's images in row order, as the VLM splices them in. Items with a problem are left out and listed in
+    (B, T) (0 = padding) and `cu_seqlens` (llm.packed_cuts), with which the GPU keeps samples apart without the
+    mask. pixels: every kept sample's images in row order, as the VLM splices them in. Items with a problem are left out and listed in
     `problems`. n_supervised counts the positions t >= 1 with weight > 0: exactly the tokens LLM.loss scores."""
     pad = 0 if pad_id is None else pad_id
     good = [it for it in items if it["problem"] is None]
@@ -328,12 +328,14 @@ def collate(items: list, pad_id: int | None, pack: bool = False, max_len: int | 
     batch = dict(ids=torch.from_numpy(ids), weights=torch.from_numpy(weights), pixels=pixels,
                  points=torch.cat(points) if points else None,
                  n_supervised=int(np.count_nonzero(weights[:, 1:])), n_tokens=sum(len(it["ids"]) for it in good),
+                 n_tokens_sq=sum(len(it["ids"]) ** 2 for it in good),  # attention's work (training/flops.py)
                  n_samples=len(good), problems=[it["problem"] for it in items if it["problem"] is not None],
                  dropped_turns=sum(it["dropped_turns"] for it in items),
                  n_truncated=sum(it["dropped_turns"] > 0 for it in items))
     if pack:
         positions, mask = block_causal(torch.from_numpy(segments))
-        batch.update(positions=positions, mask=mask, segments=torch.from_numpy(segments))
+        batch.update(positions=positions, mask=mask, segments=torch.from_numpy(segments),
+                     cu_seqlens=packed_cuts(torch.from_numpy(segments)).cu_seqlens)  # the GPU's mask-free path
     return batch
 
 

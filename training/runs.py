@@ -1,7 +1,7 @@
 """
 A training run on disk: train.py's stage directories and resumable checkpoints, safetensors and JSON only (no pickle),
 and what the loop does to them: claim a stage dir (claim_stage_dir), resume it exactly (resume), keep its metrics
-rows (metric_rows), and stop on a non-finite step (nonfinite_stop).
+rows (metric_rows, written by metrics_writer), and stop on a non-finite step (nonfinite_stop).
 
     runs/<name>/base/                     random encoder / LLM of a preset that has no weights (tiny), made once
     runs/<name>/stage<k>/config.json      the resolved Config, `sources` (where the frozen parts come from), `init`
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from attention import DualChannelAttention, LoRALinear, add_dual_channel, add_lora
-from storage.atomic import Busy, hold_lock, read_json, remove_stale_temporaries, write_text_atomically
+from storage.atomic import Busy, hold_lock, named, read_json, remove_stale_temporaries, write_text_atomically
 from storage.tensors import listed, load_safetensors, save_tensors, state_diff, write_model_dir
 
 
@@ -113,7 +113,7 @@ def save_stage(out_dir: Path, vlm, cfg, sources: dict, init: Path | None, master
 # Config fields that change where or how fast a run goes, not what it computes: a resume may change them. Every other
 # field is recorded in each checkpoint and must match on --resume.
 NOT_COMPARED = ("name", "runs_dir", "resume", "workers", "device", "compile", "grad_ckpt", "fsdp", "save_every",
-                "keep_last", "log_every", "wandb", "bench", "probe")
+                "keep_last", "log_every", "wandb", "bench", "probe", "peak_tflops")
 # after the NaN guard stopped a run (stopped.json), --resume may also change these: the way out it suggests
 RECOVERY_KEYS = ("lr", "gate_lr", "projector_lr", "min_lr_frac", "warmup_frac", "grad_clip", "dtype")
 
@@ -334,6 +334,33 @@ def metric_rows(path: Path, step: int, log) -> list[str]:
         if row["step"] <= step:
             kept.append(line)
     return kept
+
+
+def metrics_writer(cfg, rt, out_dir: Path, step: int):
+    """-> write(row): a JSON line in metrics.jsonl (a resumed run keeps the rows up to its checkpoint, a new run
+    none) and, with --wandb, a Weights & Biases row. Rank 0 only; nothing for --bench."""
+    if not rt.master or cfg.bench:
+        return lambda row: None
+    path, wandb = out_dir / "metrics.jsonl", None
+    kept = metric_rows(path, step, rt.log) if step and path.exists() else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, "".join(r + "\n" for r in kept))
+    if cfg.wandb:
+        try:
+            import wandb
+            wandb.init(project="spatialboost", name=f"{cfg.name}-stage{cfg.stage}", config=dataclasses.asdict(cfg))
+        except ImportError:
+            rt.log("  --wandb: wandb is not installed; logging to metrics.jsonl only")
+
+    def write(row: dict):
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: name the file
+            raise named(path, e) from e
+        if wandb:
+            wandb.log(row, step=row["step"])
+    return write
 
 
 def nonfinite_stop(cfg, rt, out_dir: Path, step: int, loss: float, grad_norm: float | None):
