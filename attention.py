@@ -263,6 +263,26 @@ def add_lora(model: nn.Module, rank: int = 8) -> nn.Module:
     return model
 
 
+def tune_encoder(vit: nn.Module, mode: str, lora_rank: int = 8) -> nn.Module:
+    """In place: stage 3's trainable part of a frozen encoder (train.py --vision-tune; every teacher trains the same
+    one): dual (Attn+ and gates), dual-qk (only Attn+'s q/k: where tokens look, not what they read), lora, full or
+    frozen. What no gradient reaches stays frozen, since DDP waits for every trainable tensor: the mask token and
+    SigLIP's pooling head (the projector and a depth teacher's head read patch tokens)."""
+    if mode in ("dual", "dual-qk"):
+        add_dual_channel(vit)  # Attn+ and gates trainable, the rest of the ViT frozen
+        if mode == "dual-qk":  # one-step tests: most of stage 3's forgetting is in Attn+'s v/o
+            for name, p in vit.named_parameters():
+                if ".attn_plus.v_proj." in name or ".attn_plus.o_proj." in name:
+                    p.requires_grad_(False)
+    elif mode == "lora":
+        add_lora(vit, lora_rank)
+    elif mode == "full":
+        vit.requires_grad_(True)
+    for m in (getattr(vit, "mask_token", None), getattr(vit, "head", None)):
+        m.requires_grad_(False) if m is not None else None
+    return vit
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """In place: fold every LoRA update into its Linear (W += B·A), leaving a plain model."""
     for attn in [m for m in model.modules() if isinstance(m, Attention)]:

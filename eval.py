@@ -105,8 +105,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     add("--test-every", type=at_least(1), default=4, help="in a newly made probe set, every k-th scene is a test scene")
     add("--object-views", type=at_least(1), default=None, help="in a newly made probe set, only the first N views give "
         "object crops (default: all; issue 27's protocol: 480 of 1920)")
-    add("--depth-heads", type=at_least(1), default=1, help="average the depth maps of this many lin.1 / lin.4 heads (seeds "
-        "--seed + 1000 k; issue 27's protocol: 3)")
+    add("--depth-heads", type=at_least(1), default=1, help="average the depth maps of this many lin.1 / lin.4 heads "
+        "(seeds --seed + 1000 k; issue 27's protocol: 3)")
     add("--per-image", action="store_true", help="keep each test image's results in report.json (for bootstrap "
         "intervals: experiments/boost_report.py)")
     add("--make-probes", action="store_true", help="only write the probe set (replacing it) and exit")

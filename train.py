@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from attention import Packed, add_dual_channel, add_lora, merge_lora
+from attention import Packed, merge_lora, tune_encoder
 from evaluation.probes import ProbeConfig
 from evaluation.suite import dual_channel_stats, quick_summary
 from llm import LLM, LLMConfig, Tokenizer, load_llm, save_llm
@@ -38,7 +38,7 @@ from storage.atomic import read_json, repo_path
 from training.dataset import ConversationDataset, LoaderReport, collate
 from training.distributed import adamw, all_sum, clip, gpu_amp_dtype, init_process_group, wrap
 from training.flag_help import flag_help
-from training.flops import mfu, peak_flops, step_flops
+from training.flops import batch_flops, mfu, peak_flops
 from training.preflight import (STAGE_DATA, check_init, data_sources, fingerprints, refusals,  # noqa: F401
                                 stage_mix)
 from training.runs import (claim_stage_dir, gathered, load_stage_weights, metrics_writer, nonfinite_stop,
@@ -319,31 +319,13 @@ def load_stage(stage_dir) -> tuple[VLM, Tokenizer, Config]:
     return vlm.eval(), tok, cfg
 
 
-def tune_vision(vit: ViT, cfg: Config):
-    """Stage 3's trainable part of a frozen encoder, as --vision-tune says (every teacher trains the same one). What
-    no gradient reaches stays frozen, since DDP waits for every trainable tensor: the mask token, SigLIP's pooling
-    head (the projector and the depth head read patch tokens)."""
-    if cfg.vision_tune in ("dual", "dual-qk"):
-        add_dual_channel(vit)  # Attn+ and gates trainable, the rest of the ViT frozen
-        if cfg.vision_tune == "dual-qk":  # one-step tests: most of stage 3's forgetting is in Attn+'s v/o
-            for name, p in vit.named_parameters():
-                if ".attn_plus.v_proj." in name or ".attn_plus.o_proj." in name:
-                    p.requires_grad_(False)
-    elif cfg.vision_tune == "lora":
-        add_lora(vit, cfg.lora_rank)
-    elif cfg.vision_tune == "full":
-        vit.requires_grad_(True)
-    for m in (vit.mask_token, vit.head):
-        m.requires_grad_(False) if m is not None else None
-
-
 def set_trainable(vlm: VLM, cfg: Config):
     """What each stage trains; everything else is frozen (and the frozen LLM in eval mode)."""
     vlm.requires_grad_(False)
     if cfg.stage == 3:
-        tune_vision(vlm.vit, cfg)
-        for block in vlm.vit.blocks[vlm.feature_layer % len(vlm.vit.blocks) + 1:]:  # the projector reads an earlier
-            block.requires_grad_(False)                                                # block: no gradient reaches these
+        tune_encoder(vlm.vit, cfg.vision_tune, cfg.lora_rank)
+        for block in vlm.vit.blocks[vlm.feature_layer % len(vlm.vit.blocks) + 1:]:
+            block.requires_grad_(False)  # the projector reads an earlier block: no gradient reaches these
     vlm.projector.requires_grad_(not (cfg.stage == 3 and cfg.freeze_projector))
     vlm.lm.requires_grad_(cfg.stage == 2)
     vlm.train()
@@ -419,7 +401,7 @@ def teacher_model(cfg: Config, rt: Runtime, run_dir: Path) -> tuple[DepthTeacher
     if rt.world > 1:
         dist.barrier()  # rank 0 has written the random base models
     vit = load_vit(repo_path(sources["vision"])).requires_grad_(False)
-    tune_vision(vit, cfg)
+    tune_encoder(vit, cfg.vision_tune, cfg.lora_rank)
     n_train = sum(p.numel() for p in vit.parameters() if p.requires_grad) / 1e6
     rt.log(f"stage 3 | teacher {cfg.teacher} (no LLM loaded) | encoder {sources['vision']}: {n_train:.3f}M "
            f"parameters train ({cfg.vision_tune}) | device {rt.device} x{rt.world}")
@@ -486,7 +468,7 @@ def param_groups(vlm: VLM, cfg: Config) -> list[dict]:
     projector and the rest (Attn+) each get their own rate, as `lr_scale` x the scheduled --lr."""
     scale = {"gate": cfg.gate_lr / cfg.lr, "projector": cfg.projector_lr / cfg.lr, "other": 1.0}
     kind = lambda n: "other" if cfg.stage != 3 else "gate" if n.endswith(".gate") else \
-        "projector" if n.startswith(("projector.", "head.")) else "other"  # a depth teacher's head: the projector's rate
+        "projector" if n.startswith(("projector.", "head.")) else "other"  # a depth teacher's head: projector's rate
     groups = {}
     for n, p in trainable_state(vlm).items():
         key = (kind(n), p.dim() >= 2)
@@ -510,16 +492,6 @@ def reduce_and_clip(vlm: VLM, cfg: Config, world: int) -> torch.Tensor:
 
 def gpu_peak(cfg: Config, device: str) -> float | None:
     return peak_flops(torch.cuda.get_device_name() if device == "cuda" else "", cfg.peak_tflops)
-
-
-def batch_flops(vlm: VLM, cfg: Config, batches: list[dict]) -> float:
-    """This rank's FLOPs of the step (training/flops.py, the formula BENCHMARKS.md writes out); a depth teacher's
-    steps are not counted (no LLM: MFU is the VLM's)."""
-    if not isinstance(vlm, VLM):
-        return 0.0
-    count = lambda k: sum(float(b[k]) for b in batches)
-    return step_flops(vlm, cfg.image_size, count("n_tokens"), count("n_tokens_sq"), count("n_supervised"),
-                      sum(b["pixels"].shape[0] for b in batches))
 
 
 def fmt_time(s: float) -> str:
@@ -622,7 +594,7 @@ def train(cfg: Config) -> Path | None:
                 torch.cuda.synchronize()  # the queued work done: the time since the last log is the steps' own
             dt, t0 = (time.time() - t0) / len(since), time.time()
             n_tok = sum(int(b["n_tokens"]) for bs in since for b in bs) / len(since) * rt.world
-            flops = sum(batch_flops(vlm, cfg, bs) for bs in since) / len(since)  # this rank's, per step
+            flops = sum(batch_flops(vlm, cfg.image_size, bs) for bs in since) / len(since)  # this rank's, per step
             flops = all_sum(torch.tensor(flops, device=device), rt.world).item()  # all ranks': at logs only
             timings.append((dt, cfg.global_batch, n_tok, flops))
             since = []

@@ -228,7 +228,7 @@ def measure_mode(vlm, cfg, rt, batches: list, start: dict, compile_backend: str 
     dt = statistics.median(times)
     timed_batches = batches[3:]
     tokens = statistics.mean(b["n_tokens"] for b in timed_batches)
-    flops = statistics.mean(train.batch_flops(vlm, cfg, [b]) for b in timed_batches)
+    flops = statistics.mean(train.batch_flops(vlm, cfg.image_size, [b]) for b in timed_batches)
     kernels = attention_kernels(lambda: step(batches[-1]))  # one more step, profiled
     return dict(first_loss=loss, first_step_s=first_s, warmup_s=warmup_s, step_s=dt,
                 samples_per_s=cfg.batch_size / dt, tokens_per_s=tokens / dt, mfu=train.mfu(flops, dt, peak, 1),

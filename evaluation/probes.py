@@ -403,7 +403,8 @@ def _lr(step, steps, base):
 
 
 def train_head(head, lr, steps, wd, gen, n, batch, loss_of):
-    """The shared loop (also training/teacher.py's warm start): AdamW, warm-up + cosine, minibatches drawn from a seeded generator. loss_of(indices) -> loss."""
+    """The shared loop (also training/teacher.py's warm start): AdamW, warm-up + cosine, minibatches drawn from a
+    seeded generator. loss_of(indices) -> loss."""
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
     order, pos = torch.randperm(n, generator=gen), 0
     for step in range(steps):

@@ -41,9 +41,9 @@ def attention_flops(modules, sq: float, causal: bool, grad_in: bool) -> float:
 
 def step_flops(vlm, image_size: int, tokens: float, tokens_sq: float, supervised: float, images: float) -> float:
     """FLOPs of forward + backward over micro-batches holding `tokens` text tokens (sequences whose squared lengths
-    sum to tokens_sq), `supervised` of them scored, and `images` images of image_size px. The LLM always passes a gradient back (to
-    the projector in stages 1 and 3); the encoder does only where one of its weights trains, and runs only up to
-    the block the projector reads (its pooling head never)."""
+    sum to tokens_sq), `supervised` of them scored, and `images` images of image_size px. The LLM always passes a
+    gradient back (to the projector in stages 1 and 3); the encoder does only where one of its weights trains, and
+    runs only up to the block the projector reads (its pooling head never)."""
     vit, lm = vlm.vit, vlm.lm
     blocks = list(vit.blocks)[: vlm.feature_layer % len(vit.blocks) + 1]
     vit_grad = any(p.requires_grad for b in blocks for p in b.parameters())
@@ -57,6 +57,16 @@ def step_flops(vlm, image_size: int, tokens: float, tokens_sq: float, supervised
     text = matmul_flops(layers, tokens, True) + attention_flops(layers, tokens_sq, True, True)
     head = (4 + 2 * lm.lm_head.weight.requires_grad) * lm.lm_head.weight.numel() * supervised
     return vision + projector + text + head
+
+
+def batch_flops(vlm, image_size: int, batches: list[dict]) -> float:
+    """This rank's FLOPs of one step's micro-batches (step_flops); a depth teacher's steps are not counted (no LLM:
+    MFU is the VLM's)."""
+    if not hasattr(vlm, "lm"):
+        return 0.0
+    count = lambda k: sum(float(b[k]) for b in batches)
+    return step_flops(vlm, image_size, count("n_tokens"), count("n_tokens_sq"), count("n_supervised"),
+                      sum(b["pixels"].shape[0] for b in batches))
 
 
 def mfu(flops_all_ranks: float, seconds: float, peak: float | None, world: int) -> float | None:

@@ -94,7 +94,8 @@ def collate_depth(items: list) -> dict:
     stack = lambda k: torch.stack([it[k] for it in good]) if good else torch.zeros(0)
     return dict(pixels=torch.cat([it["pixels"] for it in good]) if good else torch.zeros(0), target=stack("target"),
                 uv=[it["uv"] for it in good], depth=[it["depth"] for it in good], n_supervised=len(good),
-                n_tokens=sum(it["n_patches"] for it in good), n_samples=len(good), problems=[it["problem"] for it in items if it["problem"]],
+                n_tokens=sum(it["n_patches"] for it in good), n_samples=len(good),
+                problems=[it["problem"] for it in items if it["problem"]],
                 dropped_turns=0)
 
 
