@@ -169,7 +169,9 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1,2", help="head seeds, comma-separated")
     ap.add_argument("--group", type=int, default=1, help="consecutive --probes taken together as one probe set (K x "
                     "its views: a larger protocol from independent smaller sets)")
-    ap.add_argument("--out", help="write every per-image result and the summary here (JSON)")
+    ap.add_argument("--out", help="write the summary and every (encoder, variant, seed, train set, test set) RMSE here "
+                    "(JSON)")
+    ap.add_argument("--per-image", action="store_true", help="--out also keeps each test image's RMSE")
     ap.add_argument("--report", help="print the summary of an earlier --out file and exit")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -184,7 +186,8 @@ def main(argv=None):
     summary = summarize(rows, range(len(args.probes) // args.group))
     print_summary(summary)
     if args.out:
-        text = json.dumps({"argv": sys.argv[1:], "summary": summary, "rows": rows})
+        kept = rows if args.per_image else [{k: v for k, v in r.items() if k != "per_image"} for r in rows]
+        text = json.dumps({"argv": sys.argv[1:], "summary": summary, "rows": kept})
         write_file_atomically(Path(args.out), lambda tmp: Path(tmp).write_text(text))
 
 
