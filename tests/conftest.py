@@ -13,6 +13,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# train.py flags of a stage-3 run on tiny random models, well under a second per step on 2 busy CPU cores
+TINY_STAGE3 = ["--image-size", "32", "--vit-patch", "8", "--vit-dim", "32", "--vit-depth", "2", "--vit-heads", "2",
+               "--llm-dim", "32", "--llm-layers", "2", "--llm-heads", "2", "--batch-size", "2", "--global-batch", "4",
+               "--max-len", "256", "--no-probe", "--stage", "3"]
+
+
+def spatial_data(tmp_path_factory, n: int, seed: int) -> Path:
+    """n generated spatial conversations at 32 px in a fresh temporary folder."""
+    import data
+
+    out = tmp_path_factory.mktemp("data") / "spatial"
+    data.generate("spatial", out, n=n, seed=seed, size=32, progress=False)
+    return out
 
 
 def wheel_dir(package: str) -> Path:

@@ -19,6 +19,7 @@ from PIL import Image
 
 import data
 import train
+from conftest import TINY_STAGE3, spatial_data
 from dataengine import check as datacheck
 from llm import Tokenizer
 from model import ViT, ViTConfig, save_vit
@@ -26,9 +27,7 @@ from storage import atomic
 from training import dataset as training_data
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--image-size", "32", "--vit-patch", "8", "--vit-dim", "32", "--vit-depth", "2", "--vit-heads", "2",
-        "--llm-dim", "32", "--llm-layers", "2", "--llm-heads", "2", "--batch-size", "2", "--global-batch", "4",
-        "--max-len", "256", "--no-probe", "--stage", "3"]
+FAST = TINY_STAGE3
 TINY_VIT = dict(dim=32, depth=2, heads=2, mlp_dim=64, patch_size=8, image_size=32, pos_grid=4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,9 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def spatial(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "spatial"
-    data.generate("spatial", out, n=8, seed=5, size=32, progress=False)
-    return out
+    return spatial_data(tmp_path_factory, n=8, seed=5)
 
 
 def run(tmp, *extra):

@@ -15,14 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import TINY_STAGE3, spatial_data
 from storage.atomic import remove_stale_temporaries
 from training.runs import checkpoints, latest_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # tiny enough for well under a second per step on 2 busy CPU cores
-FAST = ["--image-size", "32", "--vit-patch", "8", "--vit-dim", "32", "--vit-depth", "2", "--vit-heads", "2",
-        "--llm-dim", "32", "--llm-layers", "2", "--llm-heads", "2", "--batch-size", "2", "--global-batch", "4",
-        "--max-len", "256", "--no-probe", "--stage", "3"]
+FAST = TINY_STAGE3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,11 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def spatial(tmp_path_factory):
-    import data
-
-    out = tmp_path_factory.mktemp("data") / "spatial"
-    data.generate("spatial", out, n=16, seed=5, size=32, progress=False)
-    return out
+    return spatial_data(tmp_path_factory, n=16, seed=5)
 
 
 def flags(tmp, spatial, *extra):

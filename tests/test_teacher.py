@@ -5,7 +5,6 @@ text), the loss reads the head's map where the probe would, and an interrupted t
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,26 +12,21 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import TINY_STAGE3, spatial_data
 from dataengine.views import load_depth
 from evaluation import probes
 from evaluation.probes import ProbeConfig
 from model import ViT, ViTConfig, load_vit
 from training.teacher import DepthData, DepthTeacher, collate_depth
 
-FAST = ["--image-size", "32", "--vit-patch", "8", "--vit-dim", "32", "--vit-depth", "2", "--vit-heads", "2",
-        "--llm-dim", "32", "--llm-layers", "2", "--llm-heads", "2", "--batch-size", "2", "--global-batch", "4",
-        "--no-probe", "--stage", "3"]
+FAST = TINY_STAGE3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def spatial(tmp_path_factory):
-    import data
-
-    out = tmp_path_factory.mktemp("data") / "spatial"
-    data.generate("spatial", out, n=8, seed=11, size=32, progress=False)
-    return out
+    return spatial_data(tmp_path_factory, n=8, seed=11)
 
 
 def run(tmp, spatial, *extra):
