@@ -5,7 +5,7 @@
 #   bash experiments/boost.sh                       # everything; finished stages and runs are skipped on a rerun
 #   SEEDS="1 2 3 4 5" N3=256 bash experiments/boost.sh
 #   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh   # the point-token run (p1)
-#   PROBE_SEEDS="0 3 4 5" bash experiments/boost.sh   # probed on four probe sets, each difference pooled over them
+#   PROBE_SEEDS="201 202 203 204" bash experiments/boost.sh   # four probe sets (default: three), pooled
 #   NAME=p1 DATA=b15 POINTS=1 TUNE=dual-qk bash experiments/boost.sh         # stage 3 moves only Attn+'s q/k
 #
 # 1. Data, each kind from its own seed so that stage 3's images are disjoint from stages 1-2's: captions (stage 1);
@@ -14,10 +14,10 @@
 # 2. Stages 1 and 2 once, shared by every arm.
 # 3. Stage 3 per seed: the boost, and the shuffled-answer control (the same conversations, steps and rates, each
 #    conversation paired with another sample's image).
-# 4. One eval.py call per probe set probes the baseline and every stage-3 encoder on the same held-out views (240
-#    test views), with per-image results; boost_report.py tables mean ± sd over seeds and paired bootstrap intervals,
-#    and with several probe sets each difference pooled over them (its interval then includes the probe's own
-#    training views, which moved a depth difference ~3x more than the training seed did).
+# 4. One eval.py call per probe set probes the baseline and every stage-3 encoder on the same held-out views (960
+#    test views, issue 27's protocol), with per-image results; boost_report.py tables mean ± sd over seeds and paired
+#    bootstrap intervals, each difference pooled over the probe sets (its interval then includes the probe's own
+#    views, which moved a depth difference ~3x more than the training seed did on the earlier 480-view sets).
 # 5. Grounding accuracy and the diagnostics (image dependence, localization gap) after stage 2 and after the boost.
 source "$(dirname "$0")/usage.sh"
 set -euo pipefail
@@ -31,7 +31,7 @@ LR3=${LR3:-2e-4}        # Attn+; the gates train at 100x, the projector at 1/10 
 POINTS=${POINTS:-0}     # 1: stages 2-3 with point tokens (train.py --point-tokens)
 MORE_CAPTIONS=${MORE_CAPTIONS:-0}   # > 0: stage 1 also reads this many fresh captions (seed 111)
 D=data/${DATA:-$NAME}    # DATA=b15: another run's data, the same images
-PROBE_SEEDS=${PROBE_SEEDS:-0}  # probe sets: 0 is data/probes-240, k data/probes-240-seedk (made if missing)
+PROBE_SEEDS=${PROBE_SEEDS:-"201 202 203"}  # probe sets (probe_sets.sh: data/probes-1920-seedk, made if missing)
 TUNE=${TUNE:-}           # stage 3's train.py --vision-tune (default dual); names the stage-3 runs, evals and results
 T=${TUNE:+-$TUNE}
 R=$NAME$T               # stage-3 runs, evals and results: stages 1-2 are $NAME's, shared by every TUNE

@@ -19,7 +19,7 @@
 #   N1 [50000] N2 [10000] N3 [10000]    captions, grounding samples, spatial conversations
 #   N2QA [3000]         instruct and multiview samples each, beside stage 2's grounding
 #   SEEDS ["1 2 3"; --dry "1 2"]        stage-3 seeds, each a boost and a control
-#   PROBE_SEEDS ["0 1 2"; --dry "0 1"]  probe sets (experiments/probe_sets.sh)
+#   PROBE_SEEDS ["0 1 2"; --dry "0 1"]  probe sets (experiments/probe_sets.sh: 1,920 views each)
 #   BATCH [8]           micro-batch per step (8 x 1,536 tokens: ~13 GiB in stage 2, ~8 GiB in stage 3)
 #   LR2 [1e-4] LR3 [2e-4]   stage 2's rate and stage 3's Attn+ rate (gates 100x, projector 1/10)
 #   WORKERS [8]         data-generation and data-loader processes
@@ -53,7 +53,7 @@ else
   SEEDS=${SEEDS:-"1 2 3"} PROBE_SEEDS=${PROBE_SEEDS:-"0 1 2"}
   N1=${N1:-50000} N2=${N2:-10000} N2QA=${N2QA:-3000} N3=${N3:-10000} BATCH=${BATCH:-8} WORKERS=${WORKERS:-8}
   SIZE=224 MODEL="--preset small" G1=256 G2=64 G3=32 BASE=weights/dinov2-s14
-  PROBE_ROOT=$OUT/data/probes-240
+  PROBE_ROOT=$OUT/data/probes-1920
   python tools/offline_weights.py
 fi
 export PROBE_SEEDS PROBE_ROOT PROBE_IMAGES PROBE_ARGS

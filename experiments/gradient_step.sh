@@ -5,7 +5,7 @@
 #   NAME=p1 DATA=b15 POINTS=1 MORE_CAPTIONS=3200 bash experiments/boost.sh    # first: runs/p1/stage2
 #   bash experiments/gradient_step.sh                                         # every Attn+ tensor moves
 #   ONLY='[qk]_proj' TAG=qk bash experiments/gradient_step.sh                 # only Attn+'s queries and keys move
-#   PROBE_SEEDS="0 3 4 5" bash experiments/gradient_step.sh                   # probed on four probe sets, pooled
+#   PROBE_SEEDS="201 202 203 204" bash experiments/gradient_step.sh            # four probe sets (default three)
 #
 # 1. Three independent sets of N fresh spatial conversations (seeds 303-305, images disjoint from every stage's).
 # 2. Per set, tools/gradient_step.py at the start of stage 3 (INIT): the mean gradient with the own image (boost),
@@ -25,7 +25,7 @@ N=${N:-256}                    # conversations per set (the mean gradient is ove
 REL=${REL:-0.02}               # each Attn+ tensor moves by this fraction of its norm
 ONLY=${ONLY:-}                 # a regular expression over Attn+ tensor names; empty: all of them
 TAG=${TAG:-}                   # names this variant's encoders, runs and results
-PROBE_SEEDS=${PROBE_SEEDS:-0}  # probe sets: 0 is data/probes-240, k data/probes-240-seedk (made if missing)
+PROBE_SEEDS=${PROBE_SEEDS:-"201 202 203"}  # probe sets (probe_sets.sh: data/probes-1920-seedk, made if missing)
 T=${TAG:+-$TAG}
 OUT=runs/gs$T                  # one name per encoder for eval.py: <direction>-s<k>
 

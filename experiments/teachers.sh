@@ -32,6 +32,7 @@ TEACHER_DATA=${TEACHER_DATA:-data/teachers/warm-256}   # the head's first fit, e
 LLM=${LLM:-}                               # the llm arm's encoder directories, probed beside the depth arms
 PROBE=${PROBE:-1}                          # 0: train only
 TAG=${TAG:-teach}                          # names runs, evals and results
+PROBE_SEEDS=${PROBE_SEEDS:-"201 202 203"}  # probe sets, fixed before the teachers were probed (experiments/prereg/)
 
 python tools/offline_weights.py
 [ -f "$DATA/data.jsonl" ] || python data.py spatial --n "$N" --out "$DATA" --seed "$DATA_SEED" --size 224 --workers 2
