@@ -405,7 +405,9 @@ def teacher_model(cfg: Config, rt: Runtime, run_dir: Path) -> tuple[DepthTeacher
     n_train = sum(p.numel() for p in vit.parameters() if p.requires_grad) / 1e6
     rt.log(f"stage 3 | teacher {cfg.teacher} (no LLM loaded) | encoder {sources['vision']}: {n_train:.3f}M "
            f"parameters train ({cfg.vision_tune}) | device {rt.device} x{rt.world}")
-    return DepthTeacher(vit, cfg.teacher, ProbeConfig(seed=cfg.seed)).to(rt.device).train(), None, sources, None
+    teacher = DepthTeacher(vit, cfg.teacher, ProbeConfig(seed=cfg.seed))
+    master_weights(teacher, rt.amp_dtype)  # fp32 masters here too, whatever the checkpoint's dtype
+    return teacher.to(rt.device).train(), None, sources, None
 
 
 def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer, mixed=None) -> tuple[ConversationDataset, int,
