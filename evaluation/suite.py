@@ -127,9 +127,9 @@ def run_probes(vit: ViT, ps: probes.ProbeSet, cfg: ProbeConfig, image_size: int 
         labels = torch.from_numpy(ps.labels)
         n_classes = len(ps.classes)
         head = probes.fit_segmentation(p_tr[..., -D:], labels[train], n_classes, cfg)
-        pred = probes.predict_segmentation(head, p_te[..., -D:], out_size)
-        results["segmentation"] = probes.miou(probes.confusion_matrix(pred, labels[test], n_classes))
-        each["seg_confusion"] = [probes.confusion_matrix(pred[i:i + 1], labels[test][i:i + 1], n_classes).tolist()
+        pred, gt = probes.predict_segmentation(head, p_te[..., -D:], out_size), labels[test]  # gt: one copy, not one
+        results["segmentation"] = probes.miou(probes.confusion_matrix(pred, gt, n_classes))  # per test image
+        each["seg_confusion"] = [probes.confusion_matrix(pred[i:i + 1], gt[i:i + 1], n_classes).tolist()
                                  for i in range(len(pred))]
         examples["segmentation"] = pred[0].numpy()
         examples["labels"] = ps.labels[first]
