@@ -128,11 +128,13 @@ def pooled(per_set: list, pairs: list) -> tuple[list, dict]:
             se = float(np.sqrt(var))
             # the two spreads side by side: one seed of each arm vs one probe set (the larger one decides how many
             # of each a comparison needs)
-            sd_seeds = float(np.sqrt(sum(np.var(seeds[n], ddof=1) for n in (a, b) if len(seeds[n]) > 1)))
+            spreads = [np.var(seeds[n], ddof=1) for n in (a, b) if len(seeds[n]) > 1]
+            sd_seeds = float(np.sqrt(sum(spreads))) if spreads else None  # None: one seed per arm, nothing to see
             sd_sets = float(np.std(d, ddof=1))
             rows[key][f"{a}-{b}"] = {"diff": float(d.mean()), "se": se, "per_probe_set": d.tolist(),
                                      "sd_probe_sets": sd_sets, "sd_seeds": sd_seeds}
-            cells.append(f"{d.mean():+.3f} ± {2 * se:.3f} [sd sets {sd_sets:.3f}, seeds {sd_seeds:.3f}] ("
+            cells.append(f"{d.mean():+.3f} ± {2 * se:.3f} [sd sets {sd_sets:.3f}, seeds "
+                         + ("—" if sd_seeds is None else f"{sd_seeds:.3f}") + "] ("
                          + ", ".join(f"{x:+.3f}" for x in d) + ")")
         lines.append(f"| {label} {'↓' if lower else '↑'} | " + " | ".join(cells) + " |")
     return lines, rows
