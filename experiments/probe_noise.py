@@ -9,9 +9,9 @@ views and with the test views (issue 27).
         --variant default: --variant long:depth_steps=2000,depth_rows=64 --out runs/cal/noise.json
     python experiments/probe_noise.py --report runs/cal/noise.json     # the tables again, from the file
 
-A variant is NAME:FIELD=VALUE,... over ProbeConfig; `heads=K` (not a ProbeConfig field) averages the predicted depth
-of K heads with seeds s, s+1000, ... (one "seed" of such a variant is K heads). Features come from each probe set's
-cache (eval.py's, the same key), so a set that eval.py has seen costs no encoder pass.
+A variant is NAME:FIELD=VALUE,... over ProbeConfig; `depth_heads=K` averages the predicted depth of K heads with
+seeds s, s+1000, ... (one "seed" of such a variant is K heads), as eval.py --depth-heads does. Features come from
+each probe set's cache (eval.py's, the same key), so a set that eval.py has seen costs no encoder pass.
 """
 
 import argparse
@@ -34,20 +34,18 @@ from model import load_vit  # noqa: E402
 from storage.atomic import write_file_atomically  # noqa: E402
 
 
-def parse_variant(text: str) -> tuple[str, ProbeConfig, int]:
-    """'long:depth_steps=2000,depth_rows=64' -> ('long', ProbeConfig(...), heads)."""
+def parse_variant(text: str) -> tuple[str, ProbeConfig]:
+    """'long:depth_steps=2000,depth_rows=64' -> ('long', ProbeConfig(...))."""
     name, _, rest = text.partition(":")
-    cfg, heads = ProbeConfig(), 1
+    cfg = ProbeConfig()
     fields = {f.name: f.type for f in dataclasses.fields(ProbeConfig)}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key == "heads":
-            heads = int(value)
-        elif key in fields:
+        if key in fields:
             cfg = dataclasses.replace(cfg, **{key: type(getattr(cfg, key))(value)})
         else:
-            raise SystemExit(f"--variant {text!r}: {key!r} is not a ProbeConfig field (nor heads)")
-    return name, cfg, heads
+            raise SystemExit(f"--variant {text!r}: {key!r} is not a ProbeConfig field")
+    return name, cfg
 
 
 def lin1_inputs(feats: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +58,11 @@ def features(vit, ps) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p for p, _ in parts]), torch.cat([c for _, c in parts])
 
 
-def fit_and_predict(p_tr, c_tr, d_tr, tests: list, cfg: ProbeConfig, heads: int) -> list:
-    """Train `heads` lin.1 heads (seeds cfg.seed + 1000 k) and average their depth maps on each test split.
+def fit_and_predict(p_tr, c_tr, d_tr, tests: list, cfg: ProbeConfig) -> list:
+    """Train cfg.depth_heads lin.1 heads (seeds cfg.seed + 1000 k) and average their depth maps on each test split.
     tests: [(patches, cls, out_size)] -> [(N, H, W) depth]."""
     preds = [0.0] * len(tests)
+    heads = cfg.depth_heads
     for k in range(heads):
         head = probes.fit_depth(p_tr, c_tr, d_tr, dataclasses.replace(cfg, seed=cfg.seed + 1000 * k))
         for i, (p, c, size) in enumerate(tests):
@@ -92,12 +91,12 @@ def measure(args) -> list:
         feats = [features(vit, ps) for ps in sets]
         del vit
         tests = [(f[0][~ps.train], f[1][~ps.train], ps.depth.shape[-2:]) for f, ps in zip(feats, sets)]
-        for (ti, ps), (name, cfg, heads), seed in product(enumerate(sets), variants, seeds):
+        for (ti, ps), (name, cfg), seed in product(enumerate(sets), variants, seeds):
             t = time.time()
             depth = torch.from_numpy(ps.depth)
             p, c = feats[ti]
             preds = fit_and_predict(p[ps.train], c[ps.train], depth[ps.train], tests,
-                                    dataclasses.replace(cfg, seed=seed), heads)
+                                    dataclasses.replace(cfg, seed=seed))
             for si, (pred, test_set) in enumerate(zip(preds, sets)):
                 gt = torch.from_numpy(test_set.depth[~test_set.train])
                 valid = (gt > cfg.min_depth) & (gt < cfg.max_depth)
@@ -165,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--vision", action="append", default=[], help="encoder directory, repeatable; the difference is "
                     "second - first")
     ap.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,... (ProbeConfig fields, "
-                    "heads=K); repeatable")
+                    "e.g. depth_heads=3); repeatable")
     ap.add_argument("--seeds", default="0,1,2", help="head seeds, comma-separated")
     ap.add_argument("--group", type=int, default=1, help="consecutive --probes taken together as one probe set (K x "
                     "its views: a larger protocol from independent smaller sets)")
