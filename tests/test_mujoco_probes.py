@@ -126,6 +126,12 @@ def test_run_probes_dense_only_and_eval_cli(probe_set, tmp_path, monkeypatch):
     assert report["mujoco_probe_set"]["images"] == 8
     assert "| mujoco_segmentation | miou (higher better) |" in (tmp_path / "r/report.md").read_text()
 
+    # a MuJoCo set as eval.py's own probe set (issue 27's MuJoCo protocol): no object crops, dense probes only
+    ev.main(["--vision", "enc", "--probes", str(probe_set), "--image-size", "32", "--quick", "--threads", "1",
+             "--per-image", "--out", "m"])
+    report = json.loads((tmp_path / "m/report.json").read_text())
+    assert report["probe_set"]["objects"] == 0 and "depth_lin1" in report["encoders"][0]["results"]
+
 
 def test_missing_set_is_made(tmp_path, monkeypatch, capsys):
     """eval.py --mujoco makes the set at --mujoco-probes when it is missing (a tiny one here)."""
