@@ -99,8 +99,8 @@ def main(argv=None):
             sp.add_argument("--order", choices=ORDERS, default="forward", help="turn order: pixel->object->scene"
                             "(->caption), its reverse, or shuffled (the paper's ablation)")
         if kind == "spatial":
-            sp.add_argument("--points-per-turn", type=int, choices=range(1, 5), default=1, metavar="K",
-                            help="points each depth / 3D-position turn asks about, 1 to 4 (default 1): \"What is the "
+            sp.add_argument("--points-per-turn", type=int, choices=range(1, 9), default=1, metavar="K",
+                            help="points each depth / 3D-position turn asks about, 1 to 8 (default 1): \"What is the "
                                  "depth at (u1, v1), (u2, v2) and (u3, v3)?\" -> \"2.35 m, 1.80 m and 3.02 m.\"")
         if "multiview" in kind:
             sp.add_argument("--band", default=None, metavar="LO,HI",

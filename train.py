@@ -72,6 +72,9 @@ class Config:
     lora_rank: int = 8  # rank of --vision-tune lora
     freeze_projector: bool = False  # stage 3: train only the encoder side
     shuffle_images: bool = False  # stage 3 control: each conversation is paired with another sample's image
+    loss_on: str = "answers"  # which answer tokens carry the loss: every one (and the end of turn), or only those the
+    #                           image decides (numbers not shown before, verdict and relation words, object names:
+    #                           training/dataset.py's rule), so stage 3's gradient is not spent on the format
     teacher: str = "llm"  # stage 3's teacher: the frozen LLM (the method), or a linear depth head at the queried pixels
     #                       (depth-points) or at every pixel (depth-dense), no LLM loaded (training/teacher.py)
     teacher_data: str = ""  # a depth teacher's head is first fitted on these images, the encoder frozen (stage 2's
@@ -127,7 +130,7 @@ PRESETS = {
 TINY_STAGE_LR = {1: 3e-3, 2: 1e-3, 3: 1e-3}  # random tiny models learn at larger rates
 CHOICES = {"vision_tune": ("dual", "dual-qk", "full", "lora", "frozen"), "teacher": ("llm", *MODES),
            "order": ("forward", "reversed", "shuffled"), "device": ("auto", "cpu", "cuda"),
-           "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "on", "off")}
+           "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "on", "off"), "loss_on": ("answers", "image")}
 
 
 def parse_config(argv=None) -> Config:
@@ -193,6 +196,7 @@ def validate(cfg: Config) -> list[str]:
                 "llm teacher's control)"),
                (cfg.teacher != "llm" or not cfg.teacher_data, "--teacher-data: the depth head's data (--teacher "
                 "depth-points or depth-dense)"),
+               (cfg.teacher == "llm" or cfg.loss_on == "answers", "--loss-on image: the llm teacher's answers"),
                (cfg.vit_patch < 1 or cfg.image_size % cfg.vit_patch == 0 or bool(cfg.vision),
                 f"--image-size {cfg.image_size} is not a multiple of --vit-patch {cfg.vit_patch}"),
                (cfg.batch_size < 1 or cfg.global_batch % (cfg.batch_size * world) == 0,
@@ -422,7 +426,7 @@ def stage_data(cfg: Config, rt: Runtime, vlm: VLM, tok: Tokenizer, mixed=None) -
         n_img_tokens = vlm.n_image_tokens(cfg.image_size)
         ds = ConversationDataset(mix, tok, vlm.vit.cfg, image_size=cfg.image_size, n_image_tokens=n_img_tokens,
                                  max_len=cfg.max_len, shuffle_images=cfg.seed if cfg.shuffle_images else None,
-                                 outside_images=cfg.images_outside_data)
+                                 outside_images=cfg.images_outside_data, loss_on=cfg.loss_on)
     accum, steps_per_epoch, _ = batch_plan(cfg, len(ds), rt.world, rt.rank, 0, 0)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     rt.log(f"  data: {len(ds)} samples from {', '.join(str(p) for p, _ in out)} | {n_img_tokens} tokens per image "

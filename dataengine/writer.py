@@ -93,8 +93,8 @@ def dataset_spec(kind, seed, size, order, rgbd, shard_size, band, encoder, depth
         raise ValueError(f"size {size!r}: expected a whole number of pixels from {SIZES[0]} to {SIZES[1]}")
     if not (isinstance(shard_size, int) and shard_size >= 1):
         raise ValueError(f"shard_size {shard_size!r}: expected a whole number of samples >= 1")
-    if points_per_turn not in range(1, 5):
-        raise ValueError(f"points_per_turn {points_per_turn!r}: expected a whole number of points from 1 to 4")
+    if points_per_turn not in range(1, 9):
+        raise ValueError(f"points_per_turn {points_per_turn!r}: expected a whole number of points from 1 to 8")
     if multi:
         band = [float(b) for b in (band if band is not None else multiview.FEATURE_BAND if encoder else multiview.BAND)]
         if len(band) != 2 or not 0 <= band[0] < band[1] <= (2 if encoder else 1):

@@ -39,6 +39,7 @@ raises at once instead.
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dataengine import scenes, text
 from dataengine.images import read_rgb
 from language.tokenizer import query_points
 from llm import block_causal, packed_cuts
@@ -55,6 +57,49 @@ IMAGE = "<image>"
 HUMAN = ("human", "user")
 ROLES = (*HUMAN, "gpt", "assistant", "system")
 PROBLEMS = (ValueError, KeyError, OSError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+# Which answer tokens the image decides (train.py --loss-on image; tools/answer_stats.py measures their share), by a
+# rule on the text alone: (1) a number the conversation has not shown before (not a question's coordinates, not a
+# copy of an earlier answer); (2) a verdict or relation word -- yes / no, first / second, left, behind, closer,
+# taller, about (a tie), a count, a direction, a third of the image; (3) an object's category or colour and the room's
+# words (a caption's contents; the winner of "which of A and B"). Everything else -- phrasing, units, echoed
+# coordinates and numbers, end-of-turn tokens -- follows from the text before it and trains the format, not the
+# encoder. An echoed name or relation word is kept (a text rule cannot tell it from a "which of" verdict): once the
+# format is learnt its loss, and so its gradient, is near zero.
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_PHRASES = ([w for spec in text.RELATIONS.values() for w in spec["words"]] + list(text.CLOSER_WORDS)
+            + [w for pair in text.MOST.values() for w in pair] + list(text.DIRECTIONS) + list(text.NUMBER_WORDS)
+            + [w for row in text.THIRDS for w in row] + list(scenes.OBJECT_CATEGORIES) + list(scenes.COLOURS)
+            + list(scenes.WALL_COLOURS) + list(scenes.FLOORS) + list(scenes.PATTERNS)
+            + ["yes", "neither", "not clearly", "first", "second", "nearest", "farthest", "walls", "floor"])
+_WORDS = sorted({w for p in _PHRASES for w in re.findall("[a-z]+", p.lower())}   # the phrases' deciding words
+                - {"to", "the", "of", "as", "than", "at", "with", "in", "from", "is", "camera", "depth", "far",
+                   "away", "further", "roughly", "tall", "wide", "big", "height"})
+WORD = re.compile(r"\b(" + "|".join(map(re.escape, _WORDS)) + r")\b", re.IGNORECASE)
+
+
+def image_dependent_spans(answer: str, earlier: str) -> list[tuple[int, int]]:
+    """[(start, end)] character spans of `answer` that the image decides (the rule above); `earlier`: the text of
+    the conversation before the answer, its question included."""
+    seen = set(NUMBER.findall(earlier))
+    return sorted([m.span() for m in NUMBER.finditer(answer) if m.group() not in seen]
+                  + [m.span() for m in WORD.finditer(answer)])
+
+
+def image_dependent_weights(tok, conv: list, weights: list) -> list:
+    """render's mask (each answer's tokens, then its end-of-turn token) kept only on the answer tokens that overlap
+    image_dependent_spans; turns render cut off are simply absent."""
+    runs = np.split(np.flatnonzero(np.asarray(weights)), np.flatnonzero(np.diff(np.flatnonzero(weights)) > 1) + 1)
+    answers = [k for k, m in enumerate(conv) if m["from"] in ("gpt", "assistant")]
+    out = [0] * len(weights)
+    for run, k in zip((r for r in runs if len(r)), answers):
+        answer = conv[k]["value"].strip() if tok.chat_style == "llama3" else conv[k]["value"]
+        ends = np.cumsum([len(tok._bytes[i]) for i in tok.encode(answer, False)])   # byte offsets of the tokens
+        spans = [(len(answer[:s].encode()), len(answer[:e].encode()))                  # chars -> bytes
+                 for s, e in image_dependent_spans(answer, " ".join(m["value"] for m in conv[:k]))]
+        for t, (a, b) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
+            out[run[t]] = int(t < len(run) - 1 and any(s < b and a < e for s, e in spans))
+    return out
 
 
 def dataset_file(path) -> Path:
@@ -212,16 +257,17 @@ class ConversationDataset(torch.utils.data.Dataset):
     pixels (k, 3, S, S) float, dropped_turns int, problem None | str, max_len int). shuffle_images (a seed): the
     shuffled-answer control -- each record's conversation comes with another record's images (same source): a model
     trained on it learns the format and the answers' statistics, nothing that ties them to the image. outside_images:
-    let records name images outside their file's folder (absolute paths, '..')."""
+    let records name images outside their file's folder (absolute paths, '..'). loss_on "image": weights only on the
+    answer tokens the image decides (image_dependent_weights), "answers": render's mask."""
 
     def __init__(self, sources, tok, vit_cfg, image_size: int, n_image_tokens: int, max_len: int,
                  limit: int | None = None, strict: bool = False, shuffle_images: int | None = None,
-                 outside_images: bool = False):
+                 outside_images: bool = False, loss_on: str = "answers"):
         if tok.image_id is None:
             raise ValueError("the tokenizer has no image token: call tok.add_image_token() before building the dataset")
         self.tok, self.vit_cfg, self.image_size = tok, vit_cfg, image_size
         self.n_image_tokens, self.max_len, self.strict = n_image_tokens, max_len, strict
-        self.outside_images = outside_images
+        self.outside_images, self.loss_on = outside_images, loss_on
         self.start_id = tok.specials["<|start_header_id|>" if tok.chat_style == "llama3" else "<|im_start|>"]
         mixed = sources if isinstance(sources, Mix) else Mix(sources, limit)
         self.records, self.counts, self.index = mixed.records, mixed.counts, mixed.index
@@ -240,6 +286,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             if self.image_from is not None:
                 paths = check_record(json.loads(self.records[s].get(int(self.image_from[s][k]))[0]))[1]
             ids, weights, n_images, dropped = self.render(conv)
+            if self.loss_on == "image":
+                weights = image_dependent_weights(self.tok, conv, weights)
             pixels = self.images(self.records[s].root, paths[:n_images])
             # the query points the kept turns mark (render cuts whole turns, so they are the first ones)
             points = query_points(conv)[:ids.count(self.tok.point_id)] if self.tok.point_id is not None else []
