@@ -1,0 +1,77 @@
+"""tools/critic_reading.py (issue 29's first gate): the critic's point-depth AbsRel against the truth at the asked
+pixels, beside the lin.1 probe's at the same pixels. Answers that copy the reference read at its rounding error,
+answers at twice the depth read at AbsRel 1, unanswered points count as unread; the probe is read at the same points."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import spatial_data
+from evaluation import probes
+from model import ViT, ViTConfig, save_vit
+from tools import critic_reading
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    import data
+    out = tmp_path_factory.mktemp("critic") / "heldout"
+    data.generate("spatial", out, n=6, seed=21, size=32, points_per_turn=2, progress=False)
+    return out
+
+
+def answers_file(path, samples, scale=None):
+    """The reference answers, with every depth turn's lengths multiplied by scale (None: unanswered)."""
+    with open(path, "w") as f:
+        for s in samples:
+            got = []
+            for t, turn in enumerate(s["meta"]["turns"]):
+                ref = s["conversations"][2 * t + 1]["value"]
+                if turn["kind"] == "depth":
+                    ref = "I cannot tell." if scale is None else " and ".join(
+                        f"{v * scale:.2f} m" for v, _ in critic_reading.qa.parse_numbers(ref))
+                got.append(ref)
+            f.write(json.dumps({"id": s["id"], "answers": got}) + "\n")
+    return path
+
+
+def test_the_critic_and_the_probe_at_the_same_points(heldout, tmp_path):
+    samples = critic_reading.qa.load_conversations(heldout)
+    points = critic_reading.depth_points(samples, heldout)
+    assert len(points) == 2 * sum(t["kind"] == "depth" for s in samples for t in s["meta"]["turns"]) > 0
+    probes.make_probe_sets(tmp_path / "probes", n_images=8, seed=3, size=32, test_every=2)
+    save_vit(ViT(ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64, patch_size=8, image_size=32)), tmp_path / "enc")
+    files = {name: answers_file(tmp_path / f"{name}.jsonl", samples, scale)
+             for name, scale in (("exact", 1.0), ("double", 2.0), ("silent", None))}
+    critic_reading.main(["--qa", str(heldout), "--probes", str(tmp_path / "probes"), "--vision", str(tmp_path / "enc"),
+                         "--image-size", "32", "--quick", "--depth-heads", "2", "--out", str(tmp_path / "r.json"),
+                         *(f"--answers={n}={f}" for n, f in files.items())])
+    r = json.loads((tmp_path / "r.json").read_text())["critics"]
+    truth = np.array([p[-1] for p in points])
+    assert r["exact"]["read"] == 1 and r["exact"]["critic_absrel"] < 0.006 / truth.min() + 1e-9
+    assert r["exact"]["critic_within10"] == 1
+    assert r["double"]["critic_absrel"] == pytest.approx(1.0, abs=0.01) and r["double"]["critic_within10"] == 0
+    assert r["silent"]["read"] == 0 and r["silent"]["ratio"] is None
+    assert r["silent"]["probe_absrel_all"] == r["exact"]["probe_absrel_all"] == r["exact"]["probe_absrel"] > 0
+    probe = r["exact"]["probe_absrel"]
+    assert probe > 0 and r["double"]["probe_absrel"] == probe  # the same points, the same probe
+    assert r["double"]["ratio"] == pytest.approx(r["double"]["critic_absrel"] / probe)
+    lo, hi = r["double"]["ratio_ci95"]
+    assert lo <= r["double"]["ratio"] <= hi
+
+
+def test_a_stage_directory_answers(heldout, tmp_path, capsys):
+    import train
+    from conftest import TINY_STAGE3
+    stage = train.train(train.parse_config(["--runs-dir", str(tmp_path / "runs"), "--data", str(heldout),
+                                            *TINY_STAGE3, "--max-steps", "1"]))
+    probes.make_probe_sets(tmp_path / "probes", n_images=8, seed=3, size=32, test_every=2)
+    critic_reading.main(["--qa", str(heldout), "--vlm", str(stage), "--probes", str(tmp_path / "probes"),
+                         "--vision", str(stage / "vision"), "--image-size", "32", "--quick", "--depth-heads", "1",
+                         "--limit", "2", "--out", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())["critics"][str(stage)]
+    assert r["conversations"] == 2 and 0 <= r["read"] <= 1 and r["probe_absrel_all"] > 0
+    assert f"{stage}: 4 points of 2 conversations" in capsys.readouterr().out
