@@ -17,7 +17,9 @@ A bootstrap over the test images of one probe set leaves out the probe's own tra
 --across-probe-sets the reports may come from several probe sets (each must hold every arm's encoders): OUT.md first
 tables each difference as its mean over (seed, probe set) ± 2 se, se² = sd_seeds²/seeds (each arm's, of its
 per-seed values averaged over probe sets) + sd_sets²/sets (of the per-set differences), with every set's own
-difference beside it; then each probe set's table as above.
+difference beside it; then each probe set's table as above. --some-seeds-per-set: a set may hold only some of an
+arm's seeds (seed k probed on set k, a third of the probing of the full cross); se² = sd_sets²/sets then, the spread
+over sets holding the spread over seeds.
 """
 
 import argparse
@@ -87,15 +89,17 @@ def load_encoders(paths: list, across_probe_sets: bool = False) -> list:
     return list(sets.values())
 
 
-def gather_arms(by_name: dict, specs: list, where: str) -> dict:
-    """{arm: [per-image results of each member]} from --arm NAME=enc,enc,... specs."""
+def gather_arms(by_name: dict, specs: list, where: str, some_seeds: bool = False) -> dict:
+    """{arm: [per-image results of each member]} from --arm NAME=enc,enc,... specs; some_seeds: a member the report
+    lacks is left out (an arm needs at least one)."""
     arms = {}
     for item in specs:
         name, _, members = item.partition("=")
-        missing = [m for m in members.split(",") if m not in by_name or "per_image" not in by_name[m]]
-        if missing:
+        have = [m for m in members.split(",") if m in by_name and "per_image" in by_name[m]]
+        missing = [m for m in members.split(",") if m not in have]
+        if missing and not (some_seeds and have):
             sys.exit(f"{where}: no per-image results for {missing} (names: {sorted(by_name)}; eval.py --per-image)")
-        arms[name] = [by_name[m]["per_image"] for m in members.split(",")]
+        arms[name] = [by_name[m]["per_image"] for m in have]
     return arms
 
 
@@ -114,21 +118,23 @@ def probe_set_table(arms: dict, pairs: list, n_boot: int) -> tuple[list, dict]:
     return lines, {"test_images": n_images, "metrics": rows}
 
 
-def pooled(per_set: list, pairs: list) -> tuple[list, dict]:
-    """Each difference over probe sets and seeds: mean, se from the seed and probe-set spreads, every set's value."""
+def pooled(per_set: list, pairs: list, some_seeds: bool = False) -> tuple[list, dict]:
+    """Each difference over probe sets and seeds: mean, se from the seed and probe-set spreads, every set's value.
+    some_seeds (each set holds other seeds of an arm, e.g. seed k on set k): the spread over sets already holds the
+    spread over seeds, so se² = sd_sets² / sets."""
     lines, rows = [], {}
     for label, key, lower in METRICS:
-        seeds = {n: np.mean([s["metrics"][key]["per_seed"][n] for s in per_set], axis=0)  # (seeds,) over sets
-                 for n in per_set[0]["metrics"][key]["per_seed"]}
+        seeds = {} if some_seeds else {n: np.mean([s["metrics"][key]["per_seed"][n] for s in per_set], axis=0)
+                                       for n in per_set[0]["metrics"][key]["per_seed"]}  # (seeds,) over sets
         cells, rows[key] = [], {}
         for a, b in pairs:
             d = np.array([s["metrics"][key]["differences"][f"{a}-{b}"]["diff"] for s in per_set])  # (sets,)
-            var = sum(np.var(seeds[n], ddof=1) / len(seeds[n]) for n in (a, b) if len(seeds[n]) > 1)
+            var = sum(np.var(seeds[n], ddof=1) / len(seeds[n]) for n in seeds if n in (a, b) and len(seeds[n]) > 1)
             var += np.var(d, ddof=1) / len(d)
             se = float(np.sqrt(var))
             # the two spreads side by side: one seed of each arm vs one probe set (the larger one decides how many
             # of each a comparison needs)
-            spreads = [np.var(seeds[n], ddof=1) for n in (a, b) if len(seeds[n]) > 1]
+            spreads = [np.var(seeds[n], ddof=1) for n in seeds if n in (a, b) and len(seeds[n]) > 1]
             sd_seeds = float(np.sqrt(sum(spreads))) if spreads else None  # None: one seed per arm, nothing to see
             sd_sets = float(np.std(d, ddof=1))
             rows[key][f"{a}-{b}"] = {"diff": float(d.mean()), "se": se, "per_probe_set": d.tolist(),
@@ -149,11 +155,17 @@ def main(argv=None):
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--across-probe-sets", action="store_true", help="reports of several probe sets: pool them, "
                     "with the spread over probe sets in each difference's interval")
+    ap.add_argument("--some-seeds-per-set", action="store_true", help="with --across-probe-sets: a probe set may "
+                    "hold only some of an arm's encoders (seed k on set k: 3 seeds x 3 sets for a third of the probing)"
+                    "; each set's difference uses those it holds, se from the spread over sets alone")
     ap.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
     args = ap.parse_args(argv)
     sets = load_encoders(args.report, args.across_probe_sets)
     where = ", ".join(args.report)
-    arms_of_set = [gather_arms(by_name, args.arm, f"{where} (probe set {ps})") for ps, by_name in sets]
+    if args.some_seeds_per_set and not args.across_probe_sets:
+        ap.error("--some-seeds-per-set pools several probe sets: add --across-probe-sets")
+    arms_of_set = [gather_arms(by_name, args.arm, f"{where} (probe set {ps})", args.some_seeds_per_set)
+                   for ps, by_name in sets]
     names = list(arms_of_set[0])
     others = [n for n in names if n not in (args.control, args.baseline)]
     pairs = [(n, args.control) for n in others if args.control in names] + \
@@ -171,7 +183,7 @@ def main(argv=None):
         per_set.append({"probe_set": ps, "arms": {n: len(v) for n, v in arms.items()}, **numbers})
     result = per_set[0]
     if len(sets) > 1:
-        lines, rows = pooled(per_set, pairs)
+        lines, rows = pooled(per_set, pairs, args.some_seeds_per_set)
         top = (f"Over {len(sets)} probe sets: each difference's mean over seeds and probe sets ± 2 se (se from the "
                f"spread over seeds and over probe sets), the two spreads (sd of the difference over probe sets, and "
                f"over seeds), then each probe set's own value.\n\n| metric | "

@@ -114,3 +114,23 @@ def test_reports_of_several_probe_sets_pool_with_the_spread_over_sets(tmp_path):
     paths[2].write_text(json.dumps(short))
     with pytest.raises(SystemExit, match=r"probe set .*p2.*boost-s3"):
         boost_report.main([*map(str, paths), *arms, "--across-probe-sets", "--out", str(tmp_path / "y")])
+
+
+def test_one_seed_per_probe_set(tmp_path):
+    """--some-seeds-per-set (seed k probed on set k only): each set's difference is that seed's against the baseline,
+    se = sd over sets / sqrt(sets), no seed term (the spread over sets holds it)."""
+    rng, n, paths, d = np.random.default_rng(4), 30, [], []
+    for p, off in enumerate([-0.06, -0.02, -0.05]):
+        base, boost = fake_encoder(rng, n, 0.0), fake_encoder(rng, n, off)
+        d.append(np.mean(boost["depth_lin1_rmse"]) - np.mean(base["depth_lin1_rmse"]))
+        encs = [{"name": "base", "results": {"per_image": base}},
+                {"name": f"boost-s{p + 1}", "results": {"per_image": boost}}]
+        paths.append(tmp_path / f"p{p}.json")
+        paths[-1].write_text(json.dumps({"probe_set": {"path": f"p{p}"}, "encoders": encs}))
+    arms = ["--arm", "baseline=base", "--arm", "boost=boost-s1,boost-s2,boost-s3", "--across-probe-sets"]
+    with pytest.raises(SystemExit, match="boost-s2"):  # without the flag a set must hold every seed
+        boost_report.main([*map(str, paths), *arms, "--out", str(tmp_path / "x")])
+    boost_report.main([*map(str, paths), *arms, "--some-seeds-per-set", "--n-boot", "20", "--out", str(tmp_path / "t")])
+    row = json.loads((tmp_path / "t.json").read_text())["pooled"]["depth_lin1_rmse"]["boost-baseline"]
+    assert row["per_probe_set"] == pytest.approx(d) and row["diff"] == pytest.approx(np.mean(d))
+    assert row["se"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(3)) and row["sd_seeds"] is None
