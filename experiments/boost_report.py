@@ -146,6 +146,22 @@ def pooled(per_set: list, pairs: list, some_seeds: bool = False) -> tuple[list, 
     return lines, rows
 
 
+def efficiency(rows: dict, a: str, b: str, baseline: str) -> tuple[list, dict]:
+    """(a − baseline) / (b − baseline) per metric from the pooled differences (issue 29's language efficiency: the
+    llm arm's gain as a share of the depth-points teacher's on the same images and steps), with a delta-method 95 %
+    interval, ratio ± 1.96 |ratio| sqrt((se_a/d_a)² + (se_b/d_b)²), which treats the two differences as independent
+    (they share the baseline, which correlates them positively: the interval is then wider than it need be)."""
+    lines, out = [], {}
+    for label, key, _ in METRICS:
+        da, db = rows[key][f"{a}-{baseline}"], rows[key][f"{b}-{baseline}"]
+        r = da["diff"] / db["diff"] if db["diff"] else float("nan")
+        half = 1.96 * abs(r) * np.hypot(da["se"] / da["diff"], db["se"] / db["diff"]) if da["diff"] and db["diff"] \
+            else float("nan")
+        out[key] = {"ratio": r, "ci95": [r - half, r + half]}
+        lines.append(f"| {label} | {da['diff']:+.3f} | {db['diff']:+.3f} | {r:.2f} [{r - half:.2f}, {r + half:.2f}] |")
+    return lines, out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("report", nargs="+", help="eval.py's report.json (one or more), written with --per-image")
@@ -158,12 +174,14 @@ def main(argv=None):
     ap.add_argument("--some-seeds-per-set", action="store_true", help="with --across-probe-sets: a probe set may "
                     "hold only some of an arm's encoders (seed k on set k: 3 seeds x 3 sets for a third of the probing)"
                     "; each set's difference uses those it holds, se from the spread over sets alone")
+    ap.add_argument("--efficiency", metavar="A,B", help="with --across-probe-sets: (A − baseline) / (B − baseline) "
+                    "per metric with its interval, e.g. boost,depth-points (issue 29's language efficiency)")
     ap.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
     args = ap.parse_args(argv)
     sets = load_encoders(args.report, args.across_probe_sets)
     where = ", ".join(args.report)
-    if args.some_seeds_per_set and not args.across_probe_sets:
-        ap.error("--some-seeds-per-set pools several probe sets: add --across-probe-sets")
+    if (args.some_seeds_per_set or args.efficiency) and not args.across_probe_sets:
+        ap.error("--some-seeds-per-set and --efficiency pool several probe sets: add --across-probe-sets")
     arms_of_set = [gather_arms(by_name, args.arm, f"{where} (probe set {ps})", args.some_seeds_per_set)
                    for ps, by_name in sets]
     names = list(arms_of_set[0])
@@ -189,8 +207,14 @@ def main(argv=None):
                f"over seeds), then each probe set's own value.\n\n| metric | "
                + " | ".join(f"{a} − {b}" for a, b in pairs) + " |\n|" + "---|" * (1 + len(pairs)) + "\n"
                + "\n".join(lines) + "\n")
-        tables.insert(0, top)
         result = {"pooled": rows, "probe_sets": per_set}
+        if args.efficiency:
+            a, b = args.efficiency.split(",")
+            lines, result["efficiency"] = efficiency(rows, a, b, args.baseline)
+            top += (f"\nEfficiency: ({a} − {args.baseline}) / ({b} − {args.baseline}), 95 % delta-method interval.\n\n"
+                    f"| metric | {a} − {args.baseline} | {b} − {args.baseline} | ratio |\n|---|---|---|---|\n"
+                    + "\n".join(lines) + "\n")
+        tables.insert(0, top)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(tables)

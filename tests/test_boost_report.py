@@ -107,6 +107,16 @@ def test_reports_of_several_probe_sets_pool_with_the_spread_over_sets(tmp_path):
     assert row["per_probe_set"] == pytest.approx(d.tolist()) and row["diff"] == pytest.approx(d.mean())
     assert row["se"] == pytest.approx(se) and len(got["probe_sets"]) == 3
     assert row["sd_probe_sets"] == pytest.approx(np.std(d, ddof=1))
+    boost_report.main([*map(str, paths), "--arm", "baseline=base", "--arm", "boost=boost-s1,boost-s2",
+                       "--arm", "ceiling=boost-s3", "--across-probe-sets", "--efficiency", "boost,ceiling",
+                       "--n-boot", "20", "--out", str(tmp_path / "e")])
+    e = json.loads((tmp_path / "e.json").read_text())
+    ratio = e["efficiency"]["depth_lin1_rmse"]
+    da, db = (e["pooled"]["depth_lin1_rmse"][k] for k in ("boost-baseline", "ceiling-baseline"))
+    assert ratio["ratio"] == pytest.approx(da["diff"] / db["diff"])
+    half = 1.96 * abs(ratio["ratio"]) * np.hypot(da["se"] / da["diff"], db["se"] / db["diff"])
+    assert ratio["ci95"] == pytest.approx([ratio["ratio"] - half, ratio["ratio"] + half])
+    assert "Efficiency: (boost − baseline) / (ceiling − baseline)" in (tmp_path / "e.md").read_text()
     assert row["sd_seeds"] == pytest.approx(np.std(seeds, ddof=1))  # the baseline arm has one seed: no spread
     assert "Over 3 probe sets" in (tmp_path / "t.md").read_text()
     short = json.loads(paths[2].read_text())

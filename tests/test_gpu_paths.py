@@ -265,3 +265,26 @@ def test_gpu_recipe_help_and_dry_run(tmp_path):
     assert report and (tmp_path / "results" / "gpu.md").read_text().count("boost − control") >= 2  # per probe set
     for run in ("gpu/stage1", "gpu/stage2", "gpu-boost-s1/stage3", "gpu-control-s2/stage3"):
         assert (tmp_path / "runs" / run / "config.json").exists(), run
+
+
+def test_gpu_recipe_runs_the_critic_experiment_dry(tmp_path):
+    """The critic experiment (issue 29) through the same recipe: spatial conversations in stage 2's mix, the gates
+    after stage 2 (a failed gate stops the run unless FORCE=1), stage 3 with --loss-on image, the depth-points teacher
+    per seed and the efficiency in the report."""
+    script = str(ROOT / "experiments" / "gpu.sh")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "S2_SPATIAL": "4", "K": "2", "LOSS_ON": "image", "GATES": "1",
+           "TEACHER": "1", "SEEDS": "1"}
+    out = subprocess.run(["bash", script, "--dry"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0 and "a gate failed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    gates = (tmp_path / "results" / "gpu-gates.md").read_text()  # tiny random models: every gate fails
+    assert gates.count("| NO |") == 3 and "image share" in gates and not (tmp_path / "runs" / "gpu-boost-s1").exists()
+    mix = json.loads((tmp_path / "runs" / "gpu" / "stage2" / "config.json").read_text())["config"]["data"]
+    assert "spatial-stage2" in mix
+    out = subprocess.run(["bash", script, "--dry"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                         env={**env, "FORCE": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    boost = json.loads((tmp_path / "runs" / "gpu-boost-s1" / "stage3" / "config.json").read_text())["config"]
+    assert boost["loss_on"] == "image"
+    assert (tmp_path / "runs" / "gpu-points-s1" / "stage3" / "vision").is_dir()
+    report = json.loads((tmp_path / "results" / "gpu.json").read_text())
+    assert set(report["efficiency"]) >= {"depth_lin1_rmse", "seg"}
