@@ -50,6 +50,13 @@ def score(per_image: dict, key: str, images: np.ndarray) -> float:
     return float(np.nanmean(np.asarray(per_image[key], dtype=float)[images]))
 
 
+def measured(arms: dict) -> list:
+    """The METRICS every encoder of every arm has per-image results for (a MuJoCo probe set has no object crops:
+    no classification)."""
+    needs = {"seg": "seg_confusion", "linear_correct": "object_image", "knn_correct": "object_image"}
+    return [m for m in METRICS if all(needs.get(m[1], m[1]) in p for ps in arms.values() for p in ps)]
+
+
 def arm_value(per_images: list, key: str, images) -> float:
     return float(np.mean([score(p, key, images) for p in per_images]))
 
@@ -107,7 +114,7 @@ def probe_set_table(arms: dict, pairs: list, n_boot: int) -> tuple[list, dict]:
     """One probe set's table rows (markdown) and numbers: per-seed values, differences with bootstrap intervals."""
     n_images = len(next(iter(arms.values()))[0]["depth_lin1_rmse"])
     everything, lines, rows = np.arange(n_images), [], {}
-    for label, key, lower in METRICS:
+    for label, key, lower in measured(arms):
         per_seed = {n: [score(p, key, everything) for p in arms[n]] for n in arms}
         cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
                  for v in per_seed.values()]
@@ -123,7 +130,7 @@ def pooled(per_set: list, pairs: list, some_seeds: bool = False) -> tuple[list, 
     some_seeds (each set holds other seeds of an arm, e.g. seed k on set k): the spread over sets already holds the
     spread over seeds, so se² = sd_sets² / sets."""
     lines, rows = [], {}
-    for label, key, lower in METRICS:
+    for label, key, lower in [m for m in METRICS if m[1] in per_set[0]["metrics"]]:
         seeds = {} if some_seeds else {n: np.mean([s["metrics"][key]["per_seed"][n] for s in per_set], axis=0)
                                        for n in per_set[0]["metrics"][key]["per_seed"]}  # (seeds,) over sets
         cells, rows[key] = [], {}
@@ -152,7 +159,7 @@ def efficiency(rows: dict, a: str, b: str, baseline: str) -> tuple[list, dict]:
     interval, ratio ± 1.96 |ratio| sqrt((se_a/d_a)² + (se_b/d_b)²), which treats the two differences as independent
     (they share the baseline, which correlates them positively: the interval is then wider than it need be)."""
     lines, out = [], {}
-    for label, key, _ in METRICS:
+    for label, key, _ in [m for m in METRICS if m[1] in rows]:
         da, db = rows[key][f"{a}-{baseline}"], rows[key][f"{b}-{baseline}"]
         r = da["diff"] / db["diff"] if db["diff"] else float("nan")
         half = 1.96 * abs(r) * np.hypot(da["se"] / da["diff"], db["se"] / db["diff"]) if da["diff"] and db["diff"] \

@@ -144,3 +144,17 @@ def test_one_seed_per_probe_set(tmp_path):
     row = json.loads((tmp_path / "t.json").read_text())["pooled"]["depth_lin1_rmse"]["boost-baseline"]
     assert row["per_probe_set"] == pytest.approx(d) and row["diff"] == pytest.approx(np.mean(d))
     assert row["se"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(3)) and row["sd_seeds"] is None
+
+
+def test_a_probe_set_without_objects(tmp_path):
+    """A MuJoCo probe set has no object crops: the table has the depth and segmentation rows and no classification."""
+    rng, n = np.random.default_rng(5), 20
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("linear_correct", "knn_correct", "object_image")}
+    report = {"encoders": [{"name": name, "results": {"per_image": strip(fake_encoder(rng, n, off))}}
+                           for name, off in (("base", 0.0), ("boost-s1", -0.05), ("boost-s2", -0.04))]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    boost_report.main([str(tmp_path / "report.json"), "--arm", "baseline=base", "--arm", "boost=boost-s1,boost-s2",
+                       "--n-boot", "20", "--out", str(tmp_path / "t")])
+    got = json.loads((tmp_path / "t.json").read_text())["metrics"]
+    assert set(got) == {"depth_lin1_rmse", "depth_lin4_rmse", "seg"}
+    assert got["depth_lin1_rmse"]["differences"]["boost-baseline"]["diff"] < -0.03
