@@ -212,7 +212,8 @@ def probe_encoders(encoders: list, args, cfg: ProbeConfig, report: dict) -> tupl
     except ImportError as e:
         raise SystemExit(f"eval.py --stereo: {e}") from e
     report["probe_set"] = {"path": str(ps.root), "fingerprint": ps.fingerprint, "images": len(ps.images),
-                           "train_images": int(ps.train.sum()), "objects": 0 if ps.crops is None else len(ps.crops)}  # none: MuJoCo sets
+                           "train_images": int(ps.train.sum()),
+                           "objects": 0 if ps.crops is None else len(ps.crops)}  # None: a MuJoCo set
     names, results, examples = [], [], []
     for name, path in encoders:
         print(f"{name}: {path}")

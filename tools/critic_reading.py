@@ -33,6 +33,7 @@ from dataengine.views import load_depth  # noqa: E402
 from evaluation import probes, qa, suite  # noqa: E402
 from model import load_vit  # noqa: E402
 from storage.atomic import write_text_atomically  # noqa: E402
+from train import load_stage  # noqa: E402
 
 
 def depth_points(samples: list, root: Path) -> list:
@@ -123,7 +124,6 @@ def main(argv=None):
     answers = {name or Path(f).stem: qa.read_answers(f, samples)
                for name, _, f in (a.rpartition("=") for a in args.answers)}
     for stage_dir in args.vlm:
-        from train import load_stage
         vlm, tok, cfg = load_stage(stage_dir)
         answers[stage_dir] = qa.evaluate_qa(samples, qa.vlm_answer_fn(vlm, tok, cfg.image_size, root))[1]
     points = depth_points(samples, root)

@@ -89,10 +89,11 @@ def image_dependent_spans(answer: str, earlier: str) -> list[tuple[int, int]]:
 def image_dependent_weights(tok, conv: list, weights: list) -> list:
     """render's mask (each answer's tokens, then its end-of-turn token) kept only on the answer tokens that overlap
     image_dependent_spans; turns render cut off are simply absent."""
-    runs = np.split(np.flatnonzero(np.asarray(weights)), np.flatnonzero(np.diff(np.flatnonzero(weights)) > 1) + 1)
+    on = np.flatnonzero(weights)
+    runs = np.split(on, np.flatnonzero(np.diff(on) > 1) + 1) if len(on) else []   # one run per answer, in order
     answers = [k for k, m in enumerate(conv) if m["from"] in ("gpt", "assistant")]
     out = [0] * len(weights)
-    for run, k in zip((r for r in runs if len(r)), answers):
+    for run, k in zip(runs, answers):
         answer = conv[k]["value"].strip() if tok.chat_style == "llama3" else conv[k]["value"]
         ends = np.cumsum([len(tok._bytes[i]) for i in tok.encode(answer, False)])   # byte offsets of the tokens
         spans = [(len(answer[:s].encode()), len(answer[:e].encode()))                  # chars -> bytes
