@@ -30,7 +30,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 NAME=${NAME:-c29}
 D=data/$NAME
 OUT=results/critic
-COMMON="--preset small --batch-size 4 --workers 1 --save-every 20 --no-probe --dtype bf16 --point-tokens"
+# micro-batch 2 (global 16): at 4, stage 2 on these conversations held 13 GiB and was OOM-killed beside a probe
+COMMON="--preset small --batch-size 2 --workers 1 --save-every 20 --no-probe --dtype bf16 --point-tokens"
 
 python tools/offline_weights.py
 gen() { [ -f "$D/$3/data.jsonl" ] || python data.py "$1" --n "$2" --out "$D/$3" --seed "$4" --size 224 --workers 1 \
