@@ -574,6 +574,7 @@ def train(cfg: Config) -> Path | None:
     peak = gpu_peak(cfg, device)
     metrics, report = metrics_writer(cfg, rt, out_dir, step), LoaderReport()  # report: said at each epoch's end
     timings, t_start, skipped, batches, since = [], time.time(), 0, [], []
+    first = step  # a resumed run's ETA counts only the steps this process has timed
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -605,8 +606,8 @@ def train(cfg: Config) -> Path | None:
             timings.append((dt, cfg.global_batch, n_tok, flops))
             since = []
             if not cfg.bench:
-                log_step(cfg, rt, vlm, metrics, step, total, t_start, loss_value, norm_value, lr, dt, n_tok,
-                         mfu(flops, dt, peak, rt.world))
+                log_step(cfg, rt, vlm, metrics, step, total, (t_start, first), loss_value, norm_value, lr, dt,
+                         n_tok, mfu(flops, dt, peak, rt.world))
         if cfg.bench:
             continue
         if step % steps_per_epoch == 0 or step == total:
@@ -624,9 +625,10 @@ def train(cfg: Config) -> Path | None:
     return finish_stage(cfg, rt, vlm, out_dir, sources, init, t_start)
 
 
-def log_step(cfg, rt, vlm, metrics, step, total, t_start, loss, grad_norm, lr, dt, n_tok, util):
-    """The progress line, a metrics row and, in stage 3, how far the boost has moved each layer."""
-    eta = (time.time() - t_start) / step * (total - step)
+def log_step(cfg, rt, vlm, metrics, step, total, started, loss, grad_norm, lr, dt, n_tok, util):
+    """The progress line, a metrics row and, in stage 3, how far the boost has moved each layer. started: (time, step)
+    this process started training at (a resumed run starts past 0)."""
+    eta = (time.time() - started[0]) / (step - started[1]) * (total - step)
     rt.log(f"s{cfg.stage} {step:>5}/{total} [{'#' * int(20 * step / total):<20}] | loss {loss:.4f} | lr {lr:.2e} | "
            f"dt {dt * 1000:.0f}ms | {cfg.global_batch / dt:.1f} samples/s | {n_tok / dt:.0f} tok/s"
            f"{f' | mfu {100 * util:.1f}%' if util else ''} | eta {fmt_time(eta)}", flush=True)

@@ -457,3 +457,15 @@ def test_projector_norm_puts_image_tokens_at_the_text_scale(tmp_path):
     y = p.fc2(torch.nn.functional.gelu(p.fc1(merged)))
     want = p.out_gain * y / (y.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     assert cfg.projector_norm and torch.allclose(p(patches), want, atol=1e-5)
+
+
+def test_a_resumed_runs_eta_counts_only_the_steps_it_timed():
+    """Resumed at step 40 of 119, 10 s after starting, one step done: 78 steps at 10 s each remain (13m00s); the
+    whole-run count (10 s over 41 steps) said 19 s."""
+    import time
+    lines, rows = [], []
+    rt = type("Rt", (), {"log": lambda self, line, flush=False: lines.append(line)})()
+    train.log_step(train.Config(stage=2), rt, None, rows.append, 41, 119, (time.time() - 10.0, 40), 1.0, 1.0, 1e-4,
+                   10.0, 100, None)
+    assert lines[0].endswith("eta 13m00s") or lines[0].endswith("eta 12m59s"), lines[0]
+    assert rows[0]["step"] == 41
