@@ -47,6 +47,7 @@ def test_the_critic_and_the_probe_at_the_same_points(heldout, tmp_path):
     files = {name: answers_file(tmp_path / f"{name}.jsonl", samples, scale)
              for name, scale in (("exact", 1.0), ("double", 2.0), ("silent", None))}
     critic_reading.main(["--qa", str(heldout), "--probes", str(tmp_path / "probes"), "--vision", str(tmp_path / "enc"),
+                         "--prior-data", str(heldout),
                          "--image-size", "32", "--quick", "--depth-heads", "2", "--out", str(tmp_path / "r.json"),
                          *(f"--answers={n}={f}" for n, f in files.items())])
     r = json.loads((tmp_path / "r.json").read_text())["critics"]
@@ -58,6 +59,7 @@ def test_the_critic_and_the_probe_at_the_same_points(heldout, tmp_path):
     assert r["silent"]["probe_absrel_all"] == r["exact"]["probe_absrel_all"] == r["exact"]["probe_absrel"] > 0
     probe = r["exact"]["probe_absrel"]
     assert probe > 0 and r["double"]["probe_absrel"] == probe  # the same points, the same probe
+    assert r["double"]["prior_absrel"] == r["exact"]["prior_absrel"] >= 0 and "prior_absrel" not in r["silent"]
     assert r["double"]["ratio"] == pytest.approx(r["double"]["critic_absrel"] / probe)
     lo, hi = r["double"]["ratio_ci95"]
     assert lo <= r["double"]["ratio"] <= hi
@@ -75,3 +77,21 @@ def test_a_stage_directory_answers(heldout, tmp_path, capsys):
     r = json.loads((tmp_path / "r.json").read_text())["critics"][str(stage)]
     assert r["conversations"] == 2 and 0 <= r["read"] <= 1 and r["probe_absrel_all"] > 0
     assert f"{stage}: 4 points of 2 conversations" in capsys.readouterr().out
+
+
+def test_the_blind_prior_is_the_cells_absrel_optimal_depth(heldout, tmp_path):
+    """Training points in two cells of a 2 x 2 grid: a point in either reads the 1/d-weighted median of its cell's
+    depths (the AbsRel-optimal constant), a point in an empty cell that of all of them."""
+    train = [(0, 0, 0, 1, 1, 1.0), (0, 0, 1, 2, 3, 2.0), (0, 0, 2, 3, 2, 4.0),  # cell (0, 0): 1, 2, 4 m
+             (1, 0, 0, 9, 9, 5.0)]                                             # cell (1, 1): 5 m
+    points = [(0, 0, 0, 0, 0, 3.0), (0, 0, 1, 8, 8, 3.0), (0, 0, 2, 0, 8, 3.0)]
+    prior = critic_reading.position_prior(points, train, (10, 10), grid=2)
+    # weights 1/d: 1, 0.5, 0.25 (cell 00) -> half the total weight is reached at 1 m; all: 1, .5, .25, .2 -> 1 m
+    assert prior.tolist() == [1.0, 5.0, 1.0]
+    depth = np.array([1.0, 2.0, 4.0])
+    best = min(np.linspace(0.5, 5, 451), key=lambda c: np.sum(np.abs(c - depth) / depth))
+    assert best == pytest.approx(1.0, abs=0.01)  # the weighted median is the minimiser, checked by brute force
+    samples = critic_reading.qa.load_conversations(heldout)
+    r = critic_reading.compare(critic_reading.depth_points(samples, heldout)[:3], np.array([1.0, 2.0, 3.0]),
+                               np.array([1.0, 1.0, 1.0]), prior=np.array([2.0, 2.0, 2.0]))
+    assert r["prior_absrel"] > 0 and len(r["prior_absrel_ci95"]) == 2

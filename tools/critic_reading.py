@@ -14,6 +14,10 @@ point k's reading; a point without one is unread (its share is reported; AbsRel 
 and the probe alike). The probe: eval.py's lin.1 head ([patch; CLS] of the last block, --depth-heads heads averaged)
 fitted on the probe set's training views, predicting the conversations' images at their own size. Intervals: 95 %
 bootstrap over conversations (paired: the ratio resamples the same conversations for both).
+The blind prior (--prior-data, stage 2's spatial conversations): what the question's (u, v) alone tells, no image: the
+AbsRel-optimal depth (a 1/depth-weighted median) of stage 2's points in the same cell of an 8 x 8 grid. Its row carries
+most of it in a room (lower is nearer), and the LLM reads the coordinates as text: a critic near the prior has learned
+where points tend to be, not what the image shows.
 """
 
 import argparse
@@ -49,6 +53,27 @@ def depth_points(samples: list, root: Path) -> list:
     return out
 
 
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, cum[-1] / 2)])
+
+
+def position_prior(points: list, train: list, shape: tuple, grid: int = 8) -> np.ndarray:
+    """The blind reading of each point: the depth c minimising sum |c - d| / d over the training points (depth_points
+    of stage 2's conversations) in its cell of a grid x grid split of the (H, W) image; all of them where the cell is
+    empty."""
+    cell = lambda p: (p[3] * grid // shape[0], p[4] * grid // shape[1])  # noqa: E731  (row, col) -> cell
+    depth = np.array([p[-1] for p in train])
+    cells = np.array([cell(p) for p in train]).reshape(-1, 2)
+    whole = weighted_median(depth, 1 / depth)
+    prior = {}
+    for c in {cell(p) for p in points}:
+        mine = (cells == c).all(axis=1)
+        prior[c] = weighted_median(depth[mine], 1 / depth[mine]) if mine.any() else whole
+    return np.array([prior[cell(p)] for p in points])
+
+
 def critic_readings(points: list, answers: list) -> np.ndarray:
     """The k-th length (m) each depth answer gives, NaN where it gives fewer."""
     got = []
@@ -82,9 +107,10 @@ def interval(values_of, groups: np.ndarray, n_boot: int = 2000, seed: int = 0) -
     return [float(x) for x in np.nanquantile(boots, [0.025, 0.975])]
 
 
-def compare(points: list, critic: np.ndarray, probe: np.ndarray) -> dict:
+def compare(points: list, critic: np.ndarray, probe: np.ndarray, prior: np.ndarray | None = None) -> dict:
     """AbsRel of the critic and of the probe over the points the critic read (None when it read none), the probe's
-    over every point, their ratio, each with its interval, and the shares within 10 %."""
+    over every point, their ratio, each with its interval, and the shares within 10 %; with a prior, its AbsRel over
+    the same points."""
     truth, groups = np.array([p[-1] for p in points]), np.array([p[0] for p in points])
     read = np.isfinite(critic) & (truth > 0)
     rel_c, rel_p = np.abs(critic - truth) / np.maximum(truth, 1e-6), np.abs(probe - truth) / np.maximum(truth, 1e-6)
@@ -95,6 +121,12 @@ def compare(points: list, critic: np.ndarray, probe: np.ndarray) -> dict:
            "probe_absrel_all_ci95": interval(lambda w: mean(rel_p, w, everywhere), groups)}
     if not read.any():
         return {**out, "critic_absrel": None, "probe_absrel": None, "ratio": None}
+    if prior is not None:
+        rel_b = np.abs(prior - truth) / np.maximum(truth, 1e-6)
+        out.update(prior_absrel=mean(rel_b, one, read), prior_absrel_ci95=interval(lambda w: mean(rel_b, w, read),
+                                                                                  groups),
+                   critic_over_prior_ci95=interval(lambda w: mean(rel_c, w, read) / max(mean(rel_b, w, read), 1e-9),
+                                                   groups))
     return {**out, "critic_absrel": mean(rel_c, one, read), "critic_absrel_ci95": interval(
                 lambda w: mean(rel_c, w, read), groups),
             "probe_absrel": mean(rel_p, one, read), "probe_absrel_ci95": interval(lambda w: mean(rel_p, w, read),
@@ -115,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--depth-heads", type=int, default=3, help="lin.1 heads averaged (eval.py's protocol)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--quick", action="store_true", help="a tenth of the probe's steps: a smoke test")
+    ap.add_argument("--prior-data", help="stage 2's spatial conversations: the blind (u, v) prior's training points")
     ap.add_argument("--out", help="write the results here (JSON)")
     args = ap.parse_args(argv)
     if not args.vlm and not args.answers:
@@ -133,14 +166,27 @@ def main(argv=None):
     cfg = cfg.shortened(0.1) if args.quick else cfg
     probe = probe_readings(points, samples, root, load_vit(args.vision), probes.load_probe_set(args.probes), cfg,
                            args.image_size)
+    prior = None
+    if args.prior_data:
+        prior_root = Path(args.prior_data)
+        prior_samples = qa.load_conversations(prior_root, None)
+        shapes = {d: load_depth(r / ss[0]["meta"]["depth"]).shape for d, r, ss in
+                  (("--qa", root, samples), ("--prior-data", prior_root, prior_samples))}
+        if len(set(shapes.values())) > 1:
+            raise SystemExit(f"critic_reading: --prior-data {prior_root} and --qa {root} have images of different "
+                             f"sizes {shapes}: the (u, v) prior needs one")
+        prior = position_prior(points, depth_points(prior_samples, prior_root), shapes["--qa"])
     out = {"qa": str(root), "probes": args.probes, "vision": args.vision, "probe_config": dataclasses.asdict(cfg),
-           "critics": {name: compare(points, critic_readings(points, a), probe) for name, a in answers.items()}}
+           "prior_data": args.prior_data,
+           "critics": {name: compare(points, critic_readings(points, a), probe, prior) for name, a in answers.items()}}
     for name, r in out["critics"].items():
         line = f"{name}: {r['points']} points of {r['conversations']} conversations, {r['read']:.0%} read"
         if r["ratio"] is not None:
             line += (f" | AbsRel critic {r['critic_absrel']:.3f} {r['critic_absrel_ci95']}, probe {r['probe_absrel']:.3f}"
                      f" {r['probe_absrel_ci95']}, ratio {r['ratio']:.2f} {r['ratio_ci95']} (gate <= 1.5) | within "
                      f"10 %: critic {r['critic_within10']:.0%}, probe {r['probe_within10']:.0%}")
+            if "prior_absrel" in r:
+                line += f" | blind (u, v) prior {r['prior_absrel']:.3f} {r['prior_absrel_ci95']}"
         print(line + f" | probe AbsRel at every point {r['probe_absrel_all']:.3f} {r['probe_absrel_all_ci95']}")
     if args.out:
         write_text_atomically(Path(args.out), json.dumps(out, indent=1) + "\n")

@@ -18,6 +18,12 @@
 #   2. image share of the encoder's gradient at stage 3's start > 0.5 with its interval above 0
 #      (tools/gradient_noise.py, 48 samples, --loss-on image, group "attn+ all");
 #   3. cos(boost, control) < 0.5 (same call).
+# Amended 22:58 UTC, after one lead (the critic at stage 2's step 40: AbsRel 0.297, probe 0.239, ratio 1.24) and before
+# the final stage 2 was measured: (a) the count above is wrong: a conversation asks 4 points in ~1.25 depth turns, so
+# stage 2 holds 2,616 point-depth answers, not 10,240; (b) beside gate 1, the blind (u, v) prior
+# (tools/critic_reading.py --prior-data: the AbsRel-optimal depth of stage 2's points in the same cell of an 8 x 8
+# grid, no image) reads the same held-out points at AbsRel 0.241, as well as the probe: gate 1 as written passes a
+# critic that only guesses from the coordinates. The critic reads only where it beats the prior (interval below it).
 # Reading: all three pass -> the boost against its control may be worth running (issue 29 item 4); a failed gate
 # stops here, and the log says by how much and what scale the numbers point to.
 #
@@ -56,7 +62,7 @@ stage 1 --global-batch 16 --data "$D/captions"
 stage 2 --global-batch 16 --data "$D/instruct,$D/grounding,$D/multiview,$D/spatial-stage2" --lr 1e-4
 
 python tools/critic_reading.py --qa "$D/heldout-critic" --vlm "runs/$NAME/stage2" --probes data/probes-1920-seed201 \
-  --vision weights/dinov2-s14 --limit 64 --out "$OUT/$NAME-critic.json"
+  --vision weights/dinov2-s14 --limit 64 --prior-data "$D/spatial-stage2" --out "$OUT/$NAME-critic.json"
 python tools/gradient_noise.py --init "runs/$NAME/stage2" --data "$D/spatial" --n 48 --loss-on image --preset small \
   --point-tokens --dtype bf16 --threads 1 --out "$OUT/$NAME-gradient.json" | tail -n 3
 python experiments/critic_gates.py --critic "$OUT/$NAME-critic.json" --gradient "$OUT/$NAME-gradient.json" \
