@@ -52,6 +52,12 @@ def main(argv=None):
     lines = ["| gate | value | 95 % interval | passes when | passed |", "|---|---|---|---|---|"]
     lines += [f"| {g} | {'—' if v is None else f'{v:.3g}'} | {interval(ci)} | {t} | {'yes' if ok else 'NO'} |"
               for g, v, ci, t, ok in rows]
+    c = next(iter(json.loads(Path(args.critic).read_text())["critics"].values()))
+    if c.get("prior_absrel") is not None:  # not a gate: does the critic beat a guess from the asked (u, v) alone?
+        lines.append(f"\nBeside gate 1 (not a gate): the blind (u, v) prior reads the same points at AbsRel "
+                     f"{c['prior_absrel']:.3f} {interval(c['prior_absrel_ci95'])}; critic / prior "
+                     f"{c['critic_absrel'] / c['prior_absrel']:.2f} {interval(c['critic_over_prior_ci95'])} (the "
+                     f"critic reads the image only where this is below 1).")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -109,7 +109,7 @@ if [ "$GATES" = 1 ]; then  # issue 29: does the critic read, and does the image 
   [ -f "$P0/index.json" ] || python eval.py --make-probes --probes "$P0" --n-images "${PROBE_IMAGES:-1920}" \
     --probe-seed "$p0" --test-every 2 ${PROBE_ARGS:---object-views 480}   # as probe_sets.sh makes it
   python tools/critic_reading.py --qa "$D/heldout-critic" --vlm "$RUNS/$NAME/stage2" --probes "$P0" --vision "$BASE" \
-    --limit "$N_HELD" $READ_ARGS --out "$OUT/results/$NAME-critic.json"
+    --limit "$N_HELD" --prior-data "$D/spatial" $READ_ARGS --out "$OUT/results/$NAME-critic.json"
   python tools/gradient_noise.py --init "$RUNS/$NAME/stage2" --data "$D/spatial" --n "$N_GRAD" --loss-on "$LOSS_ON" \
     $MODEL $TRAIN_ARGS --out "$OUT/results/$NAME-gradient.json" | tail -n 3
   if ! python experiments/critic_gates.py --critic "$OUT/results/$NAME-critic.json" \

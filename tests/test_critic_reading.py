@@ -3,6 +3,7 @@ pixels, beside the lin.1 probe's at the same pixels. Answers that copy the refer
 answers at twice the depth read at AbsRel 1, unanswered points count as unread; the probe is read at the same points."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,24 @@ def test_the_blind_prior_is_the_cells_absrel_optimal_depth(heldout, tmp_path):
     r = critic_reading.compare(critic_reading.depth_points(samples, heldout)[:3], np.array([1.0, 2.0, 3.0]),
                                np.array([1.0, 1.0, 1.0]), prior=np.array([2.0, 2.0, 2.0]))
     assert r["prior_absrel"] > 0 and len(r["prior_absrel_ci95"]) == 2
+
+
+def test_the_gate_table_shows_the_prior_beside_gate_1(tmp_path):
+    """A critic that passes gate 1 (1.2 x the probe) while reading worse than the blind prior: the table says both,
+    and the three gates decide the exit code alone."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    import critic_gates
+    critic = {"critics": {"c": {"points": 10, "read": 1.0, "ratio": 1.2, "ratio_ci95": [1.1, 1.3],
+                                "critic_absrel": 0.3, "probe_absrel": 0.25, "prior_absrel": 0.24,
+                                "prior_absrel_ci95": [0.2, 0.28], "critic_over_prior_ci95": [1.1, 1.4]}}}
+    stat = lambda v, lo, hi: {"value": v, "ci95": [lo, hi]}  # noqa: E731
+    gradient = {"groups": {"attn+ all": {"image_share": stat(0.7, 0.2, 0.9), "cos_boost_control": stat(0.3, 0.1, 0.5)}}}
+    (tmp_path / "c.json").write_text(json.dumps(critic))
+    (tmp_path / "g.json").write_text(json.dumps(gradient))
+    with pytest.raises(SystemExit) as stop:
+        critic_gates.main(["--critic", str(tmp_path / "c.json"), "--gradient", str(tmp_path / "g.json"),
+                           "--out", str(tmp_path / "gates.md")])
+    table = (tmp_path / "gates.md").read_text()
+    assert stop.value.code == 0 and table.count("| yes |") == 3
+    assert "prior reads the same points at AbsRel 0.240 [0.2, 0.28]; critic / prior 1.25 [1.1, 1.4]" in table
