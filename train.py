@@ -558,7 +558,11 @@ def train(cfg: Config) -> Path | None:
     log, device = rt.log, rt.device
     out_dir = repo_path(cfg.runs_dir) / cfg.name / f"stage{cfg.stage}"
     with refusals():  # bad data, --init or run dir stop the run before any model is built
+        if rt.world > 1 and not rt.master:
+            dist.barrier()  # rank 0 makes any default data first: two ranks writing one folder refuse each other
         mixed = stage_mix(cfg, rt.log)
+        if rt.world > 1 and rt.master:
+            dist.barrier()
         check_init(cfg, earlier_stage(cfg, out_dir.parent))
         claim_stage_dir(cfg, rt, out_dir, fingerprints(mixed[0]))
     vlm, tok, sources, init = stage_model(cfg, rt, out_dir)
