@@ -48,11 +48,12 @@ def main(argv=None):
     ap.add_argument("--gradient", required=True, help="tools/gradient_noise.py's --out")
     ap.add_argument("--out", help="write the table here (markdown)")
     args = ap.parse_args(argv)
-    rows = gates(json.loads(Path(args.critic).read_text()), json.loads(Path(args.gradient).read_text()))
+    critic = json.loads(Path(args.critic).read_text())
+    rows = gates(critic, json.loads(Path(args.gradient).read_text()))
     lines = ["| gate | value | 95 % interval | passes when | passed |", "|---|---|---|---|---|"]
     lines += [f"| {g} | {'—' if v is None else f'{v:.3g}'} | {interval(ci)} | {t} | {'yes' if ok else 'NO'} |"
               for g, v, ci, t, ok in rows]
-    c = next(iter(json.loads(Path(args.critic).read_text())["critics"].values()))
+    c = next(iter(critic["critics"].values()))  # the critic gate 1 read
     if c.get("prior_absrel") is not None:  # not a gate: does the critic beat a guess from the asked (u, v) alone?
         lines.append(f"\nBeside gate 1 (not a gate): the blind (u, v) prior reads the same points at AbsRel "
                      f"{c['prior_absrel']:.3f} {interval(c['prior_absrel_ci95'])}; critic / prior "
