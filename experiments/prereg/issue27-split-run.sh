@@ -6,6 +6,8 @@
 #
 #   bash experiments/prereg/issue27-split-run.sh worker & bash experiments/prereg/issue27-split-run.sh worker &
 #   bash experiments/prereg/issue27-split-run.sh report       # when both are done
+#   WAIT=1 ... worker: wait for encoders still training (experiments/prereg/issue27-llm-1k.sh) instead of leaving
+#   [POINTS_1K=1] bash experiments/prereg/issue27-split-run.sh report-llm-1k   # its two tables (1: with depth-points)
 source "$(dirname "$0")/../usage.sh"
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,13 +36,24 @@ tasks() {
   for tune in full lora dual-qk; do
     for k in 1 2 3; do echo "$TAG-depth-dense-$tune-s$k-seed$((200 + k)) $((200 + k)) runs/$TAG-depth-dense-$tune-s$k/stage3/vision"; done
   done
+  # 2026-12-07, experiments/prereg/issue27-llm-1k.sh: the llm arm from c29's stage 2, then the depth teachers at 1,024
+  for e in runs/$TAG-llm-c29-s{1,2,3} runs/teach1k-depth-dense-dual-s{1,2,3} runs/teach1k-depth-points-dual-s{1,2,3}; do
+    for p in 201 202 203; do echo "$(basename "$e")-seed$p $p $e/stage3/vision"; done
+  done
 }
 case "${1:-}" in
-  worker)
-    tasks | while read -r name p encoder; do
-      grep -qs "\"path\": \"$encoder\"" "$OUT"/*-seed$p/report.json && continue   # probed already
-      mkdir "$OUT/claim-$name" 2>/dev/null || continue
-      probe "$OUT/$name" "$p" "$encoder"
+  worker)   # passes over the list until nothing is left to claim (WAIT=1: nor any encoder left to wait for)
+    while :; do
+      claimed=0 missing=0
+      while read -r name p encoder; do
+        grep -qs "\"path\": \"$encoder\"" "$OUT"/*-seed$p/report.json && continue   # probed already
+        [ -f "$encoder/config.json" ] || { missing=1; continue; }                      # not trained (yet)
+        mkdir "$OUT/claim-$name" 2>/dev/null || continue
+        probe "$OUT/$name" "$p" "$encoder"; claimed=1
+      done < <(tasks)
+      [ "$claimed" = 1 ] && continue
+      [ "$missing" = 1 ] && [ "${WAIT:-0}" = 1 ] && { sleep 60; continue; }
+      break
     done ;;
   report)   # every report of $OUT: the dual table, then item 3 (seed k on set 200 + k)
     python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets \
@@ -52,5 +65,16 @@ case "${1:-}" in
       --arm baseline=dinov2-s14 --control dual \
       $(for t in dual full lora dual-qk; do echo --arm "$t=$TAG-depth-dense-$t-s1,$TAG-depth-dense-$t-s2,$TAG-depth-dense-$t-s3"; done) \
       --out results/teachers/teachers-forgetting-128 ;;
-  *) echo "usage: $0 worker|report" >&2; exit 2 ;;
+  report-llm-1k)   # experiments/prereg/issue27-llm-1k.sh: the table at 128 with the llm arm's 3 seeds, then 1,024
+    dense="$TAG-depth-dense-dual-s1,$TAG-depth-dense-dual-s2,$TAG-depth-dense-dual-s3"
+    python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets \
+      --arm baseline=dinov2-s14 --arm "llm=$TAG-llm-c29-s1,$TAG-llm-c29-s2,$TAG-llm-c29-s3" \
+      --arm "depth-points=$TAG-depth-points-dual-s1,$TAG-depth-points-dual-s2,$TAG-depth-points-dual-s3" \
+      --arm "depth-dense=$dense" --control depth-dense --out results/teachers/teachers-table-128
+    python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets \
+      --arm baseline=dinov2-s14 --arm "depth-dense-128=$dense" \
+      --arm "depth-dense-1024=teach1k-depth-dense-dual-s1,teach1k-depth-dense-dual-s2,teach1k-depth-dense-dual-s3" \
+      $([ "${POINTS_1K:-0}" = 1 ] && echo --arm "depth-points-1024=teach1k-depth-points-dual-s1,teach1k-depth-points-dual-s2,teach1k-depth-points-dual-s3") \
+      --control depth-dense-128 --out results/teachers/teachers-dual-1024 ;;
+  *) echo "usage: $0 worker|report|report-llm-1k" >&2; exit 2 ;;
 esac
