@@ -20,8 +20,16 @@
 # ceiling grow with 8x the images: depth-dense at 1,024 minus depth-dense at 128, and the 1,024 arms against the
 # baseline (results/teachers/teachers-dual-1024). Beside them: lin.4, mIoU, linear, k-NN. Reading: a difference
 # outside 2 se is a result; inside, not.
+# Amended 01:05 UTC, after one lead (teach-llm-c29-s1 on set 201: lin.1 0.631 against the baseline's 0.654) and
+# before any other llm encoder was probed or any control trained: (3) the llm arm's matched control, its conversations
+# with shuffled images (train.py --shuffle-images, as boost.sh's control), seeds 1-3: runs/teach-llm-c29-control-s*,
+# probed as item 3 was (seed k on set 200 + k: what fits this session), reported as llm minus control on those pairs
+# (results/teachers/teachers-llm-control-128, --some-seeds-per-set). Reading: the llm arm's change comes from the
+# images only where llm - control is outside 2 se. The depth-points teachers at 1,024 trained (00:45-01:08) but are
+# probed only if time is left after this.
 #
 #   bash experiments/prereg/issue27-llm-1k.sh train-llm      # the llm arm (one thread)
+#   bash experiments/prereg/issue27-llm-1k.sh train-control  # its shuffled-image control
 #   bash experiments/prereg/issue27-llm-1k.sh train-1k [ARM] # the depth teachers at 1,024 (default depth-dense)
 #   WAIT=1 bash experiments/prereg/issue27-split-run.sh worker   # probing (two of them), then:
 #   bash experiments/prereg/issue27-split-run.sh report-llm-1k
@@ -31,18 +39,19 @@ cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 case "${1:-}" in
-  train-llm)
+  train-llm|train-control)
+    control=$([ "$1" = train-control ] && echo -control || true)
     for seed in 1 2 3; do
-      name=teach-llm-c29-s$seed
+      name=teach-llm-c29$control-s$seed
       [ -f "runs/$name/stage3/config.json" ] && continue
       resume=$([ -d "runs/$name/stage3" ] && echo --resume || true)
       python train.py --preset small --batch-size 4 --workers 1 --save-every 20 --no-probe --dtype bf16 \
         --name "$name" --stage 3 --init runs/c29/stage2 --global-batch 8 --data data/b15/spatial --seed "$seed" \
-        --lr 2e-4 --point-tokens $resume 2>&1 | tee -a "runs/$name.log"
+        --lr 2e-4 --point-tokens ${control:+--shuffle-images} $resume 2>&1 | tee -a "runs/$name.log"
     done ;;
   train-1k)
     D=data/teachers/spatial-1024
     [ -f "$D/data.jsonl" ] || python data.py spatial --n 1024 --out "$D" --seed 301 --size 224 --workers 1
     ARMS=${2:-depth-dense} N=1024 GB=32 DATA=$D TAG=teach1k PROBE=0 bash experiments/teachers.sh ;;
-  *) echo "usage: $0 train-llm|train-1k [ARM]" >&2; exit 2 ;;
+  *) echo "usage: $0 train-llm|train-control|train-1k [ARM]" >&2; exit 2 ;;
 esac

@@ -37,7 +37,11 @@ tasks() {
     for k in 1 2 3; do echo "$TAG-depth-dense-$tune-s$k-seed$((200 + k)) $((200 + k)) runs/$TAG-depth-dense-$tune-s$k/stage3/vision"; done
   done
   # 2026-12-07, experiments/prereg/issue27-llm-1k.sh: the llm arm from c29's stage 2, then the depth teachers at 1,024
-  for e in runs/$TAG-llm-c29-s{1,2,3} runs/teach1k-depth-dense-dual-s{1,2,3} runs/teach1k-depth-points-dual-s{1,2,3}; do
+  for e in runs/$TAG-llm-c29-s{1,2,3} runs/teach1k-depth-dense-dual-s{1,2,3}; do
+    for p in 201 202 203; do echo "$(basename "$e")-seed$p $p $e/stage3/vision"; done
+  done
+  for k in 1 2 3; do echo "$TAG-llm-c29-control-s$k-seed$((200 + k)) $((200 + k)) runs/$TAG-llm-c29-control-s$k/stage3/vision"; done
+  for e in runs/teach1k-depth-points-dual-s{1,2,3}; do
     for p in 201 202 203; do echo "$(basename "$e")-seed$p $p $e/stage3/vision"; done
   done
 }
@@ -75,6 +79,10 @@ case "${1:-}" in
       --arm baseline=dinov2-s14 --arm "depth-dense-128=$dense" \
       --arm "depth-dense-1024=teach1k-depth-dense-dual-s1,teach1k-depth-dense-dual-s2,teach1k-depth-dense-dual-s3" \
       $([ "${POINTS_1K:-0}" = 1 ] && echo --arm "depth-points-1024=teach1k-depth-points-dual-s1,teach1k-depth-points-dual-s2,teach1k-depth-points-dual-s3") \
-      --control depth-dense-128 --out results/teachers/teachers-dual-1024 ;;
+      --control depth-dense-128 --out results/teachers/teachers-dual-1024
+    python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets --some-seeds-per-set \
+      --arm baseline=dinov2-s14 --arm "llm=$TAG-llm-c29-s1,$TAG-llm-c29-s2,$TAG-llm-c29-s3" \
+      --arm "control=$TAG-llm-c29-control-s1,$TAG-llm-c29-control-s2,$TAG-llm-c29-control-s3" --control control \
+      --out results/teachers/teachers-llm-control-128 ;;
   *) echo "usage: $0 worker|report|report-llm-1k" >&2; exit 2 ;;
 esac
