@@ -88,9 +88,13 @@ def cached_features(vit: ViT, ps: probes.ProbeSet, image_size: int, crop_size: i
     log(f"  features: {len(ps.images)} images" + (f" + {len(ps.crops)} crops" if ps.crops is not None else "")
         + f" in {time.time() - t:.1f} s")
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: str(v) for k, v in settings.items()}
-        write_file_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp, meta))
+        try:  # the cache is only a speed-up: a full disk must not cost the features just computed (1.5 GB a ViT-S on
+            #   a 1,920-view set; a probe run lost ten minutes that way)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp, meta))
+        except OSError as e:
+            log(f"  features: not cached ({e}); going on without the cache")
     return feats
 
 

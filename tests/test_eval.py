@@ -229,6 +229,24 @@ def test_run_probes_and_cache(probe_dir):
     assert suite.fingerprint(other) != suite.fingerprint(vit)
 
 
+def test_a_cache_that_cannot_be_written_costs_the_speed_up_not_the_features(probe_dir, monkeypatch):
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(suite, "save_file", full_disk)
+    torch.manual_seed(7)  # weights no other test caches
+    vit = ViT(ViTConfig(**TINY))
+    ps = probes.load_probe_set(probe_dir, crop_size=16)
+    before = sorted((probe_dir / "cache").glob("*"))  # the fixture is shared: other tests' entries may be there
+    logs = []
+    feats = suite.cached_features(vit, ps, 32, 16, log=logs.append)
+    fresh = suite.encode(vit, ps, 32, 16)
+    assert all(torch.equal(fresh[k], feats[k]) for k in fresh)
+    note = [line for line in logs if "not cached" in line]
+    assert note and "No space left" in note[0] and "cache" in note[0], logs
+    assert sorted((probe_dir / "cache").glob("*")) == before, "no cache file, and no temporary left behind"
+
+
 def test_cli_rgbd_depth_probes(tmp_path, probe_dir, monkeypatch):
     from test_probes import write_rgbd_frames
 
