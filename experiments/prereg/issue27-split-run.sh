@@ -33,17 +33,17 @@ tasks() {
       echo "$(basename "${e%/stage3/vision}")-seed$p $p $e"
     done
   done
-  for tune in full lora dual-qk; do
-    for k in 1 2 3; do echo "$TAG-depth-dense-$tune-s$k-seed$((200 + k)) $((200 + k)) runs/$TAG-depth-dense-$tune-s$k/stage3/vision"; done
-  done
+  for tune in full lora dual-qk; do seed_k_on_set_k "$TAG-depth-dense-$tune"; done
   # 2026-12-07, experiments/prereg/issue27-llm-1k.sh: the llm arm from c29's stage 2, then the depth teachers at 1,024
-  for e in runs/$TAG-llm-c29-s{1,2,3} runs/teach1k-depth-dense-dual-s{1,2,3}; do
-    for p in 201 202 203; do echo "$(basename "$e")-seed$p $p $e/stage3/vision"; done
-  done
-  for k in 1 2 3; do echo "$TAG-llm-c29-control-s$k-seed$((200 + k)) $((200 + k)) runs/$TAG-llm-c29-control-s$k/stage3/vision"; done
-  for e in runs/teach1k-depth-points-dual-s{1,2,3}; do
-    for p in 201 202 203; do echo "$(basename "$e")-seed$p $p $e/stage3/vision"; done
-  done
+  on_every_set runs/$TAG-llm-c29-s{1,2,3} runs/teach1k-depth-dense-dual-s{1,2,3}
+  seed_k_on_set_k "$TAG-llm-c29-control"
+  on_every_set runs/teach1k-depth-points-dual-s{1,2,3}
+}
+on_every_set() {  # RUN_DIR...: each run's encoder on sets 201-203
+  for e; do for p in 201 202 203; do echo "$(basename "$e")-seed$p $p $e/stage3/vision"; done; done
+}
+seed_k_on_set_k() {  # RUN: seeds 1-3 of runs/RUN-sK, seed k on set 200 + k
+  for k in 1 2 3; do echo "$1-s$k-seed$((200 + k)) $((200 + k)) runs/$1-s$k/stage3/vision"; done
 }
 case "${1:-}" in
   worker)   # passes over the list until nothing is left to claim (WAIT=1: nor any encoder left to wait for)
@@ -71,8 +71,9 @@ case "${1:-}" in
       --out results/teachers/teachers-forgetting-128 ;;
   report-llm-1k)   # experiments/prereg/issue27-llm-1k.sh: the table at 128 with the llm arm's 3 seeds, then 1,024
     dense="$TAG-depth-dense-dual-s1,$TAG-depth-dense-dual-s2,$TAG-depth-dense-dual-s3"
+    llm="$TAG-llm-c29-s1,$TAG-llm-c29-s2,$TAG-llm-c29-s3"
     python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets \
-      --arm baseline=dinov2-s14 --arm "llm=$TAG-llm-c29-s1,$TAG-llm-c29-s2,$TAG-llm-c29-s3" \
+      --arm baseline=dinov2-s14 --arm "llm=$llm" \
       --arm "depth-points=$TAG-depth-points-dual-s1,$TAG-depth-points-dual-s2,$TAG-depth-points-dual-s3" \
       --arm "depth-dense=$dense" --control depth-dense --out results/teachers/teachers-table-128
     python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets \
@@ -81,7 +82,7 @@ case "${1:-}" in
       $([ "${POINTS_1K:-0}" = 1 ] && echo --arm "depth-points-1024=teach1k-depth-points-dual-s1,teach1k-depth-points-dual-s2,teach1k-depth-points-dual-s3") \
       --control depth-dense-128 --out results/teachers/teachers-dual-1024
     python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets --some-seeds-per-set \
-      --arm baseline=dinov2-s14 --arm "llm=$TAG-llm-c29-s1,$TAG-llm-c29-s2,$TAG-llm-c29-s3" \
+      --arm baseline=dinov2-s14 --arm "llm=$llm" \
       --arm "control=$TAG-llm-c29-control-s1,$TAG-llm-c29-control-s2,$TAG-llm-c29-control-s3" --control control \
       --out results/teachers/teachers-llm-control-128 ;;
   *) echo "usage: $0 worker|report|report-llm-1k" >&2; exit 2 ;;
