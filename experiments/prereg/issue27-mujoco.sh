@@ -16,6 +16,15 @@
 # it: the set-to-set sd is reported beside).
 #
 #   bash experiments/prereg/issue27-mujoco.sh
+#   SETS="202 203" bash experiments/prereg/issue27-mujoco.sh   # some sets only (a set with a report is skipped)
+#   bash experiments/prereg/issue27-mujoco.sh 1k                # the amendment below
+#
+# Amendment, 2026-12-07 03:45 UTC, before any 1,024-image encoder was probed on MuJoCo scenes and before sets 202-203
+# existed (set 201 of the protocol above was probed on 2026-12-06 and is a lead): the depth-dense dual teacher on
+# 1,024 images (runs/teach1k-depth-dense-dual-s1..3, experiments/prereg/issue27-llm-1k.sh) on the same three MuJoCo
+# sets, one eval.py call per set (runs/teach1k-mujoco-seedP), its deltas against the protocol's baseline report of the
+# same set; the same primary (lin.1 RMSE minus the baseline, mean +- 2 se over seeds x sets), lin.4 and mIoU beside.
+# Reading as above; in addition, dense-1,024 minus dense-128 says whether more images carry beyond our renderer.
 source "$(dirname "$0")/../usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,13 +39,31 @@ encoders="--vision weights/dinov2-s14 --vision $LLM"
 for arm in depth-points depth-dense; do
   for seed in 1 2 3; do encoders="$encoders --vision runs/$TAG-$arm-dual-s$seed/stage3/vision"; done
 done
-for p in 201 202 203; do
+if [ "${1:-}" = 1k ]; then
+  dense1k="runs/teach1k-depth-dense-dual-s1 runs/teach1k-depth-dense-dual-s2 runs/teach1k-depth-dense-dual-s3"
+  for p in ${SETS:-201 202 203}; do
+    [ -f "runs/teach1k-mujoco-seed$p/report.json" ] && continue
+    python eval.py $(for r in $dense1k; do echo --vision $r/stage3/vision; done) --probes "data/mujoco-480-seed$p" \
+      --depth-heads 3 --per-image --threads "$THREADS" --out "runs/teach1k-mujoco-seed$p" \
+      2>&1 | tee "runs/teach1k-mujoco-seed$p.log"
+  done
+  [ -n "${SETS:-}" ] && exit 0
+  python experiments/boost_report.py runs/{$TAG,teach1k}-mujoco-seed{201,202,203}/report.json --across-probe-sets \
+    --arm baseline=dinov2-s14 \
+    --arm "depth-dense-128=$TAG-depth-dense-dual-s1,$TAG-depth-dense-dual-s2,$TAG-depth-dense-dual-s3" \
+    --arm "depth-dense-1024=teach1k-depth-dense-dual-s1,teach1k-depth-dense-dual-s2,teach1k-depth-dense-dual-s3" \
+    --control depth-dense-128 --out results/teachers/teachers-dual-1024-mujoco
+  exit 0
+fi
+for p in ${SETS:-201 202 203}; do
+  [ -f "runs/$TAG-mujoco-seed$p/report.json" ] && continue   # (added 2026-12-07: a set already probed is kept)
   [ -f "data/mujoco-480-seed$p/index.json" ] || python -c "import sys; from evaluation.mujoco_probes import \
 make_mujoco_probe_set as make; make(sys.argv[1], n_images=480, seed=int(sys.argv[2]), test_every=2)" \
     "data/mujoco-480-seed$p" "$p"
   python eval.py $encoders --probes "data/mujoco-480-seed$p" --depth-heads 3 --per-image --threads "$THREADS" \
     --out "runs/$TAG-mujoco-seed$p" 2>&1 | tee "runs/$TAG-mujoco-seed$p.log"
 done
+[ -n "${SETS:-}" ] && exit 0   # the table once every set is probed (run without SETS)
 python experiments/boost_report.py runs/$TAG-mujoco-seed{201,202,203}/report.json --across-probe-sets \
   --arm baseline=dinov2-s14 --arm "llm=$(basename "$LLM")" \
   --arm "depth-points=$TAG-depth-points-dual-s1,$TAG-depth-points-dual-s2,$TAG-depth-points-dual-s3" \
