@@ -17,7 +17,7 @@
 #
 #   bash experiments/prereg/issue27-mujoco.sh
 #   SETS="202 203" bash experiments/prereg/issue27-mujoco.sh   # some sets only (a set with a report is skipped)
-#   bash experiments/prereg/issue27-mujoco.sh 1k                # the amendment below
+#   bash experiments/prereg/issue27-mujoco.sh 1k                # the amendment below (POINTS=1: the second)
 #
 # Amendment, 2026-12-07 03:45 UTC, before any 1,024-image encoder was probed on MuJoCo scenes and before sets 202-203
 # existed (set 201 of the protocol above was probed on 2026-12-06 and is a lead): the depth-dense dual teacher on
@@ -25,6 +25,9 @@
 # sets, one eval.py call per set (runs/teach1k-mujoco-seedP), its deltas against the protocol's baseline report of the
 # same set; the same primary (lin.1 RMSE minus the baseline, mean +- 2 se over seeds x sets), lin.4 and mIoU beside.
 # Reading as above; in addition, dense-1,024 minus dense-128 says whether more images carry beyond our renderer.
+# Second amendment, 2026-12-07 05:28 UTC, before any depth-points-1,024 encoder met a MuJoCo scene (the dense ones
+# had): the same for the point teacher on 1,024 images, `POINTS=1 bash ... 1k` (runs/teach1k-points-mujoco-seedP,
+# results/teachers/teachers-points-1024-mujoco): points-1,024 minus the baseline and minus dense-1,024.
 source "$(dirname "$0")/../usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,14 +43,23 @@ for arm in depth-points depth-dense; do
   for seed in 1 2 3; do encoders="$encoders --vision runs/$TAG-$arm-dual-s$seed/stage3/vision"; done
 done
 if [ "${1:-}" = 1k ]; then
-  dense1k="runs/teach1k-depth-dense-dual-s1 runs/teach1k-depth-dense-dual-s2 runs/teach1k-depth-dense-dual-s3"
+  arm=$([ "${POINTS:-0}" = 1 ] && echo points || echo dense)
+  out=runs/teach1k$([ "$arm" = points ] && echo -points || true)-mujoco-seed
   for p in ${SETS:-201 202 203}; do
-    [ -f "runs/teach1k-mujoco-seed$p/report.json" ] && continue
-    python eval.py $(for r in $dense1k; do echo --vision $r/stage3/vision; done) --probes "data/mujoco-480-seed$p" \
-      --depth-heads 3 --per-image --threads "$THREADS" --out "runs/teach1k-mujoco-seed$p" \
-      2>&1 | tee "runs/teach1k-mujoco-seed$p.log"
+    [ -f "$out$p/report.json" ] && continue
+    python eval.py $(for s in 1 2 3; do echo --vision runs/teach1k-depth-$arm-dual-s$s/stage3/vision; done) \
+      --probes "data/mujoco-480-seed$p" --depth-heads 3 --per-image --threads "$THREADS" --out "$out$p" \
+      2>&1 | tee "$out$p.log"
   done
   [ -n "${SETS:-}" ] && exit 0
+  if [ "$arm" = points ]; then
+    python experiments/boost_report.py runs/{$TAG,teach1k,teach1k-points}-mujoco-seed{201,202,203}/report.json \
+      --across-probe-sets --arm baseline=dinov2-s14 \
+      --arm "depth-dense-1024=teach1k-depth-dense-dual-s1,teach1k-depth-dense-dual-s2,teach1k-depth-dense-dual-s3" \
+      --arm "depth-points-1024=teach1k-depth-points-dual-s1,teach1k-depth-points-dual-s2,teach1k-depth-points-dual-s3" \
+      --control depth-dense-1024 --out results/teachers/teachers-points-1024-mujoco
+    exit 0
+  fi
   python experiments/boost_report.py runs/{$TAG,teach1k}-mujoco-seed{201,202,203}/report.json --across-probe-sets \
     --arm baseline=dinov2-s14 \
     --arm "depth-dense-128=$TAG-depth-dense-dual-s1,$TAG-depth-dense-dual-s2,$TAG-depth-dense-dual-s3" \
