@@ -19,15 +19,17 @@
 #   SETS="202 203" bash experiments/prereg/issue27-mujoco.sh   # some sets only (a set with a report is skipped)
 #   bash experiments/prereg/issue27-mujoco.sh 1k                # the amendment below (POINTS=1: the second)
 #
-# Amendment, 2026-12-07 03:30 UTC (commit 095e2c4), before any 1,024-image encoder was probed on MuJoCo scenes and before sets 202-203
-# existed (set 201 of the protocol above was probed on 2026-12-06 and is a lead): the depth-dense dual teacher on
-# 1,024 images (runs/teach1k-depth-dense-dual-s1..3, experiments/prereg/issue27-llm-1k.sh) on the same three MuJoCo
-# sets, one eval.py call per set (runs/teach1k-mujoco-seedP), its deltas against the protocol's baseline report of the
-# same set; the same primary (lin.1 RMSE minus the baseline, mean +- 2 se over seeds x sets), lin.4 and mIoU beside.
-# Reading as above; in addition, dense-1,024 minus dense-128 says whether more images carry beyond our renderer.
-# Second amendment, 2026-12-07 05:23 UTC (commit 0b46014), before any depth-points-1,024 encoder met a MuJoCo scene (the dense ones
-# had): the same for the point teacher on 1,024 images, `POINTS=1 bash ... 1k` (runs/teach1k-points-mujoco-seedP,
-# results/teachers/teachers-points-1024-mujoco): points-1,024 minus the baseline and minus dense-1,024.
+# Amendment, 2026-12-07 03:30 UTC (commit 095e2c4), before any 1,024-image encoder was probed on MuJoCo scenes and
+# before sets 202-203 existed (set 201 of the protocol above was probed on 2026-12-06 and is a lead): the depth-dense
+# dual teacher on 1,024 images (runs/teach1k-depth-dense-dual-s1..3, experiments/prereg/issue27-llm-1k.sh) on the same
+# three MuJoCo sets, one eval.py call per set (runs/teach1k-mujoco-seedP), its deltas against the protocol's baseline
+# report of the same set; the same primary (lin.1 RMSE minus the baseline, mean +- 2 se over seeds x sets), lin.4 and
+# mIoU beside. Reading as above; in addition, dense-1,024 minus dense-128 says whether more images carry beyond our
+# renderer.
+# Second amendment, 2026-12-07 05:23 UTC (commit 0b46014), before any depth-points-1,024 encoder met a MuJoCo scene
+# (the dense ones had): the same for the point teacher on 1,024 images, `POINTS=1 bash ... 1k`
+# (runs/teach1k-points-mujoco-seedP, results/teachers/teachers-points-1024-mujoco): points-1,024 minus the baseline
+# and minus dense-1,024.
 source "$(dirname "$0")/../usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
