@@ -7,7 +7,8 @@
 #   bash experiments/prereg/issue27-split-run.sh worker & bash experiments/prereg/issue27-split-run.sh worker &
 #   bash experiments/prereg/issue27-split-run.sh report       # when both are done
 #   WAIT=1 ... worker: wait for encoders still training (experiments/prereg/issue27-llm-1k.sh) instead of leaving
-#   [POINTS_1K=1] bash experiments/prereg/issue27-split-run.sh report-llm-1k   # its two tables (1: with depth-points)
+#   [POINTS_1K=1] bash experiments/prereg/issue27-split-run.sh report-llm-1k   # its tables (1: with depth-points,
+#   and depth-points against depth-dense at 1,024)
 source "$(dirname "$0")/../usage.sh"
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -72,15 +73,20 @@ case "${1:-}" in
   report-llm-1k)   # experiments/prereg/issue27-llm-1k.sh: the table at 128 with the llm arm's 3 seeds, then 1,024
     dense="$TAG-depth-dense-dual-s1,$TAG-depth-dense-dual-s2,$TAG-depth-dense-dual-s3"
     llm="$TAG-llm-c29-s1,$TAG-llm-c29-s2,$TAG-llm-c29-s3"
+    dense1k=teach1k-depth-dense-dual-s1,teach1k-depth-dense-dual-s2,teach1k-depth-dense-dual-s3
+    points1k=teach1k-depth-points-dual-s1,teach1k-depth-points-dual-s2,teach1k-depth-points-dual-s3
     python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets \
       --arm baseline=dinov2-s14 --arm "llm=$llm" \
       --arm "depth-points=$TAG-depth-points-dual-s1,$TAG-depth-points-dual-s2,$TAG-depth-points-dual-s3" \
       --arm "depth-dense=$dense" --control depth-dense --out results/teachers/teachers-table-128
     python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets \
-      --arm baseline=dinov2-s14 --arm "depth-dense-128=$dense" \
-      --arm "depth-dense-1024=teach1k-depth-dense-dual-s1,teach1k-depth-dense-dual-s2,teach1k-depth-dense-dual-s3" \
-      $([ "${POINTS_1K:-0}" = 1 ] && echo --arm "depth-points-1024=teach1k-depth-points-dual-s1,teach1k-depth-points-dual-s2,teach1k-depth-points-dual-s3") \
+      --arm baseline=dinov2-s14 --arm "depth-dense-128=$dense" --arm "depth-dense-1024=$dense1k" \
+      $([ "${POINTS_1K:-0}" = 1 ] && echo --arm "depth-points-1024=$points1k") \
       --control depth-dense-128 --out results/teachers/teachers-dual-1024
+    [ "${POINTS_1K:-0}" = 1 ] && python experiments/boost_report.py $OUT/*-seed20[123]/report.json \
+      --across-probe-sets --arm baseline=dinov2-s14 --arm "depth-dense-1024=$dense1k" \
+      --arm "depth-points-1024=$points1k" --control depth-dense-1024 \
+      --out results/teachers/teachers-points-vs-dense-1024
     python experiments/boost_report.py $OUT/*-seed20[123]/report.json --across-probe-sets --some-seeds-per-set \
       --arm baseline=dinov2-s14 --arm "llm=$llm" \
       --arm "control=$TAG-llm-c29-control-s1,$TAG-llm-c29-control-s2,$TAG-llm-c29-control-s3" --control control \
